@@ -1,0 +1,5 @@
+import sys
+
+from medxfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: manifests from npz / folders / CSV / DICOM, readers, splits, preprocessing and caches."""

@@ -1,0 +1,144 @@
+"""Decoded, preprocessed images on disk, so that epoch 2 (and the next run) skips decoding.
+
+Usage::
+
+    from medxfer.data.cache import DecodeCache, default_cache_dir
+
+    cache = DecodeCache(default_cache_dir())
+    key = cache.key("scans/0042.dcm", {"size": 64, **opts.key()})
+    img = cache.get(key)                 # np.ndarray, or None on a miss
+    if img is None:
+        img = decode_and_resize(...)     # uint8 (C, S, S)
+        cache.put(key, img)
+
+Keys hash the file's bytes (not its name or time) plus every preprocessing parameter, so an
+edited file or a changed option is a miss, and a renamed or copied file is a hit. Entries are
+``.npy`` files under two-character shard folders (``ab/abcdef....npy``). Writes go to a temporary
+file in the same folder and are moved into place with ``os.replace``: an interrupted run leaves
+no half-written entry under the final name; a corrupt or truncated entry (disk full, crash during
+a copy of the cache) reads as a miss and is deleted.
+
+Deleting the cache folder is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DecodeCache", "default_cache_dir", "file_digest"]
+
+_KEY = re.compile(r"[0-9a-f]{16,128}")
+_CHUNK = 1 << 20
+_digests: dict[tuple[str, int, int], str] = {}
+_digests_lock = threading.Lock()
+
+
+def default_cache_dir() -> Path:
+    """``$MEDXFER_CACHE_DIR`` when set, else ``~/.cache/medxfer/decode``."""
+    env = os.environ.get("MEDXFER_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "medxfer" / "decode"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    memo = (path, st.st_size, st.st_mtime_ns)
+    with _digests_lock:
+        known = _digests.get(memo)
+    if known is not None:
+        return known
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            sha.update(chunk)
+    digest = sha.hexdigest()
+    with _digests_lock:
+        _digests[memo] = digest
+    return digest
+
+
+class DecodeCache:
+    """Decoded, preprocessed images on disk, keyed by file content + every preprocessing parameter.
+
+    ``directory`` is created on the first :meth:`put`. Safe to share between processes (DataLoader
+    workers, DDP ranks): entries are written atomically and identical keys hold identical data.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).expanduser()
+
+    def __repr__(self) -> str:
+        return f"DecodeCache({str(self.directory)!r})"
+
+    @staticmethod
+    def key(path: str | Path, params: dict) -> str:
+        """sha256 of (the file's content digest, ``json.dumps(params, sort_keys=True)``).
+
+        ``params`` must hold every parameter that changes the decoded array (size, read options,
+        ...); values that JSON cannot encode are turned into their ``str``.
+        """
+        text = json.dumps(params, sort_keys=True, default=str)
+        return hashlib.sha256(f"{file_digest(path)}\n{text}".encode("utf-8")).hexdigest()
+
+    def _entry(self, key: str) -> Path:
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise ValueError(f"not a DecodeCache key (lowercase hex): {key!r}")
+        return self.directory / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The stored array, or None on a miss or a corrupt/partial entry (which is deleted)."""
+        entry = self._entry(key)
+        try:
+            with open(entry, "rb") as f:
+                arr = np.load(f, allow_pickle=False)
+                if f.read(1):  # trailing bytes: not what put() wrote
+                    raise ValueError("trailing data")
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+            return None
+        return arr
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        """Store ``arr`` under ``key`` atomically (temp file in the same folder + ``os.replace``)."""
+        entry = self._entry(key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=entry.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            os.replace(tmp, entry)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def __contains__(self, key: str) -> bool:
+        return self._entry(key).is_file()
+
+    def clear(self) -> None:
+        """Delete every entry (and left-over temporary files) under the cache folder."""
+        if not self.directory.is_dir():
+            return
+        for shard in self.directory.iterdir():
+            if shard.is_dir() and len(shard.name) == 2:
+                for f in shard.iterdir():
+                    if f.suffix in (".npy", ".tmp"):
+                        f.unlink(missing_ok=True)

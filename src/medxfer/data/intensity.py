@@ -1,0 +1,252 @@
+"""The intensity step and volume slicing shared by every reader (and by npz sources).
+
+Usage::
+
+    from medxfer.data.readers import ReadOptions, to_unit_range, volume_to_2d
+
+    x01 = to_unit_range(ct_hu, ReadOptions(window="lung"))          # any shape -> float32 [0, 1]
+    img = volume_to_2d(vol_dhw, ReadOptions(slice="mip"))            # (D,H,W) -> (1,H,W)
+    imgs = volume_to_2d(medmnist3d, ReadOptions(slice="orthogonal"))  # (N,D,H,W) -> (N,3,H,W)
+
+The option strings are parsed here (``parse_*``); a bad value raises MedxferError with what is
+allowed and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from medxfer.errors import BadFileError, MedxferError, did_you_mean
+
+#: 2D images above this many pixels are refused (16384 * 16384): decompression bombs.
+MAX_PIXELS = 2**28
+#: Volumes (NIfTI, .npy) above this many voxels are refused.
+MAX_VOXELS = 2**31
+
+
+def check_pixels(path, *shape: int, limit: int = MAX_PIXELS) -> None:
+    """Raise BadFileError when an image of ``shape`` would exceed ``limit`` pixels."""
+    if math.prod(int(s) for s in shape) > limit:
+        raise BadFileError(
+            path, f"image of {'x'.join(str(s) for s in shape)} pixels is above the limit of "
+            f"{limit} pixels (possible decompression bomb)"
+        )
+
+
+#: CT window presets in HU: name -> (center, width).
+WINDOW_PRESETS = {
+    "lung": (-600.0, 1500.0),
+    "soft-tissue": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "mediastinum": (50.0, 350.0),
+}
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _bad(name: str, allowed: str, value, choices=()) -> MedxferError:
+    hint = did_you_mean(str(value), choices) if choices else ""
+    return MedxferError(
+        f"The '{name}' option must be {allowed}. Got {value!r} instead.{hint}"
+    )
+
+
+@lru_cache(maxsize=256)
+def parse_window(value: str):
+    """'auto' | 'none' -> None | preset or 'C,W' -> (center, width)."""
+    allowed = "'auto', 'none', 'C,W' such as '40,400', or one of " + ", ".join(
+        repr(p) for p in WINDOW_PRESETS
+    )
+    if not isinstance(value, str):
+        raise _bad("window", allowed, value)
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    if text == "none":
+        return None
+    if text in WINDOW_PRESETS:
+        return WINDOW_PRESETS[text]
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*,\s*({_NUMBER})\s*", text)
+    if not match:
+        raise _bad("window", allowed, value, ["auto", "none", *WINDOW_PRESETS])
+    center, width = float(match.group(1)), float(match.group(2))
+    if not width > 0:
+        raise _bad("window", "a window width above 0 (" + allowed + ")", value)
+    return center, width
+
+
+@lru_cache(maxsize=64)
+def parse_frame(value: str):
+    """'middle' -> 'middle' | '3' -> 3."""
+    if isinstance(value, str) and value.strip().lower() == "middle":
+        return "middle"
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise _bad("frame", "'middle' or a frame index such as '0'", value)
+
+
+@lru_cache(maxsize=64)
+def parse_slice(value: str):
+    """'middle' | 'mip' | 'orthogonal' -> same string; 'index N' -> ('index', N)."""
+    allowed = "'middle', 'index N' (such as 'index 12'), 'mip' or 'orthogonal'"
+    if not isinstance(value, str):
+        raise _bad("slice", allowed, value)
+    text = value.strip().lower()
+    if text in ("middle", "mip", "orthogonal"):
+        return text
+    match = re.fullmatch(r"index\s+(\d+)", text)
+    if match:
+        return ("index", int(match.group(1)))
+    raise _bad("slice", allowed, value, ["middle", "mip", "orthogonal", "index"])
+
+
+@lru_cache(maxsize=64)
+def parse_intensity(value: str):
+    """'auto' | 'minmax' -> same string; 'p0.5-p99.5' -> (0.5, 99.5)."""
+    allowed = "'auto', 'minmax' or percentiles 'pA-pB' such as 'p0.5-p99.5'"
+    if not isinstance(value, str):
+        raise _bad("intensity", allowed, value)
+    text = value.strip().lower()
+    if text in ("auto", "minmax"):
+        return text
+    match = re.fullmatch(r"p(\d+\.?\d*)\s*-\s*p(\d+\.?\d*)", text)
+    if match:
+        low, high = float(match.group(1)), float(match.group(2))
+        if 0 <= low < high <= 100:
+            return (low, high)
+        raise _bad("intensity", "percentiles with 0 <= A < B <= 100", value)
+    raise _bad("intensity", allowed, value, ["auto", "minmax"])
+
+
+def select_frame(n_frames: int, frame: str, path: str | Path | None = None) -> int:
+    """The frame index for ``frame`` ('middle' or 'N') among ``n_frames``."""
+    choice = parse_frame(frame)
+    index = n_frames // 2 if choice == "middle" else choice
+    if index >= n_frames:
+        message = f"frame {index} requested but there are {n_frames} frames (0-{n_frames - 1})"
+        if path is not None:
+            raise BadFileError(path, message)
+        raise MedxferError(f"The 'frame' option must be below {n_frames}: {message}.")
+    return index
+
+
+def apply_window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR"):
+    """DICOM PS3.3 C.11.2.1 window mapped to [0, 1] (float32).
+
+    LINEAR: ``clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1)``; LINEAR_EXACT: ``clip((x - c) / w +
+    0.5, 0, 1)``; SIGMOID: ``1 / (1 + exp(-4 (x - c) / w))``.
+    """
+    x = np.asarray(arr, dtype=np.float64)
+    function = function.upper()
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -700, 700)))
+    elif function == "LINEAR_EXACT":
+        out = np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    elif width <= 1:
+        out = (x > center - 0.5).astype(np.float64)
+    else:
+        out = np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    return np.nan_to_num(out).astype(np.float32)
+
+
+def _scale(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
+        # constant (or all-NaN) image: zeros; percentiles that coincide: a threshold
+        return (np.nan_to_num(x, nan=low) > low).astype(np.float32) if np.isfinite(low) else (
+            np.zeros(x.shape, np.float32))
+    out = np.clip((x - low) / (high - low), 0.0, 1.0)
+    return np.nan_to_num(out).astype(np.float32)
+
+
+def to_unit_range(arr: np.ndarray, opts, *, dicom_window=None) -> np.ndarray:
+    """Map an array of any shape to float32 values in [0, 1] (the intensity step).
+
+    Order: a window when one applies (``opts.window`` a preset or 'C,W'; or 'auto' and
+    ``dicom_window`` = (center, width[, VOILUTFunction]) given), else ``opts.intensity``:
+    'auto' divides uint8 by 255 (bool -> 0/1) and min-max scales everything else (uint16, int,
+    float: the whole image, all channels together); 'minmax'; 'pA-pB' clips at those
+    percentiles. A constant image gives zeros, never NaN.
+    """
+    window = parse_window(opts.window)
+    if window == "auto":
+        window = dicom_window
+    if window is not None:
+        return apply_window(arr, *window)
+    mode = parse_intensity(opts.intensity)
+    arr = np.asarray(arr)
+    if mode == "auto" and arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if mode == "auto" and arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    x = arr.astype(np.float32 if arr.dtype.itemsize <= 2 else np.float64)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        x = np.where(np.isfinite(x), x, np.nan)
+    if not np.isfinite(x).any():
+        return np.zeros(x.shape, np.float32)
+    if mode in ("auto", "minmax"):
+        low, high = float(np.nanmin(x)), float(np.nanmax(x))
+    else:
+        low, high = (float(v) for v in np.nanpercentile(x, mode))
+    return _scale(x, low, high)
+
+
+def _resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    if plane.shape == (height, width):
+        return plane
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode F
+    return np.asarray(img.resize((width, height), Image.BILINEAR), dtype=np.float32)
+
+
+def _one_volume(vol: np.ndarray, choice) -> np.ndarray:
+    depth, height, width = vol.shape
+    if choice == "middle":
+        return vol[depth // 2][None]
+    if choice == "mip":
+        return vol.max(axis=0)[None]
+    if choice == "orthogonal":
+        axial = vol[depth // 2].astype(np.float32)
+        coronal = _resize_plane(vol[::-1, height // 2, :], height, width)
+        sagittal = _resize_plane(vol[::-1, :, width // 2], height, width)
+        return np.stack([axial, coronal, sagittal])
+    return vol[choice[1]][None]
+
+
+def volume_to_2d(vol: np.ndarray, opts, *, path: str | Path | None = None) -> np.ndarray:
+    """(D, H, W) -> (C, H, W), or a batch (N, D, H, W) -> (N, C, H, W), per ``opts.slice``.
+
+    'middle': slice D // 2 (C=1); 'index N': slice N (C=1); 'mip': maximum intensity projection
+    along D (C=1); 'orthogonal': the three mid-planes (axial ``vol[D//2]``, coronal
+    ``vol[::-1, H//2, :]``, sagittal ``vol[::-1, :, W//2]``), the last two bilinearly resized to
+    (H, W), as 3 channels. Values are unchanged (apply :func:`to_unit_range` after).
+    ``path``: name the file in errors (raises BadFileError instead of MedxferError).
+    """
+    choice = parse_slice(opts.slice)
+    vol = np.asarray(vol)
+    if vol.ndim not in (3, 4) or min(vol.shape) < 1:
+        message = f"expected a (D,H,W) or (N,D,H,W) volume, got shape {tuple(vol.shape)}"
+        if path is not None:
+            raise BadFileError(path, message)
+        raise MedxferError(message)
+    depth = vol.shape[-3]
+    if isinstance(choice, tuple) and choice[1] >= depth:
+        message = f"slice index {choice[1]} requested but the volume has {depth} slices"
+        if path is not None:
+            raise BadFileError(path, message)
+        raise MedxferError(f"The 'slice' option must be below {depth}: {message}.")
+    if vol.ndim == 3:
+        return _one_volume(vol, choice)
+    if choice == "orthogonal":
+        return np.stack([_one_volume(v, choice) for v in vol])
+    if choice == "middle":
+        return vol[:, depth // 2][:, None]
+    if choice == "mip":
+        return vol.max(axis=1)[:, None]
+    return vol[:, choice[1]][:, None]

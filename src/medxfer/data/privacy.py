@@ -1,0 +1,49 @@
+"""Pseudonymous identifiers: patient IDs never leave medxfer in clear.
+
+Usage::
+
+    from medxfer.data.privacy import hash_id
+
+    hash_id("PAT-0042", salt="my-project")   # 'p-3f1c9a0b2e7d'
+    hash_id("PAT-0042")                      # salt from $MEDXFER_SALT, else DEFAULT_SALT
+
+Every identifier that reaches a manifest, a log, an error or an output file (``patient_id`` in
+``predictions.csv``, the leakage report) goes through :func:`hash_id` first: a salted SHA-256,
+first 12 hex characters, prefixed ``p-``. The same value and salt always give the same ID, so
+patient grouping and leakage checks keep working on the hashed values.
+
+The salt is per project, not a secret key. :data:`DEFAULT_SALT` is a public constant written in
+this source file: with it, anyone holding a list of candidate patient IDs can recompute the
+hashes and match them. The hashes keep IDs out of casual sight (screens, logs, shared reports);
+they are not an anonymisation guarantee. For outputs shared outside the institution, set
+``$MEDXFER_SALT`` (or pass ``salt=``) to a random value kept with the data, and treat the hashed
+IDs as pseudonymous personal data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+__all__ = ["DEFAULT_SALT", "default_salt", "hash_id"]
+
+#: Public, NOT secret: the salt used when neither ``salt=`` nor ``$MEDXFER_SALT`` is given.
+DEFAULT_SALT = "medxfer-public-salt-v1"
+
+
+def default_salt() -> str:
+    """``$MEDXFER_SALT`` when set and not empty, else :data:`DEFAULT_SALT` (not secret)."""
+    return os.environ.get("MEDXFER_SALT") or DEFAULT_SALT
+
+
+def hash_id(value: str, salt: str | None = None) -> str:
+    """Salted SHA-256 of ``value``: ``'p-'`` + the first 12 hex characters.
+
+    ``salt=None`` takes :func:`default_salt`. Leading/trailing spaces of ``value`` are ignored
+    (DICOM pads strings to an even length), so ``'123 '`` and ``'123'`` are one patient.
+    """
+    if salt is None:
+        salt = default_salt()
+    text = str(value).strip()
+    digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).hexdigest()
+    return "p-" + digest[:12]

@@ -1,0 +1,86 @@
+"""Stratified, patient-grouped splits and k-fold; leakage checks on given splits.
+
+Usage::
+
+    manifest = assign_splits(manifest, seed=0)          # keeps given splits, else makes 70/15/15
+    folds = kfold(manifest, k=5, seed=0)                # fold index per row, patients never split
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from medxfer.data.manifest import Manifest
+from medxfer.errors import MedxferError
+
+N_PARTS = 20  # the split is made of 20 stratified (grouped) parts: 3 test, 3 val, 14 train
+
+
+def _groups(manifest: Manifest, split_by: str | None) -> np.ndarray | None:
+    if split_by in (None, "none"):
+        return None
+    col = "patient_id" if split_by == "auto" else split_by
+    if col not in manifest.table:
+        if split_by == "auto":
+            return None
+        raise MedxferError(f"--split-by '{split_by}' is not a column of the manifest; it has "
+                           f"{list(manifest.table.columns)}.")
+    return manifest.table[col].astype(str).to_numpy()
+
+
+def _folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> np.ndarray:
+    fold = np.full(len(y), -1)
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(y)), y)
+    else:
+        if len(np.unique(groups)) < k:
+            raise MedxferError(f"only {len(np.unique(groups))} patients: too few for {k} grouped parts. "
+                               "Use fewer folds or give the splits in the manifest.")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(y)), y, groups)
+    for i, (_, idx) in enumerate(parts):
+        fold[idx] = i
+    return fold
+
+
+def assign_splits(manifest: Manifest, seed: int = 0, split_by: str | None = "auto") -> Manifest:
+    """Return the manifest with a ``split`` column: the given one (checked for leakage) or a new one."""
+    groups = _groups(manifest, split_by)
+    if manifest.has_splits:
+        if groups is not None:
+            check_leakage(manifest, groups)
+        return manifest
+    y = manifest.table["label"].to_numpy()
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < N_PARTS // 4 and groups is None:
+        raise MedxferError(f"the smallest class has {counts[counts > 0].min()} images: too few to split into "
+                           "train/val/test. Give the splits in the manifest or add images.")
+    part = _folds(y, groups, N_PARTS, seed)
+    t = manifest.table.copy()
+    t["split"] = np.where(part < 3, "test", np.where(part < 6, "val", "train"))
+    out = Manifest(t, manifest.labels, manifest.origin, manifest.arrays, list(manifest.notes))
+    out.notes.append(f"made a stratified{' patient-grouped' if groups is not None else ''} 70/15/15 split with seed {seed}")
+    return out
+
+
+def check_leakage(manifest: Manifest, groups: np.ndarray) -> None:
+    """Refuse given splits that put one patient in two splits (keys shown hashed)."""
+    from medxfer.data.privacy import hash_id
+
+    t = manifest.table.assign(_g=groups)
+    per = t.groupby("_g")["split"].nunique()
+    leaked = per[per > 1].index.tolist()
+    if leaked:
+        shown = ", ".join(hash_id(str(g)) for g in leaked[:3])
+        raise MedxferError(f"{len(leaked)} patients appear in more than one split (first, hashed: {shown}). "
+                           "Images of one patient must stay in one split: fix the split column, or drop it "
+                           "and let medxfer make a patient-grouped split.")
+
+
+def kfold(manifest: Manifest, k: int, seed: int = 0, split_by: str | None = "auto") -> np.ndarray:
+    """Stratified (group) k-fold: the fold index of each row; one patient is never in two folds."""
+    if k < 2:
+        raise MedxferError(f"The 'folds' parameter must be at least 2. Got {k} instead.")
+    return _folds(manifest.table["label"].to_numpy(), _groups(manifest, split_by), k, seed)

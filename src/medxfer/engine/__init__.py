@@ -1,0 +1,1 @@
+"""Training engine: the loop (AMP, DDP, early stop), inference and cached features."""

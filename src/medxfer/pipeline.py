@@ -1,0 +1,247 @@
+"""``train``: the whole transfer-learning run, from data path to a finished run directory.
+
+Usage::
+
+    from medxfer import TrainConfig, train
+    result = train(TrainConfig(data="data/breastmnist_28.npz", strategy="linear-probe", image_size=64))
+    result["metrics"]["test"]["auc"]
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medxfer import runs
+from medxfer.config import TrainConfig
+from medxfer.data.loading import load_images
+from medxfer.data.manifest import Manifest, check_classes
+from medxfer.data.sources import load_manifest
+from medxfer.data.splits import assign_splits
+from medxfer.data.transforms import Augment
+from medxfer.engine.dist import DistContext, cleanup, init_distributed
+from medxfer.engine.features import extract_features, fit_logistic_head, fold_standardization, standardize
+from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, resolve_precision
+from medxfer.errors import MedxferError
+from medxfer.models.adapt import build_model
+from medxfer.models.catalog import resolve_source
+from medxfer.strategies import param_groups
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig, size: int, log=print):
+    """Manifest with splits + decoded uint8 images aligned with its rows, and the skipped files."""
+    from medxfer.data.readers import ReadOptions
+
+    manifest = load_manifest(cfg.data, label_names=list(cfg.label_names) if cfg.label_names else None,
+                             labels_csv=cfg.labels_csv)
+    check_classes(manifest)
+    manifest = assign_splits(manifest, seed=cfg.seed, split_by=cfg.split_by)
+    read = ReadOptions(window=cfg.window, frame=cfg.frame, slice=cfg.slice, intensity=cfg.intensity)
+    cache = None
+    if manifest.arrays is None and not cfg.no_cache:
+        from medxfer.data.cache import DecodeCache, default_cache_dir
+
+        cache = DecodeCache(cfg.cache_dir or default_cache_dir())
+    loaded = load_images(manifest, size, read, cache, cfg.on_bad_file)
+    if loaded.skipped:
+        log(f"skipped {len(loaded.skipped)} unreadable files (listed in skipped.csv)")
+    manifest = manifest.subset(loaded.keep)
+    if cfg.label_fraction < 1:
+        manifest, images = _label_fraction(manifest, loaded.images, cfg.label_fraction, cfg.seed)
+    else:
+        images = loaded.images
+    for note in manifest.notes:
+        log(note)
+    return manifest, images, loaded.skipped, read
+
+
+def _label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):
+    """Keep a stratified ``fraction`` of the train split (at least 2 per class); val/test untouched."""
+    t = manifest.table
+    rng = np.random.default_rng(seed)
+    keep = np.ones(len(t), bool)
+    for label in t["label"].unique():
+        idx = np.flatnonzero((t["split"] == "train").to_numpy() & (t["label"] == label).to_numpy())
+        n = max(2, int(round(len(idx) * fraction)))
+        drop = rng.permutation(idx)[n:]
+        keep[drop] = False
+    out = manifest.subset(keep)
+    out.notes.append(f"kept {fraction:g} of the train labels ({int((out.table['split'] == 'train').sum())} images)")
+    return out, images[torch.from_numpy(keep)]
+
+
+def positive_index(labels: list[str], positive_label: str | None) -> int | None:
+    if len(labels) != 2:
+        return None
+    if positive_label is None:
+        return 1
+    if positive_label in labels:
+        return labels.index(positive_label)
+    raise MedxferError(f"--positive-label '{positive_label}' is not a class; the classes are {labels}.")
+
+
+def train(cfg: TrainConfig, log=print, progress=None) -> dict:
+    """Run one training job end to end; rank 0 writes the run directory. Returns metrics and paths."""
+    ctx = init_distributed()
+    try:
+        return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), progress if ctx.is_main else None)
+    finally:
+        cleanup(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
+    t_start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    spec = resolve_source(cfg.source, cfg.weights)
+    size = cfg.image_size or spec.input_size
+    manifest, images, skipped, read = prepare_data(cfg, size, log)
+    labels, t = manifest.labels, manifest.table
+    pos = positive_index(labels, cfg.positive_label)
+    data_chans = images.shape[1]
+    seed_everything(cfg.seed)
+    model, info = build_model(spec, len(labels), data_chans, grey_mode=cfg.grey_mode,
+                              pretrained=cfg.strategy != "scratch")
+    y = torch.tensor(t["label"].to_numpy(), dtype=torch.long)
+    part = {s: torch.from_numpy((t["split"] == s).to_numpy().copy()) for s in ("train", "val", "test")}
+    for s, mask in part.items():
+        if int(mask.sum()) == 0:
+            raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
+    precision = resolve_precision(cfg.precision, ctx.device)
+    counts = torch.bincount(y[part["train"]], minlength=len(labels)).float()
+    weights = (counts.sum() / (len(labels) * counts.clamp(min=1))) if cfg.class_weights == "balanced" else None
+    settings = FitSettings(epochs=cfg.resolved_epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, class_weights=weights,
+                           precision=precision, seed=cfg.seed, on_epoch=progress)
+    groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
+                          backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
+    if cfg.compile:
+        model.net = torch.compile(model.net)
+    if cfg.strategy == "linear-probe":
+        feats, hit = _features(model, images, cfg, spec, info, read, size, precision, ctx, part)
+        log(f"features: {'from cache' if hit else 'extracted once'} ({feats['train'].shape[1]} per image)")
+        settings.channels_last = False
+        train_y = y[part["train"]].repeat(feats["views"])
+        mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
+        if cfg.head == "logistic":
+            t0 = time.perf_counter()
+            search = fit_logistic_head(model.head(), f_train, train_y, f_val, y[part["val"]], seed=cfg.seed,
+                                       class_weight="balanced" if cfg.class_weights == "balanced" else None)
+            result = FitResult(history=[{"epoch": 1, "C": search["C"], "val_auc": search["val_auc"]}], best_epoch=1,
+                               best_auc=search["val_auc"], seconds=time.perf_counter() - t0)
+            log(f"logistic head: C={search['C']} chosen on validation (AUC {search['val_auc']:.3f})")
+        else:
+            settings.batch_size = max(cfg.batch_size, 256)
+            result = fit(model.head(), groups, f_train, train_y, f_val, y[part["val"]], settings,
+                         DistContext(device=ctx.device))
+        fold_standardization(model.head(), mu.to(ctx.device), sd.to(ctx.device))
+        result.extract_seconds = feats["seconds"]
+    else:
+        settings.augment = Augment(cfg.augment, seed=cfg.seed * 1000 + ctx.rank) or None
+        result = fit(model, groups, images[part["train"]], y[part["train"]], images[part["val"]], y[part["val"]],
+                     settings, ctx)
+    if cfg.compile:
+        model.net = model.net._orig_mod
+    model.cpu().eval()
+    out = {"run_dir": cfg.out}
+    if ctx.is_main:
+        out.update(_finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skipped, size, read,
+                           t_start, log))
+    return out
+
+
+def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) -> tuple[dict, bool]:
+    from medxfer.data.cache import default_cache_dir
+
+    t0 = time.perf_counter()
+    cache = None if cfg.no_cache else Path(cfg.cache_dir or default_cache_dir()).parent
+    key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
+           "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
+    kw = dict(cache_dir=cache, precision=precision, device=ctx.device)
+    all_feats, hit = extract_features(model, images, key, **kw)
+    train_x = all_feats[part["train"]]
+    out = {"train": train_x, "val": all_feats[part["val"]], "views": 1}
+    if cfg.feature_augment > 0:
+        aug = Augment(cfg.augment if cfg.augment != "none" else "light", seed=cfg.seed)
+        views = [extract_features(model, images[part["train"]], {**key, "augment": cfg.augment, "view": k,
+                                                                  "seed": cfg.seed}, augment=aug, **kw)[0]
+                 for k in range(cfg.feature_augment)]
+        out["train"] = torch.cat([train_x, *views])
+        out["views"] = 1 + len(views)
+    out["seconds"] = time.perf_counter() - t0
+    return out, hit
+
+
+def _finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skipped, size, read, t_start, log) -> dict:
+    """Calibrate and choose the threshold on validation, evaluate val and test, write the run directory."""
+    from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
+    from medxfer.evaluation.metrics import evaluate
+
+    labels, t = manifest.labels, manifest.table
+    logits = {s: predict_logits(model, images[part[s]]).numpy() for s in ("val", "test")}
+    ys = {s: y[part[s]].numpy() for s in ("val", "test")}
+    temperature = fit_temperature(logits["val"], ys["val"]) if cfg.calibrate == "temperature" else 1.0
+    probs = {s: apply_temperature(logits[s], temperature) for s in logits}
+    threshold = None
+    if pos is not None:
+        try:
+            threshold = choose_threshold(ys["val"], probs["val"][:, pos], cfg.threshold, positive=pos)
+        except MedxferError as e:
+            log(f"threshold rule '{cfg.threshold}' not usable on validation ({e}); using 0.5")
+            threshold = 0.5
+    groups = {s: (t.loc[part[s].numpy(), "patient_id"].to_numpy() if manifest.has_patients else None) for s in logits}
+    metrics = {s: evaluate(ys[s], probs[s], labels, positive=pos, threshold=threshold, groups=groups[s],
+                           n_bootstrap=cfg.bootstrap if s == "test" else 0, seed=cfg.seed) for s in logits}
+    metrics.update({"train_seconds": round(result.seconds, 3), "train_images_per_s": round(result.images_per_second, 2),
+                    "total_seconds": round(time.perf_counter() - t_start, 3), "best_epoch": result.best_epoch,
+                    "epochs_run": len(result.history), "temperature": temperature, "threshold": threshold,
+                    "seed": cfg.seed, "strategy": cfg.strategy, "source": spec.name})
+    if hasattr(result, "extract_seconds"):
+        metrics["feature_seconds"] = round(result.extract_seconds, 3)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": spec.arch.split(".")[0], "source": spec.name, "labels": labels, "in_chans": info["in_chans"],
+            "data_chans": model.data_chans, "image_size": size, "mean": model.mean.flatten().tolist(),
+            "std": model.std.flatten().tolist(), "grey_mode": info["grey_mode"], "read": read.key(),
+            "temperature": temperature, "threshold": threshold, "positive_label": labels[pos] if pos is not None else None,
+            "strategy": cfg.strategy, "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"}
+    config = cfg.to_dict()
+    config.update({"image_size": size, "epochs": cfg.resolved_epochs, "lr": cfg.resolved_lr,
+                   "resolved": {"source": {"name": spec.name, "arch": spec.arch, "weights": spec.weights,
+                                           "weights_sha256": info["weights_sha256"], "domain": spec.domain,
+                                           "unexpected_keys": info.get("unexpected_keys", [])},
+                                "input": {"data_channels": model.data_chans, "model_channels": info["in_chans"],
+                                          "grey_mode": info["grey_mode"], "mean": meta["mean"], "std": meta["std"]},
+                                "data": {"origin": manifest.origin, "labels": labels, "counts": manifest.counts(),
+                                         "notes": manifest.notes},
+                                "torch": torch.__version__}})
+    runs.write_weights(run_dir / "model.safetensors", model.state_dict())
+    runs.write_json(run_dir / "model.json", meta)
+    runs.write_yaml(run_dir / "config.yaml", config)
+    runs.write_json(run_dir / "metrics.json", metrics)
+    runs.write_csv(run_dir / "history.csv", pd.DataFrame(result.history))
+    split_cols = ["sample_id", "split", "label"] + (["patient_id"] if manifest.has_patients else [])
+    split_df = t[split_cols].assign(label=[labels[i] for i in t["label"]])
+    runs.write_csv(run_dir / "split.csv", split_df)
+    rows = []
+    for s in ("val", "test"):
+        sub = split_df[part[s].numpy()].reset_index(drop=True)
+        df = pd.DataFrame(probs[s], columns=[f"prob_{c}" for c in labels])
+        rows.append(pd.concat([sub[["split", "sample_id", "label"] + split_cols[3:]], df], axis=1))
+    runs.write_csv(run_dir / "predictions.csv", pd.concat(rows, ignore_index=True))
+    if skipped:
+        runs.write_csv(run_dir / "skipped.csv", pd.DataFrame(skipped, columns=["file", "reason"]))
+    return {"metrics": metrics, "run_dir": str(run_dir)}

@@ -1,0 +1,130 @@
+"""Predict from a run directory alone.
+
+Usage::
+
+    p = Predictor("runs/breast")                      # engine="torch" (default) or "onnx"
+    df = p.predict_paths(["scan1.png", "folder/", "more.npz"])
+    df.columns  # sample_id, prob_<class>..., predicted
+
+Images go through exactly the training preprocessing (reader options, size, channels, uint8
+quantisation); probabilities are calibrated with the run's temperature; ``predicted`` applies the
+threshold chosen on validation (binary) or the argmax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medxfer.data.loading import arrays_to_uint8
+from medxfer.data.sources import IMAGE_SUFFIXES, suffix_of
+from medxfer.data.transforms import match_channels, resize_to_uint8
+from medxfer.errors import BadFileError, MedxferError
+from medxfer.evaluation.calibration import apply_temperature
+
+
+class Predictor:
+    """A trained model plus its preprocessing contract, rebuilt from ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, engine: str = "torch", batch_size: int = 64):
+        from medxfer.data.readers import ReadOptions
+        from medxfer.models.adapt import load_run_model
+
+        if engine not in ("torch", "onnx"):
+            raise MedxferError(f"The 'engine' parameter must be 'torch' or 'onnx'. Got '{engine}' instead.")
+        self.run_dir = Path(run_dir)
+        self.engine = engine
+        self.batch_size = batch_size
+        self.model, self.meta = load_run_model(self.run_dir)
+        self.read = ReadOptions(**self.meta["read"])
+        self._onnx = None
+        if engine == "onnx":
+            from medxfer.export import OnnxRunner
+
+            onnx_path = self.run_dir / "model.onnx"
+            if not onnx_path.exists():
+                raise MedxferError(f"no ONNX model in '{self.run_dir}'. Make one with 'medxfer export {self.run_dir} "
+                                   "--format onnx' first.")
+            self._onnx = OnnxRunner(onnx_path)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        """Logits for uint8 images (N, C, S, S), in batches."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i:i + self.batch_size].float().div_(255)
+            if self._onnx is not None:
+                out.append(self._onnx(x.numpy()))
+            else:
+                with torch.no_grad():
+                    out.append(self.model(x).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        return apply_temperature(self.logits(images), self.meta.get("temperature") or 1.0)
+
+    def frame(self, ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.labels])
+        df.insert(0, "sample_id", ids)
+        thr, pos = self.meta.get("threshold"), self.meta.get("positive_label")
+        if len(self.labels) == 2 and thr is not None and pos is not None:
+            p = self.labels.index(pos)
+            pred = np.where(probs[:, p] >= thr, p, 1 - p)
+        else:
+            pred = probs.argmax(1)
+        df["predicted"] = [self.labels[i] for i in pred]
+        return df
+
+    def predict_paths(self, inputs: list[str | Path], on_bad_file: str = "error") -> tuple[pd.DataFrame, list]:
+        """Image files, folders (searched recursively) and npz archives -> one table; and skipped files."""
+        frames, skipped, files = [], [], []
+        for item in map(Path, inputs):
+            if not item.exists():
+                raise MedxferError(f"input '{item}' does not exist.")
+            if item.is_file() and item.suffix.lower() == ".npz":
+                frames.append(self._predict_npz(item))
+            elif item.is_dir():
+                files += sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in IMAGE_SUFFIXES)
+            else:
+                files.append(item)
+        for i in range(0, len(files), self.batch_size):
+            chunk, ids = [], []
+            for f in files[i:i + self.batch_size]:
+                try:
+                    chunk.append(self._load_file(f))
+                    ids.append(str(f))
+                except BadFileError as e:
+                    if on_bad_file == "error":
+                        raise
+                    skipped.append((e.path, e.reason))
+            if chunk:
+                frames.append(self.frame(ids, self.probabilities(torch.stack(chunk))))
+        if not frames:
+            raise MedxferError("no image to predict on among the inputs.")
+        return pd.concat(frames, ignore_index=True), skipped
+
+    def _load_file(self, path: Path) -> torch.Tensor:
+        from medxfer.data.readers import read_image
+
+        arr = match_channels(read_image(path, self.read), self.meta["data_chans"])
+        return resize_to_uint8(arr[None], self.meta["image_size"])[0]
+
+    def _predict_npz(self, path: Path) -> pd.DataFrame:
+        npz = np.load(path, allow_pickle=False)
+        keys = [k for k in npz.files if k.endswith("images")]
+        if not keys:
+            raise MedxferError(f"npz '{path}' has no '*_images' array (keys: {npz.files}).")
+        frames = []
+        for k in keys:
+            x = arrays_to_uint8(npz[k], self.meta["image_size"], self.read)
+            if x.shape[1] != self.meta["data_chans"]:
+                x = x.expand(-1, 3, -1, -1) if self.meta["data_chans"] == 3 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+            prefix = k[: -len("_images")].rstrip("_") or "images"
+            frames.append(self.frame([f"{prefix}/{i:06d}" for i in range(len(x))], self.probabilities(x)))
+        return pd.concat(frames, ignore_index=True)
