@@ -234,6 +234,18 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
     out.print(f"Threshold chosen on validation (Youden). Runs in {out_dir}/<strategy>.")
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from medxfer.commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"medxfer.commands.{name}").register(app)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 user error)."""
     try:

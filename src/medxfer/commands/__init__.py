@@ -1,0 +1,6 @@
+"""CLI commands that live beside their library module; each module has ``register(app)``.
+
+``medxfer.cli`` registers every name in :data:`COMMAND_MODULES`.
+"""
+
+COMMAND_MODULES: list[str] = []
