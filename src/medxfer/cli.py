@@ -57,14 +57,19 @@ class EpochProgress:
                                  transient=False)
         self.task = self.progress.add_task(title, total=total, info="")
 
+        self.started = False
+
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.__exit__(*exc)
 
     def __call__(self, record: dict) -> None:
+        if not self.started:  # the bar appears with the first epoch, not before data checks
+            self.progress.__enter__()
+            self.started = True
         info = f"loss {record['train_loss']:.3f}  val AUC {record['val_auc']:.3f}"
         self.progress.update(self.task, completed=record["epoch"], info=info)
 

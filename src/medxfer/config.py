@@ -46,6 +46,9 @@ class TrainConfig:
     label_names: tuple[str, ...] | None = None
     positive_label: str | None = None
     seed: int = 0
+    split_seed: int | None = None        # seed of the split when medxfer makes one (default: seed)
+    split_file: str | None = None        # CSV sample_id,split that overrides the splits (used by cv)
+    allow_duplicates: bool = False
     split_by: str | None = "auto"
     precision: str = "auto"              # auto | bf16 | fp16 | fp32
     compile: bool = False

@@ -47,7 +47,12 @@ def prepare_data(cfg: TrainConfig, size: int, log=print):
     manifest = load_manifest(cfg.data, label_names=list(cfg.label_names) if cfg.label_names else None,
                              labels_csv=cfg.labels_csv)
     check_classes(manifest)
-    manifest = assign_splits(manifest, seed=cfg.seed, split_by=cfg.split_by)
+    if cfg.split_file:
+        from medxfer.cv import apply_split_file
+
+        manifest = apply_split_file(manifest, cfg.split_file)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    manifest = assign_splits(manifest, seed=split_seed, split_by=cfg.split_by)
     read = ReadOptions(window=cfg.window, frame=cfg.frame, slice=cfg.slice, intensity=cfg.intensity)
     cache = None
     if manifest.arrays is None and not cfg.no_cache:
@@ -208,7 +213,8 @@ def _finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skip
     metrics.update({"train_seconds": round(result.seconds, 3), "train_images_per_s": round(result.images_per_second, 2),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history), "temperature": temperature, "threshold": threshold,
-                    "seed": cfg.seed, "strategy": cfg.strategy, "source": spec.name})
+                    "seed": cfg.seed, "strategy": cfg.strategy, "source": spec.name,
+                    "processes": int(os.environ.get("WORLD_SIZE", "1"))})
     if hasattr(result, "extract_seconds"):
         metrics["feature_seconds"] = round(result.extract_seconds, 3)
     run_dir = Path(cfg.out)

@@ -122,7 +122,8 @@ def resolve_source(name: str, weights: str | None = None) -> SourceSpec:
         return read_source_dir(Path(name))
     arch = BUNDLED[name].arch if name in BUNDLED else name
     base = BUNDLED.get(name)
-    if not timm.is_model(arch.split(".")[0]):
+    tagged_unknown = "." in arch and base is None and arch not in timm.list_pretrained()
+    if tagged_unknown or not timm.is_model(arch.split(".")[0]):
         hint = did_you_mean(name, list(BUNDLED) + timm.list_models())
         raise MedxferError(
             f"unknown source '{name}'.{hint} Run 'medxfer sources' for the bundled ones, name a timm "

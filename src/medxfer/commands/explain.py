@@ -1,0 +1,29 @@
+"""``medxfer explain RUN_DIR IMAGE... --out DIR``: Grad-CAM heat-map overlays, one PNG per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def explain(
+        run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
+        inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
+        out_dir: Path = typer.Option(Path("gradcam"), "--out", help="Folder for the overlay PNGs."),
+        layer: Optional[str] = typer.Option(None, help="Target layer, a name in model.net (default: the last "
+                                                       "feature stage at least 4x4 at the run's input size)."),
+        target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class (default: the "
+                                                                         "predicted class of each image)."),
+    ):
+        """Grad-CAM overlays: the grey image, the jet heat map, the predicted class and its probability."""
+        from medxfer.cli import out
+        from medxfer.explain import explain_paths
+
+        paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class)
+        note = "; coarse: --layer NAME takes another stage" if size and min(size) < 8 else ""
+        out.print(f"{len(paths)} Grad-CAM overlays -> {out_dir} (layer {name}, {'x'.join(map(str, size))} map{note})",
+                  markup=False, highlight=False)

@@ -1,0 +1,126 @@
+"""Exact duplicate images across train/val/test: found, reported, and refused unless allowed.
+
+Usage::
+
+    from medxfer.data.duplicates import check_duplicates, find_cross_split_duplicates
+
+    groups = find_cross_split_duplicates(manifest, images_uint8)   # rows of manifest <-> images
+    check_duplicates(manifest, images_uint8, allow=cfg.allow_duplicates, log=log)
+
+An image is a duplicate of another when its decoded, resized uint8 pixels (what the model sees)
+are byte-identical. Identical files always decode to identical pixels, so the pixel hash finds
+every copied file too; for file-based manifests the members of each group are also compared by
+file bytes (SHA-256, memoised by the decode cache), and ``match`` says which: ``"file"`` (the
+same file bytes) or ``"pixels"`` (different files, same decoded pixels, e.g. a re-saved copy).
+
+Copies within one split are harmless and not reported. Copies across splits leak: a test image
+the model was trained on inflates the test metrics. Note that the published MedMNIST splits hold
+a few (BreastMNIST 28 px: 1 pair train/test, with different labels; PneumoniaMNIST 28 px: 8
+groups, 18 images, train/val).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from medxfer.errors import MedxferError
+
+__all__ = ["check_duplicates", "find_cross_split_duplicates", "pixel_hashes"]
+
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def pixel_hashes(images) -> list[str]:
+    """BLAKE2b digest of each image's bytes and shape; ``images`` is (N, ...) uint8, tensor or array."""
+    arr = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
+    arr = np.ascontiguousarray(arr)
+    shape = repr(arr.shape[1:]).encode()
+    out = []
+    for img in arr:
+        h = hashlib.blake2b(img.tobytes(), digest_size=16)
+        h.update(shape)
+        out.append(h.hexdigest())
+    return out
+
+
+def find_cross_split_duplicates(manifest, images_uint8) -> list[dict]:
+    """Groups of identical images that span more than one split, largest first.
+
+    ``images_uint8`` rows align with ``manifest.table`` rows. Each group is a dict:
+    ``sample_ids``, ``splits`` and ``labels`` (class names) of its members (train first, then
+    val, then test), ``count`` (members), ``match`` (``"file"`` or ``"pixels"``, see the module
+    docstring) and, for messages, ``first`` = ``(sample_id, split)`` and ``second`` = the first
+    member in another split.
+    """
+    t = manifest.table
+    if len(images_uint8) != len(t):
+        raise ValueError(f"{len(images_uint8)} images for {len(t)} manifest rows; they must align.")
+    if "split" not in t or len(t) == 0:
+        return []
+    hashes = pixel_hashes(images_uint8)
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        by_hash.setdefault(h, []).append(i)
+    splits = t["split"].astype(object).to_numpy()
+    ids = t["sample_id"].astype(str).to_numpy()
+    labels = t["label"].to_numpy()
+    paths = t["path"].to_numpy() if "path" in t else None
+    groups = []
+    for members in by_hash.values():
+        if len(members) < 2 or len({splits[i] for i in members}) < 2:
+            continue
+        members = sorted(members, key=lambda i: (SPLIT_ORDER.get(splits[i], 3), i))
+        first = members[0]
+        second = next(i for i in members if splits[i] != splits[first])
+        groups.append({
+            "sample_ids": [str(ids[i]) for i in members],
+            "splits": [str(splits[i]) for i in members],
+            "labels": [_label_name(manifest.labels, labels[i]) for i in members],
+            "count": len(members),
+            "match": _match_kind(paths, members),
+            "first": (str(ids[first]), str(splits[first])),
+            "second": (str(ids[second]), str(splits[second])),
+        })
+    groups.sort(key=lambda g: (-g["count"], SPLIT_ORDER.get(g["first"][1], 3), g["first"][0]))
+    return groups
+
+
+def check_duplicates(manifest, images, allow: bool, log=print) -> list[dict]:
+    """Refuse identical images in two splits (MedxferError) unless ``allow``; then log a warning.
+
+    Returns the groups found (empty when none).
+    """
+    groups = find_cross_split_duplicates(manifest, images)
+    if not groups:
+        return groups
+    n = sum(g["count"] for g in groups)
+    (a, sa), (b, sb) = groups[0]["first"], groups[0]["second"]
+    what = f"{n} images appear in more than one split (first: {a} ({sa}) = {b} ({sb}))"
+    conflicts = sum(len(set(g["labels"])) > 1 for g in groups)
+    if conflicts:
+        what += f"; {conflicts} of the {len(groups)} groups carry different labels"
+    if not allow:
+        raise MedxferError(f"{what}. Remove the copies or pass --allow-duplicates.")
+    log(f"warning: {what}; kept because duplicates are allowed: test metrics may be optimistic")
+    return groups
+
+
+def _label_name(names, value) -> str:
+    try:
+        return str(names[int(value)])
+    except (IndexError, TypeError, ValueError):
+        return str(value)
+
+
+def _match_kind(paths, members) -> str:
+    if paths is None:
+        return "pixels"
+    from medxfer.data.cache import file_digest
+
+    try:
+        digests = {file_digest(paths[i]) for i in members}
+    except OSError:
+        return "pixels"
+    return "file" if len(digests) == 1 else "pixels"

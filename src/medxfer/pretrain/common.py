@@ -1,0 +1,237 @@
+"""What both pretraining methods share: the source directory, checkpoints, unlabelled images.
+
+A source directory (what ``medxfer pretrain`` writes, what ``--source DIR`` reads)::
+
+    source.json         name, arch, mean, std, input_size, in_chans, domain, description, method,
+                        trained_on {data, labels, counts, image_size, epochs, seed, metrics}, created
+    model.safetensors   the timm state dict of the backbone, timm key space, classifier dropped
+    checkpoint.pt       (ssl) last completed epoch: model + optimizer + epoch + rng, for --resume
+
+``source.json`` is written last, so a directory that has it is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medxfer import runs
+from medxfer.errors import MedxferError
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "medxfer-pretrain-checkpoint/1"
+SPLITS = ("train", "val", "test")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --------------------------------------------------------------------------------------------------
+# the source directory
+
+
+def backbone_state_dict(arch: str, in_chans: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the backbone keys of a timm ``arch`` (classifier dropped), checking none is missing.
+
+    ``state`` is in timm key space (``conv_stem.weight``...). The reference is the same
+    architecture built with ``num_classes=0``, so whatever timm calls the head is left out.
+    """
+    import timm
+
+    ref = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans).state_dict()
+    missing = [k for k in ref if k not in state]
+    if missing:
+        raise MedxferError(f"the trained model lacks {len(missing)} backbone keys of '{arch}' (first: {missing[0]}); "
+                           "cannot write a source directory from it.")
+    return {k: state[k].detach().contiguous().cpu().clone() for k in ref}
+
+
+def write_source_dir(out: Path, arch: str, backbone: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Write ``model.safetensors`` then ``source.json`` (atomically each); returns the json written."""
+    from medxfer.models.weights import sha256_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_weights(out / "model.safetensors", backbone)
+    meta = {"name": meta.get("name") or out.name, "arch": arch, **{k: v for k, v in meta.items() if k != "name"},
+            "weights_sha256": sha256_file(out / "model.safetensors"),
+            "format": "timm state dict of the backbone (timm key space, classifier dropped), safetensors",
+            "created": now()}
+    for key in ("mean", "std"):
+        meta[key] = [float(v) for v in meta[key]]
+    runs.write_json(out / "source.json", meta)
+    return meta
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished source or an unfinished pretraining unless resuming."""
+    out = Path(out)
+    if resume:
+        return
+    if (out / CHECKPOINT).exists():
+        raise MedxferError(f"'{out}' holds a pretraining checkpoint: pass --resume to continue it, or choose "
+                           "another --out (or delete that directory).")
+    if (out / "source.json").exists():
+        raise MedxferError(f"'{out}' is already a source directory: choose another --out, or delete it first.")
+
+
+def init_record(init: str | None) -> dict | None:
+    """What the pretraining started from (a source name and the sha256 of its weights file)."""
+    if init is None:
+        return None
+    from medxfer.models.catalog import resolve_source
+    from medxfer.models.weights import sha256_file, weights_file
+
+    spec = resolve_source(init)
+    f = weights_file(spec)
+    return {"source": spec.name, "arch": spec.arch, "weights": spec.weights, "domain": spec.domain,
+            "weights_sha256": sha256_file(f) if f is not None and Path(f).exists() else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints: torch.save of tensors / numbers / strings only, so torch.load(weights_only=True) reads them
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write then rename: an interrupted write leaves the previous checkpoint as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MedxferError(f"nothing to resume: '{path}' does not exist. Run without --resume to start.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise MedxferError(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and start again "
+                           "without --resume.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MedxferError(f"'{path}' is not a medxfer pretraining checkpoint.")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# unlabelled images for self-supervised pretraining
+
+
+def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tuple[str, ...] = ("train", "val"),
+                      split_by: str | None = "auto", read=None, cache_dir: str | None = None,
+                      no_cache: bool = False, on_bad_file: str = "error", log=print) -> tuple[torch.Tensor, dict]:
+    """uint8 images (N, C, size, size) of the ``splits`` asked for, labels ignored, and a record of them.
+
+    Given splits are used as given. Labelled data without splits gets the split ``medxfer train
+    --seed SEED`` would make, so the test images of a later run with that seed are never seen here.
+    Data with neither labels nor splits (an npz with ``images``, a flat folder) is used whole; the
+    record says so.
+    """
+    from medxfer.data.loading import arrays_to_uint8, load_images
+    from medxfer.data.manifest import Manifest
+    from medxfer.data.sources import load_manifest
+    from medxfer.data.splits import assign_splits
+
+    path = Path(data)
+    if not path.exists():
+        raise MedxferError(f"data path '{path}' does not exist. Give an .npz file, a folder of images or a "
+                           "CSV/Parquet manifest.")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        got = _npz_images(path, splits)
+        if got is not None:
+            arrays, record = got
+            return arrays_to_uint8(arrays, size, read), record
+    try:
+        manifest = load_manifest(path)
+        manifest = assign_splits(manifest, seed=seed, split_by=split_by)
+        labelled = True
+    except MedxferError as e:
+        if path.is_file():
+            raise
+        manifest = _unlabelled_folder(path, e)
+        labelled = False
+    t = manifest.table
+    given = manifest.has_splits
+    mask = t["split"].isin(splits).to_numpy() if given else np.ones(len(t), bool)
+    manifest = manifest.subset(mask)
+    cache = None
+    if manifest.arrays is None and not no_cache:
+        from medxfer.data.cache import DecodeCache, default_cache_dir
+
+        cache = DecodeCache(cache_dir or default_cache_dir())
+    loaded = load_images(manifest, size, read, cache, on_bad_file)
+    kept = manifest.table[loaded.keep]
+    record = {"splits_used": list(splits) if given else "all (the data defines no splits)",
+              "labels": "ignored" if labelled else "none",
+              "images": {str(s): int(n) for s, n in kept["split"].fillna("all").value_counts().items()},
+              "split_rule": ("none" if not given else f"medxfer's split with seed {seed}"
+                             if any(n.startswith("made a stratified") for n in manifest.notes) else "given"),
+              "test_excluded": bool(given and "test" not in splits)}
+    if loaded.skipped:
+        record["skipped"] = len(loaded.skipped)
+    if not given:
+        log("the data defines no train/val/test split: every image is used for pretraining; keep these images "
+            "out of any later test set")
+    return loaded.images, record
+
+
+def _npz_images(path: Path, splits: tuple[str, ...]):
+    """Images straight from an npz: the asked splits when all three are given, or ``images`` when unlabelled.
+
+    Returns None for labelled npz files with partial splits (they take medxfer's seeded split).
+    """
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+    except Exception as e:  # noqa: BLE001
+        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from e
+    have = [s for s in SPLITS if f"{s}_images" in keys]
+    if set(have) == set(SPLITS):
+        parts = [npz[f"{s}_images"] for s in splits]
+        record = {"splits_used": list(splits), "labels": "ignored" if any(f"{s}_labels" in keys for s in SPLITS) else "none",
+                  "images": {s: int(len(p)) for s, p in zip(splits, parts)}, "split_rule": "given",
+                  "test_excluded": "test" not in splits}
+        return np.concatenate(parts), record
+    if "train_labels" in keys:
+        return None
+    names = [k for k in sorted(keys) if (k == "images" or k.endswith("_images")) and k != "test_images"]
+    if not names:
+        raise MedxferError(f"npz '{path}' has keys {sorted(keys)}; for pretraining medxfer needs 'images' or "
+                           "'{train,val,test}_images' arrays, (N,H,W) or (N,H,W,3).")
+    parts = [npz[k] for k in names]
+    record = {"splits_used": "all (the data defines no splits)" if names == ["images"] else [k[:-7] for k in names],
+              "labels": "none", "images": {k: int(len(p)) for k, p in zip(names, parts)}, "split_rule": "none",
+              "test_excluded": "test_images" in keys}
+    return np.concatenate(parts), record
+
+
+def _unlabelled_folder(root: Path, why: MedxferError):
+    """Every image file under ``root`` (any depth); a top-level train/val/test folder names the split."""
+    from medxfer.data.manifest import Manifest
+    from medxfer.data.sources import IGNORED_NAMES, IMAGE_SUFFIXES, suffix_of
+
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.name not in IGNORED_NAMES
+                   and not f.name.startswith("._") and suffix_of(f) in IMAGE_SUFFIXES)
+    if not files:
+        raise MedxferError(f"folder '{root}' holds no images ({why}).")
+    rel = [f.relative_to(root) for f in files]
+    top = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+    has_splits = all(t in SPLITS for t in top)
+    table = pd.DataFrame({"sample_id": [str(r) for r in rel], "path": [str(f.resolve()) for f in files],
+                          "label": 0, "split": top if has_splits else None})
+    return Manifest(table, ["unlabelled"], f"folder:{root}")

@@ -1,0 +1,67 @@
+"""Strategies: what trains, at which learning rate; frozen parts stay exactly as loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medxfer.engine.trainer import FitSettings, fit
+from medxfer.errors import MedxferError
+from medxfer.models import build_model, resolve_source
+from medxfer.strategies import layer_groups, param_groups
+
+
+@pytest.fixture
+def model():
+    return build_model(resolve_source("test_resnet", "none"), 2, data_chans=1)[0]
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_linear_probe_trains_the_head_only_and_keeps_batchnorm_fixed(model):
+    groups = param_groups(model, "linear-probe", lr=1e-2)
+    assert trainable(model) == {"net.fc.weight", "net.fc.bias"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 255, (32, 1, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 2, (32,))
+    fit(model, groups, x, y, x[:8], y[:8], FitSettings(epochs=2, batch_size=8, channels_last=False))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("net.fc.") for k in changed)  # BN running stats untouched too
+
+
+def test_partial_unfreezes_the_last_stages(model):
+    param_groups(model, "partial", lr=1e-3, unfreeze=1)
+    names = trainable(model)
+    assert any(n.startswith("net.layer4.") for n in names)
+    assert not any(n.startswith(("net.layer3.", "net.conv1.")) for n in names)
+    with pytest.raises(MedxferError, match="unfreeze"):
+        param_groups(model, "partial", lr=1e-3, unfreeze=99)
+
+
+def test_full_puts_the_backbone_at_a_lower_rate(model):
+    groups = param_groups(model, "full", lr=1e-3, backbone_lr_mult=0.1)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"backbone": pytest.approx(1e-4), "head": 1e-3}
+    assert trainable(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_layer_decay_grows_with_depth(model):
+    groups = param_groups(model, "full", lr=1e-3, layer_decay=0.5)
+    lrs = [g["lr"] for g in groups]
+    assert lrs == sorted(lrs) and lrs[-1] == 1e-3 and lrs[0] < lrs[-2]
+    assert len(groups) == len(layer_groups(model))
+
+
+def test_scratch_differs_from_the_pretrained_init(tmp_path):
+    import timm
+
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    spec = resolve_source("test_resnet", str(path))
+    pre, _ = build_model(spec, 2, data_chans=3)
+    scratch, info = build_model(spec, 2, data_chans=3, pretrained=False)
+    assert info["weights_sha256"] is None
+    assert not torch.equal(pre.net.layer1[0].conv1.weight, scratch.net.layer1[0].conv1.weight)
