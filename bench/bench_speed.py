@@ -28,7 +28,7 @@ Comparisons:
    the test set passed several times after one warm-up pass; target onnx >= 1.5x images/s.
 
 Prints a markdown table and ONE JSON line (last line of stdout); writes the JSON to
-``bench/results/<date>-speed[-quick].json``.
+``bench/results/<date>-speed[-quick][-<parts>].json`` (parts only when ``--only`` picks some).
 """
 
 from __future__ import annotations
@@ -87,11 +87,11 @@ def run_child(cmd: list[str], log) -> dict:
 
 def medxfer_train(data: Path, out: Path, cache: Path, extra: list[str], log) -> dict:
     cmd = [sys.executable, "-m", "medxfer", "train", "--data", str(data), "--source", SOURCE, "--image-size", "64",
-           "--seed", "0", "--batch-size", "64", "--cache-dir", str(cache), "--out", str(out), *extra]
+           "--seed", "0", "--batch-size", "64", "--cache-dir", str(cache / "decode"), "--out", str(out), *extra]
     r = run_child(cmd, log)
     m = json.loads((out / "metrics.json").read_text())
     r.update({"tool": "medxfer", "test_auc": m["test"]["auc"], "balanced_accuracy": m["test"].get("balanced_accuracy"),
-              "train_images_per_s": m.get("train_images_per_s"), "train_seconds": m.get("train_seconds"),
+              "train_images_per_s": m.get("train_images_per_s") or None, "train_seconds": m.get("train_seconds"),
               "feature_seconds": m.get("feature_seconds"), "own_seconds": m.get("total_seconds"),
               "epochs_run": m.get("epochs_run")})
     r.pop("json")
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--only", default="linear-probe,full,predict", help="comma-separated parts to run")
     ap.add_argument("--passes", type=int, default=5, help="predict: passes over the test set")
+    ap.add_argument("--run-dir", default=None, help="predict: time this existing run (default: the full run made here)")
     ap.add_argument("--child-predict", nargs=3, metavar=("RUN_DIR", "ENGINE", "DATA"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_predict:
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         })
         result["results"]["full"] = summarize(full_runs, "peer_full", f"{full_epochs} epochs")
     if "predict" in parts:
-        run_dir = work / "full_0" if full_runs else work / "pred_run"
-        if not full_runs:
+        run_dir = Path(args.run_dir) if args.run_dir else work / "full_0" if full_runs else work / "pred_run"
+        if not full_runs and not args.run_dir:
             medxfer_train(data, run_dir, work / "cache_pred", ["--strategy", "linear-probe"], log)
         exp = run_child([sys.executable, "-m", "medxfer", "export", str(run_dir), "--format", "onnx"], log)
         pr = alternate("predict", {
@@ -230,12 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
         ips = {eng: median(rs, "images_per_s") for eng, rs in rows.items()}
         result["results"]["predict"] = {
             "runs": rows, "export_wall_s": exp["wall_s"], "batch_size": 64, "passes": args.passes,
+            "test_images": rows["torch"][0]["images"] // args.passes, "run_dir": str(run_dir),
             "images_per_s": ips, "onnx_speedup": round(ips["onnx"] / ips["torch"], 2) if ips["torch"] else None,
             "same_probabilities": abs(rows["onnx"][0]["checksum"] - rows["torch"][0]["checksum"]) < 1e-3,
         }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_file = out_dir / f"{result['date']}-speed{'-quick' if args.quick else ''}.json"
+    only = "" if parts == {"linear-probe", "full", "predict"} else "-" + "-".join(sorted(parts))
+    out_file = out_dir / f"{result['date']}-speed{'-quick' if args.quick else ''}{only}.json"
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print(f"\nwritten to {out_file.relative_to(ROOT)}")
@@ -293,7 +296,7 @@ def markdown(result: dict) -> str:
         for eng in ("torch", "onnx"):
             rss = median(pr["runs"][eng], "peak_rss_mb")
             vs = f"{pr['onnx_speedup']}x torch" if eng == "onnx" else "-"
-            lines.append(f"| predict (batch 64, {pr['passes']} x 624 test images) | {eng} | - | "
+            lines.append(f"| predict (batch 64, {pr['passes']} x {pr['test_images']} test images) | {eng} | - | "
                          f"{f(pr['images_per_s'][eng])} (inference) | {f(rss, '{:.0f}')} | - | {vs} |")
     return "\n".join(lines)
 

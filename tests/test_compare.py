@@ -34,12 +34,22 @@ def _ensure_registered():
 _ensure_registered()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """--num-threads 1 keeps these runs quick on a busy machine; give the next tests their threads back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unsplit_npz(tmp_path_factory) -> Path:
-    """160 BreastMNIST images with train keys only: medxfer makes the split (with the split seed)."""
+    """120 BreastMNIST images with train keys only: medxfer makes the split (with the split seed)."""
     src = np.load(BREAST)
     x, y = src["train_images"], src["train_labels"]
-    idx = np.concatenate([np.flatnonzero(y[:, 0] == c)[:80] for c in (0, 1)])
+    idx = np.concatenate([np.flatnonzero(y[:, 0] == c)[:60] for c in (0, 1)])
     path = tmp_path_factory.mktemp("data") / "breast_unsplit.npz"
     np.savez(path, train_images=x[idx], train_labels=y[idx])
     return path
@@ -49,7 +59,8 @@ def _args(data, out, *extra):
     return ["compare", "--data", str(data), "--source", "test_resnet", "--weights", "none", "--image-size", "32",
             "--epochs", "1", "--bootstrap", "50", "--label-names", "malignant,benign", "--positive-label",
             "malignant", "--strategies", ",".join(STRATS), "--seeds", ",".join(map(str, SEEDS)), "--quiet",
-            "--out", str(out), *extra]
+            "--num-threads", "1",
+            "--cache-dir", str(Path(out).parent / "cache" / "decode"), "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +91,9 @@ def test_runs_and_summaries_match_metrics(comparison):
     assert st["strategies"] == STRATS and st["seeds"] == SEEDS and st["split_seed"] == 3
     assert st["source"] == "test_resnet" and st["image_size"] == 32 and st["positive_label"] == "malignant"
     assert st["label_fractions"] == [0.25, 1.0]
+    assert st["split"] == "made by medxfer with split seed 3"
+    assert st["epochs"] == {s: 1 for s in STRATS}
+    assert st["n_test"] == json.loads((out / "scratch" / "seed0" / "metrics.json").read_text())["test"]["n"]
 
 
 def test_every_run_used_the_same_split(comparison):
@@ -179,7 +193,7 @@ def test_resume_retrains_when_config_differs(tmp_path, unsplit_npz, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--data", str(unsplit_npz), "--source", "test_resnet", "--weights", "none",
             "--image-size", "32", "--epochs", "1", "--bootstrap", "20", "--strategies", "linear-probe", "--seeds", "0",
-            "--out", str(out)]
+            "--num-threads", "1", "--cache-dir", str(tmp_path / "cache" / "decode"), "--out", str(out)]
     assert main(args) == 0
     metrics = out / "linear-probe" / "seed0" / "metrics.json"
     first = metrics.stat().st_mtime_ns
@@ -206,9 +220,11 @@ def test_resume_retrains_when_config_differs(tmp_path, unsplit_npz, capsys):
     ("--label-fraction", "0.1,2", "fractions in (0, 1]"),
     ("--label-fraction", "0,1", "Got '0'"),
     ("--label-fraction", "a", "Got 'a'"),
+    ("--split-seed", "-1", "The 'split-seed' parameter must be an integer >= 0. Got -1"),
 ])
 def test_invalid_lists_one_clear_line(tmp_path, unsplit_npz, capsys, option, value, message):
-    code = main(["compare", "--data", str(unsplit_npz), "--out", str(tmp_path / "x"), option, value])
+    code = main(["compare", "--data", str(unsplit_npz), "--source", "test_resnet", "--weights", "none",
+                 "--out", str(tmp_path / "x"), option, value])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("medxfer: ") and len(err.splitlines()) == 1 and message in err
@@ -221,3 +237,40 @@ def test_parsers():
     assert parse_fractions("1.0,0.01,0.1") == [0.01, 0.1, 1.0]
     with pytest.raises(MedxferError, match="Did you mean 'linear-probe'"):
         parse_strategies("linear_probe")
+
+
+def _fake_runs(scores_per_seed, y, positive="malignant"):
+    ids = [f"test/{i:06d}" for i in range(len(y))]
+    labels = np.where(y == 1, positive, "benign")
+    runs = []
+    for k, p in enumerate(scores_per_seed):
+        pred = pd.DataFrame({"split": "test", "sample_id": ids, "label": labels, f"prob_{positive}": p,
+                             "prob_benign": 1 - p})
+        runs.append({"dir": f"run{k}", "predictions": pred,
+                     "metrics": {"test": {"positive_label": positive, "auc": 0.5}, "val": {"auc": 0.5}}})
+    return runs
+
+
+def test_paired_test_words():
+    from medxfer.compare import paired_test
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    good = [np.clip(y * 0.6 + rng.uniform(0, 0.4, len(y)), 0, 1) for _ in range(2)]
+    noise = [rng.uniform(0, 1, len(y)) for _ in range(2)]
+    summ = {"linear-probe": {"test_auc": {"mean": 0.99}}, "full": {"test_auc": {"mean": 0.6}},
+            "scratch": {"test_auc": {"mean": 0.5}}}
+    by = {"linear-probe": _fake_runs(good, y), "full": _fake_runs(noise, y), "scratch": _fake_runs(noise[::-1], y)}
+    pt = paired_test(by, summ, n_bootstrap=100)
+    assert pt["a"] == "linear-probe" and pt["significant"]
+    assert pt["conclusion"].startswith("linear-probe beats scratch: AUC diff +")
+    assert "p<0.001" in pt["conclusion"] and "averaged over 2 seeds" in pt["conclusion"]
+    assert pt["delong"]["auc_a"] == pytest.approx(1.0)
+    # the same scores: no difference
+    by_same = {"full": _fake_runs(noise, y), "scratch": _fake_runs(noise, y)}
+    pt = paired_test(by_same, {"full": {"test_auc": {"mean": 0.5}}, "scratch": {"test_auc": {"mean": 0.5}}}, 50)
+    assert pt["conclusion"].startswith("no significant difference between full and scratch") and not pt["significant"]
+    # no scratch baseline, or a multi-class task: skipped with a reason
+    assert "skipped" in paired_test({"full": by["full"]}, summ, 50)
+    multi = {s: [{**r, "metrics": {"test": {"auc": 0.7}}} for r in rs] for s, rs in by.items()}
+    assert "two-class" in paired_test(multi, summ, 50)["skipped"]

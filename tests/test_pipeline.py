@@ -60,7 +60,7 @@ def test_linear_probe_on_imagenet_source_and_predict(small_npz, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["auc"] > 0.6  # ImageNet features separate the classes even at 32 px
     assert _max_test_diff(run, small_npz, tmp_path) < 1e-5
-    assert list((tmp_path / "features").glob("*.npy"))  # features cached beside the decode cache
+    assert list((tmp_path / "cache" / "features").glob("*.npy"))  # features cached in --cache-dir
 
 
 def test_same_seed_same_metrics(small_npz, tmp_path):

@@ -64,7 +64,7 @@ def test_class_folders_with_16_bit_png(class_folders):
     assert t["label"].tolist() == [0] * 4 + [1] * 4 and not m.has_splits
     assert any("ignored 1 files" in n and "notes.txt" in n for n in m.notes)
     loaded = load_images(m, 16)
-    assert loaded.images.dtype.__str__() == "torch.uint8" and tuple(loaded.images.shape) == (8, 1, 16, 16)
+    assert str(loaded.images.dtype) == "torch.uint8" and tuple(loaded.images.shape) == (8, 1, 16, 16)
     x16 = loaded.images[t.index[t["sample_id"] == "malignant/x16.png"][0], 0].numpy().astype(int)
     row = x16[8]
     assert row[0] < 20 and row[-1] > 235                 # full 16-bit range kept, not cast to 8 bit

@@ -55,7 +55,6 @@ def test_leaky_given_splits_refused_with_count_and_hashed_keys(tmp_path):
     assert RAW.format(0) not in msg and RAW.format(1) not in msg
 
 
-@pytest.mark.xfail(strict=True, reason="lead to-do: check_leakage hashes ids that sources already hashed")
 def test_leak_message_shows_the_ids_written_in_split_csv(tmp_path):
     """The hashed key in the message must be the patient_id the user sees in split.csv."""
     m = load_manifest(leaky_csv(tmp_path))
@@ -131,7 +130,6 @@ def test_assign_splits_keeps_clean_given_splits():
 # ------------------------------------------------------------------- known gaps (lead to-dos)
 
 
-@pytest.mark.xfail(strict=True, reason="lead to-do: rows without a patient id crash _groups (pandas NaN)")
 def test_rows_without_patient_id_are_their_own_group():
     m = patients_manifest(40)
     m.table.loc[m.table.index % 3 == 0, "patient_id"] = None
@@ -140,7 +138,6 @@ def test_rows_without_patient_id_are_their_own_group():
     assert t.loc[t["patient_id"].isna(), "split"].nunique() == 3      # not lumped into one "None" patient
 
 
-@pytest.mark.xfail(strict=True, reason="lead to-do: a grouped split needs >= 20 patients today")
 def test_small_patient_grouped_split():
     m = patients_manifest(12, pos_rate=0.5)
     t = assign_splits(m).table
@@ -148,7 +145,6 @@ def test_small_patient_grouped_split():
     assert (t.groupby("patient_id")["split"].nunique() == 1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="lead to-do: every class < 20 images -> sklearn ValueError")
 def test_small_dataset_splits_or_says_why():
     m = Manifest(pd.DataFrame({"sample_id": [str(i) for i in range(30)], "label": [0, 1] * 15,
                                "row": range(30)}), ["a", "b"], "test")
@@ -159,7 +155,6 @@ def test_small_dataset_splits_or_says_why():
     assert set(t["split"]) == {"train", "val", "test"}
 
 
-@pytest.mark.xfail(strict=True, reason="lead to-do: 20-part remainders always land in test/val")
 def test_small_class_mostly_in_train():
     y = np.array([0] * 10 + [1] * 90)
     m = Manifest(pd.DataFrame({"sample_id": [str(i) for i in range(100)], "label": y, "row": range(100)}),

@@ -106,6 +106,8 @@ def train(
     split_by: Optional[str] = typer.Option(None, help="Group splits by this column (default patient_id)."),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile"),
+    allow_duplicates: Optional[bool] = typer.Option(None, "--allow-duplicates/--refuse-duplicates",
+                                                    help="Keep exact duplicate images found across splits (warns)."),
     devices: int = typer.Option(1, help="Processes to launch with torchrun (DDP)."),
     num_threads: Optional[int] = typer.Option(None),
     on_bad_file: Optional[str] = typer.Option(None, help="error | skip (listed in skipped.csv)."),
@@ -115,6 +117,7 @@ def train(
     cache_dir: Optional[str] = typer.Option(None), no_cache: Optional[bool] = typer.Option(None, "--no-cache"),
     threshold: Optional[str] = typer.Option(None, help="youden | sensitivity=S | specificity=S | number."),
     calibrate: Optional[str] = typer.Option(None, help="temperature | none."),
+    report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html at the end."),
     bootstrap: Optional[int] = typer.Option(None), label_fraction: Optional[float] = typer.Option(None),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to write."),
     config: Optional[Path] = typer.Option(None, help="YAML config; options given here override it."),
@@ -132,10 +135,10 @@ def train(
                       patience=patience, class_weights=class_weights, augment=augment, head=head,
                       feature_augment=feature_augment, grey_mode=grey_mode, label_names=label_names,
                       positive_label=positive_label, seed=seed, split_by=split_by, precision=precision,
-                      compile=compile, devices=devices if devices > 1 else None, num_threads=num_threads,
+                      compile=compile, allow_duplicates=allow_duplicates, devices=devices if devices > 1 else None, num_threads=num_threads,
                       on_bad_file=on_bad_file, labels_csv=labels, window=window, frame=frame, slice=slice_,
                       intensity=intensity, cache_dir=cache_dir, no_cache=no_cache, threshold=threshold,
-                      calibrate=calibrate, bootstrap=bootstrap, label_fraction=label_fraction, out=out_dir)
+                      calibrate=calibrate, report=report, bootstrap=bootstrap, label_fraction=label_fraction, out=out_dir)
     result = run_training(cfg)
     if "metrics" in result:
         print_metrics(result["metrics"], result["run_dir"])
@@ -218,13 +221,15 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
     """The seed's story on bundled BreastMNIST: linear-probe vs full fine-tuning vs scratch."""
     from medxfer.config import TrainConfig
 
+    console.print("[dim]BreastMNIST holds one image in both train and test (with different labels): "
+                  "the demo keeps it (--allow-duplicates) so that the official split stays comparable.[/dim]")
     out.print("BreastMNIST (breast ultrasound: malignant vs normal/benign; MedMNIST v2, CC BY 4.0), "
               f"source efficientnet_lite0.in1k (ImageNet), {image_size} px, seed {seed}")
     rows = []
     for strategy, n in (("linear-probe", None), ("full", epochs), ("scratch", 2 * epochs)):
         cfg = TrainConfig(data=str(DEMO_DATA), strategy=strategy, image_size=image_size, epochs=n, seed=seed,
                           label_names=("malignant", "benign"), positive_label="malignant",
-                          out=str(out_dir / strategy))
+                          allow_duplicates=True, out=str(out_dir / strategy))
         m = run_training(cfg)["metrics"]
         rows.append((strategy, m))
     table = Table(title="Does transfer help? BreastMNIST test split (positive class: malignant)")
@@ -254,15 +259,17 @@ _register_commands()
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 user error)."""
     try:
-        app(args=argv if argv is not None else sys.argv[1:], prog_name="medxfer", standalone_mode=False)
+        result = app(args=argv if argv is not None else sys.argv[1:], prog_name="medxfer", standalone_mode=False)
     except MedxferError as e:
         console.print(f"medxfer: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, typer.Exit) as e:  # typer bundles its own click: catch both
         return e.exit_code
-    except click.ClickException as e:
-        console.print(f"medxfer: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+    except (click.ClickException, typer.TyperException) as e:
+        msg = e.format_message()
+        if msg:
+            console.print(f"medxfer: {msg}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         return 130
-    return 0
+    return result if isinstance(result, int) else 0

@@ -151,7 +151,7 @@ def _run(cfg: TrainConfig, train_fn, log, resume: bool) -> dict:
         log(f"{cfg.out}: finished run with the same config found, not retrained")
     else:
         if Path(cfg.out, "metrics.json").exists():
-            log(f"{cfg.out}: retraining ({why})")
+            log(f"{cfg.out}: retraining ({why or 'asked to retrain'})")
         train_fn(cfg)
     out = _load(Path(cfg.out))
     out["dir"] = str(cfg.out)
@@ -237,8 +237,9 @@ def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int 
         raise MedxferError(f"'{best}' and 'scratch' were tested on different images; a paired test needs the same "
                            "test images. Remove the output folder and run again.")
     dl = delong_test(y, a, b)
-    bs = paired_bootstrap(y, a, b, n_bootstrap=max(1, int(n_bootstrap)), seed=seed, groups=groups)
-    out = {"a": best, "b": "scratch", "positive_label": positive, "n_test": int(len(y)),
+    bs = paired_bootstrap(y, a, b, n_bootstrap=int(n_bootstrap), seed=seed, groups=groups) if n_bootstrap > 0 else None
+    out = {"a": best, "b": "scratch", "a_chosen_as": "the transfer strategy with the best mean test AUC",
+           "positive_label": positive, "n_test": int(len(y)),
            "n_seeds_averaged": {best: len(by_strategy[best]), "scratch": len(by_strategy["scratch"])},
            "scores": "per-image test P(positive) averaged over seeds", "alpha": ALPHA,
            "delong": dl, "paired_bootstrap": bs}
@@ -254,10 +255,11 @@ def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:
         return f"{best} vs scratch: AUC not defined on the test split (one class only)."
     ci = dl["ci_diff"]
     ci_txt = f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "95% CI not available"
-    bci = bs.get("ci_diff")
+    bci = bs.get("ci_diff") if bs else None
     boot = (f"; paired bootstrap 95% CI [{bci[0]:.3f}, {bci[1]:.3f}], {_fmt_p(bs['p_value'])}"
             if bci else "")
-    detail = f"AUC diff {dl['diff']:+.3f} ({dl['auc_a']:.3f} vs {dl['auc_b']:.3f}), {ci_txt}, {_fmt_p(dl['p_value'])} (paired DeLong){boot}; {on}"
+    detail = (f"AUC diff {dl['diff']:+.3f} ({dl['auc_a']:.3f} vs {dl['auc_b']:.3f}), {ci_txt}, "
+              f"{_fmt_p(dl['p_value'])} (paired DeLong){boot}; {on}")
     if dl["p_value"] is not None and dl["p_value"] < ALPHA:
         winner, loser = (best, "scratch") if dl["diff"] > 0 else ("scratch", best)
         return f"{winner} beats {loser}: {detail}."
@@ -308,11 +310,13 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
         summaries[s]["reused"] = [r["reused"] for r in by_strategy[s]]
     first = by_strategy[strategies[0]][0]
     test = first["metrics"]["test"]
+    first_cfg = _run_config(first)
     result = {
         "settings": {
             "data": base.data, "source": base.source, "weights": base.weights, "strategies": strategies,
             "seeds": seeds, "split_seed": int(split_seed), "label_fractions": fractions or None,
-            "image_size": _resolved(first, "image_size", base.image_size),
+            "split": _split_origin(first_cfg, int(split_seed)),
+            "image_size": first_cfg.get("image_size", base.image_size),
             "epochs": {s: base.replace(strategy=s).resolved_epochs for s in strategies},
             "lr": {s: base.replace(strategy=s).resolved_lr for s in strategies},
             "positive_label": test.get("positive_label"), "n_test": test.get("n"),
@@ -345,12 +349,18 @@ def _common_options(base: TrainConfig) -> dict:
     return {k: v for k, v in d.items() if k not in ("strategy", "seed", "split_seed", "out", "label_fraction", "extra")}
 
 
-def _resolved(run: dict, key: str, default):
-    cfg_file = Path(run["dir"]) / "config.yaml"
+def _run_config(run: dict) -> dict:
     try:
-        return (yaml.safe_load(cfg_file.read_text()) or {}).get(key, default)
+        return yaml.safe_load((Path(run["dir"]) / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return default
+        return {}
+
+
+def _split_origin(run_cfg: dict, split_seed: int) -> str:
+    notes = ((run_cfg.get("resolved") or {}).get("data") or {}).get("notes") or []
+    if any(str(n).startswith("made a ") for n in notes):
+        return f"made by medxfer with split seed {split_seed}"
+    return "given with the data (the split seed is not used)"
 
 
 def _n_train(run: dict) -> int:
@@ -458,8 +468,8 @@ def render_html(result: dict) -> str:
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .paired{{background:#f4f8fb;border-left:4px solid #4a7fb0;padding:0.6em 1em}}</style></head><body>
 <h1>Strategy comparison: {e(str(st['source']))} on {e(str(st['data']))}</h1>
-<p>{len(st['seeds'])} seeds per strategy ({e(', '.join(map(str, st['seeds'])))}), one split (split seed
-{st['split_seed']}), test split: {e(str(st['n_test']))} images, positive class {e(str(st['positive_label']))}.
+<p>{len(st['seeds'])} seeds per strategy ({e(', '.join(map(str, st['seeds'])))}), one split
+({e(st['split'])}), test split: {e(str(st['n_test']))} images, positive class {e(str(st['positive_label']))}.
 Threshold chosen on validation ({e(str(st['threshold_rule']))}). Values: mean ± sd over seeds.</p>
 <h2>Test metrics</h2>
 <table><tr><th>strategy</th>{head}</tr>{rows}</table>

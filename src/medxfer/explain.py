@@ -290,8 +290,10 @@ def explain_paths(run_dir: str | Path, inputs: list[str | Path], out_dir: str | 
     maps = explain_images(model, meta, images, layer=name, target_class=target_class)
     labels = meta["labels"]
     shown = pred if target_class is None else np.full(len(pred), target_class)
-    titles = [f"{i}: predicted {labels[p]} (P={probs[k, p]:.2f})"
-              + ("" if c == p else f"; map for {labels[c]} (P={probs[k, c]:.2f})")
+    thr, pos = meta.get("threshold"), meta.get("positive_label")
+    rule = f" (threshold {thr:.2f} on P({pos}))" if len(labels) == 2 and thr is not None and pos else ""
+    titles = [f"{i}: predicted {labels[p]}, P={probs[k, p]:.2f}{rule}"
+              + ("" if c == p else f"\nmap for {labels[c]} (P={probs[k, c]:.2f})")
               for k, (i, p, c) in enumerate(zip(ids, pred, shown))]
     paths = save_overlays(images.numpy(), maps, out_dir, [f"{n}_gradcam" for n in _unique(ids)], titles)
     return paths, name, size

@@ -63,6 +63,9 @@ def prepare_data(cfg: TrainConfig, size: int, log=print):
     if loaded.skipped:
         log(f"skipped {len(loaded.skipped)} unreadable files (listed in skipped.csv)")
     manifest = manifest.subset(loaded.keep)
+    from medxfer.data.duplicates import check_duplicates
+
+    check_duplicates(manifest, loaded.images, allow=cfg.allow_duplicates, log=log)
     if cfg.label_fraction < 1:
         manifest, images = _label_fraction(manifest, loaded.images, cfg.label_fraction, cfg.seed)
     else:
@@ -153,8 +156,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
             result = fit(model.head(), groups, f_train, train_y, f_val, y[part["val"]], settings,
                          DistContext(device=ctx.device))
         fold_standardization(model.head(), mu.to(ctx.device), sd.to(ctx.device))
+        eval_inputs = (model.head(), feats["all"])  # val/test from the cached features: no second backbone pass
         result.extract_seconds = feats["seconds"]
     else:
+        eval_inputs = (model, images)
         settings.augment = Augment(cfg.augment, seed=cfg.seed * 1000 + ctx.rank) or None
         result = fit(model, groups, images[part["train"]], y[part["train"]], images[part["val"]], y[part["val"]],
                      settings, ctx)
@@ -163,8 +168,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     model.cpu().eval()
     out = {"run_dir": cfg.out}
     if ctx.is_main:
-        out.update(_finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skipped, size, read,
-                           t_start, log))
+        out.update(_finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped,
+                           size, read, t_start, log))
     return out
 
 
@@ -172,13 +177,15 @@ def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) 
     from medxfer.data.cache import default_cache_dir
 
     t0 = time.perf_counter()
-    cache = None if cfg.no_cache else Path(cfg.cache_dir or default_cache_dir()).parent
+    cache = None if cfg.no_cache else (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent)
     key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
            "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
+    if info["weights_sha256"] is None:  # random backbone: its features depend on the seed
+        key["seed"] = cfg.seed
     kw = dict(cache_dir=cache, precision=precision, device=ctx.device)
     all_feats, hit = extract_features(model, images, key, **kw)
     train_x = all_feats[part["train"]]
-    out = {"train": train_x, "val": all_feats[part["val"]], "views": 1}
+    out = {"train": train_x, "val": all_feats[part["val"]], "all": all_feats, "views": 1}
     if cfg.feature_augment > 0:
         aug = Augment(cfg.augment if cfg.augment != "none" else "light", seed=cfg.seed)
         views = [extract_features(model, images[part["train"]], {**key, "augment": cfg.augment, "view": k,
@@ -190,13 +197,16 @@ def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) 
     return out, hit
 
 
-def _finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skipped, size, read, t_start, log) -> dict:
+def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped, size, read,
+            t_start, log) -> dict:
     """Calibrate and choose the threshold on validation, evaluate val and test, write the run directory."""
     from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
     from medxfer.evaluation.metrics import evaluate
 
     labels, t = manifest.labels, manifest.table
-    logits = {s: predict_logits(model, images[part[s]]).numpy() for s in ("val", "test")}
+    module, inputs = eval_inputs
+    module.cpu()
+    logits = {s: predict_logits(module, inputs[part[s]].cpu()).numpy() for s in ("val", "test")}
     ys = {s: y[part[s]].numpy() for s in ("val", "test")}
     temperature = fit_temperature(logits["val"], ys["val"]) if cfg.calibrate == "temperature" else 1.0
     probs = {s: apply_temperature(logits[s], temperature) for s in logits}
@@ -250,4 +260,11 @@ def _finish(cfg, model, spec, info, manifest, images, part, y, pos, result, skip
     runs.write_csv(run_dir / "predictions.csv", pd.concat(rows, ignore_index=True))
     if skipped:
         runs.write_csv(run_dir / "skipped.csv", pd.DataFrame(skipped, columns=["file", "reason"]))
+    if cfg.report:
+        from medxfer.evaluation.report import write_report
+
+        try:
+            write_report(run_dir, test_images=images[part["test"]], log=log)
+        except Exception as e:  # noqa: BLE001 - the run is written; a failed report must not lose it
+            log(f"report not written ({type(e).__name__}: {e}); retry with 'medxfer report {run_dir}'")
     return {"metrics": metrics, "run_dir": str(run_dir)}

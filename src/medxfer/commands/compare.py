@@ -77,7 +77,8 @@ def compare(
                          train_fn=lambda c: run_training(c, quiet=quiet), log=log, resume=not retrain)
 
     st = result["settings"]
-    table = Table(box=box.SIMPLE_HEAD, title=f"{st['source']} on {st['data']}: test split, mean ± sd over seeds {st['seeds']}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  title=f"{st['source']} on {st['data']}: test split, mean ± sd over seeds {st['seeds']}")
     table.add_column("strategy", no_wrap=True)
     for name in ("AUC", "bal. acc", "sens", "spec", "train s"):  # total s: in comparison.json / .html
         table.add_column(name, justify="right", no_wrap=True)

@@ -50,7 +50,11 @@ def train_options(args: list[str]) -> tuple[dict, Path | None]:
 def cv(ctx: typer.Context,
        folds: int = typer.Option(5, "--folds", help="Number of folds K (stratified, patient-grouped)."),
        out_dir: Path = typer.Option(Path("runs/cv"), "--out", help="Folder for the fold runs and cv.json.")):
-    """Cross-validate: K folds (test = fold i, val = fold i+1, train = the rest); any 'train' option applies."""
+    """Cross-validate: pass --data and any 'medxfer train' option (see 'medxfer train --help').
+
+    Stratified, patient-grouped K folds; fold i tests on part i, validates on part i+1 and trains on
+    the rest. Writes OUT/fold_<i>/ run directories and OUT/cv.json (mean ± sd of every test metric).
+    """
     from medxfer.cli import console, make_config, out, run_training
     from medxfer.cv import cross_validate
 

@@ -9,6 +9,7 @@ Usage::
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medxfer.data.manifest import Manifest
@@ -18,15 +19,19 @@ N_PARTS = 20  # the split is made of 20 stratified (grouped) parts: 3 test, 3 va
 
 
 def _groups(manifest: Manifest, split_by: str | None) -> np.ndarray | None:
+    """Group key per row; a row without one (no patient id) is a group of its own."""
     if split_by in (None, "none"):
         return None
     col = "patient_id" if split_by == "auto" else split_by
-    if col not in manifest.table:
+    if col not in manifest.table or not manifest.table[col].notna().any():
         if split_by == "auto":
             return None
+        if col in manifest.table:
+            raise MedxferError(f"--split-by '{split_by}': that column is empty in every row.")
         raise MedxferError(f"--split-by '{split_by}' is not a column of the manifest; it has "
                            f"{list(manifest.table.columns)}.")
-    return manifest.table[col].astype(str).to_numpy()
+    values, ids = manifest.table[col], manifest.table["sample_id"]
+    return np.array([str(v) if pd.notna(v) else f"\x00row:{s}" for v, s in zip(values, ids)], dtype=object)
 
 
 def _folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> np.ndarray:
@@ -50,33 +55,63 @@ def assign_splits(manifest: Manifest, seed: int = 0, split_by: str | None = "aut
     groups = _groups(manifest, split_by)
     if manifest.has_splits:
         if groups is not None:
-            check_leakage(manifest, groups)
+            check_leakage(manifest, groups, hashed=split_by in ("auto", "patient_id"))
         return manifest
     y = manifest.table["label"].to_numpy()
     counts = np.bincount(y)
     if counts[counts > 0].min() < N_PARTS // 4 and groups is None:
         raise MedxferError(f"the smallest class has {counts[counts > 0].min()} images: too few to split into "
                            "train/val/test. Give the splits in the manifest or add images.")
-    part = _folds(y, groups, N_PARTS, seed)
     t = manifest.table.copy()
-    t["split"] = np.where(part < 3, "test", np.where(part < 6, "val", "train"))
+    t["split"] = _make_split(y, groups, seed)
     out = Manifest(t, manifest.labels, manifest.origin, manifest.arrays, list(manifest.notes))
     out.notes.append(f"made a stratified{' patient-grouped' if groups is not None else ''} 70/15/15 split with seed {seed}")
     return out
 
 
-def check_leakage(manifest: Manifest, groups: np.ndarray) -> None:
-    """Refuse given splits that put one patient in two splits (keys shown hashed)."""
+def check_leakage(manifest: Manifest, groups: np.ndarray, hashed: bool = False) -> None:
+    """Refuse given splits that put one patient in two splits (keys shown hashed).
+
+    ``hashed``: the keys are already hashed (the sources hash ``patient_id``); they are shown as
+    they are, so the user finds them in split.csv.
+    """
     from medxfer.data.privacy import hash_id
 
     t = manifest.table.assign(_g=groups)
     per = t.groupby("_g")["split"].nunique()
     leaked = per[per > 1].index.tolist()
     if leaked:
-        shown = ", ".join(hash_id(str(g)) for g in leaked[:3])
+        shown = ", ".join(str(g) if hashed else hash_id(str(g)) for g in leaked[:3])
         raise MedxferError(f"{len(leaked)} patients appear in more than one split (first, hashed: {shown}). "
                            "Images of one patient must stay in one split: fix the split column, or drop it "
                            "and let medxfer make a patient-grouped split.")
+
+
+def _make_split(y: np.ndarray, groups: np.ndarray | None, seed: int) -> np.ndarray:
+    """train/val/test per row, about 70/15/15, stratified; grouped rows stay together."""
+    rng = np.random.default_rng(seed)
+    split = np.full(len(y), "train", dtype=object)
+    if groups is None:  # exact per-class allocation: small classes get their share of train too
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            n = max(1, int(round(0.15 * len(idx))))
+            split[idx[:n]], split[idx[n:2 * n]] = "test", "val"
+        return split
+    n_groups = len(np.unique(groups))
+    if n_groups < 3:
+        raise MedxferError(f"only {n_groups} patients: too few for a patient-grouped train/val/test split. "
+                           "Give the splits in the manifest, or pass --split-by none.")
+    n_parts = min(N_PARTS, n_groups)
+    try:
+        part = _folds(y, groups, n_parts, seed)
+    except ValueError as e:  # sklearn: too few images per class for n_parts
+        raise MedxferError(f"cannot make a patient-grouped split of {len(y)} images ({e}). "
+                           "Give the splits in the manifest or add images.") from e
+    n = max(1, int(round(0.15 * n_parts)))
+    role = np.full(n_parts, "train", dtype=object)
+    order = rng.permutation(n_parts)  # which parts test/val: random, not always the (larger) first ones
+    role[order[:n]], role[order[n:2 * n]] = "test", "val"
+    return role[part]
 
 
 def kfold(manifest: Manifest, k: int, seed: int = 0, split_by: str | None = "auto") -> np.ndarray:

@@ -91,24 +91,13 @@ def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, s
     The fitted coefficients are copied into ``linear`` (binary: logits [0, z], so softmax = sigmoid(z)).
     Returns a record of the search (C grid, validation AUC per C, chosen C).
     """
-    from sklearn.linear_model import LogisticRegression
-
-    from medxfer.engine.trainer import auc_of
+    from threadpoolctl import threadpool_limits
 
     xt, xv = x_train.numpy(), x_val.numpy()
     yt, yv = y_train.numpy(), y_val.numpy()
     k = linear.out_features
-    best, scores = None, {}
-    for c in C_GRID:
-        clf = LogisticRegression(C=c, max_iter=3000, class_weight=class_weight, random_state=seed)
-        clf.fit(xt, yt)
-        probs = clf.predict_proba(xv)
-        full = np.zeros((len(xv), k))
-        full[:, clf.classes_] = probs
-        scores[c] = auc_of(yv, full)
-        if best is None or scores[c] > scores[best[0]] + 1e-9:
-            best = (c, clf)
-    c, clf = best
+    with threadpool_limits(limits=1, user_api="blas"):  # small problems: threaded BLAS is far slower here
+        (c, clf), scores = _search_c(xt, yt, xv, yv, k, seed, class_weight)
     w = np.zeros((k, xt.shape[1]), np.float32)
     b = np.zeros(k, np.float32)
     if k == 2 and clf.coef_.shape[0] == 1:
@@ -119,3 +108,20 @@ def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, s
         linear.weight.copy_(torch.from_numpy(w))
         linear.bias.copy_(torch.from_numpy(b))
     return {"C_grid": list(C_GRID), "val_auc_per_C": [scores[c_] for c_ in C_GRID], "C": c, "val_auc": scores[c]}
+
+
+def _search_c(xt, yt, xv, yv, k: int, seed: int, class_weight):
+    from sklearn.linear_model import LogisticRegression
+
+    from medxfer.engine.trainer import auc_of
+
+    best, scores = None, {}
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=3000, class_weight=class_weight, random_state=seed)
+        clf.fit(xt, yt)
+        full = np.zeros((len(xv), k))
+        full[:, clf.classes_] = clf.predict_proba(xv)
+        scores[c] = auc_of(yv, full)
+        if best is None or scores[c] > scores[best[0]] + 1e-9:
+            best = (c, clf)
+    return best, scores

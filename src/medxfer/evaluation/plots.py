@@ -193,7 +193,7 @@ def gallery_figure(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], columns
                 for side in ax.spines.values():
                     side.set_visible(False)
                 if c == 0:
-                    ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                    ax.text(0.5, 0.5, "no such test image", ha="center", va="center", transform=ax.transAxes, color="0.5")
             if c == 0:
                 ax.set_ylabel(title, fontsize=9)
     return fig

@@ -22,6 +22,7 @@ import base64
 import datetime as _dt
 import html
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,8 @@ class _Figures:
         tmp.write_bytes(png)
         os.replace(tmp, self.dir / f"{name}.png")
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        return (f"<figure><img src=\"{uri}\" alt=\"{_esc(caption)}\">"
+        alt = re.sub(r"<[^>]+>", "", caption)
+        return (f"<figure><img src=\"{uri}\" alt=\"{_esc(alt)}\">"
                 f"<figcaption>{caption}</figcaption></figure>")
 
 
@@ -142,6 +144,8 @@ def load_test_images(run: dict, data: str | None = None):
     d = {k: v for k, v in run["config"].items() if k in known}
     if data is not None:
         d["data"] = str(data)
+    # training checked duplicates and made the split; here images are only looked up by sample_id
+    d.update({k: v for k, v in (("allow_duplicates", True), ("split_file", None)) if k in known})
     if not Path(d["data"]).exists():
         raise MedxferError(f"the run's data '{d['data']}' is not there (config.yaml paths are relative to where "
                            "'medxfer train' ran). Run the report from there, pass --data PATH, or --no-gradcam.")
@@ -156,10 +160,12 @@ def load_test_images(run: dict, data: str | None = None):
     return images[np.array([row[s] for s in test_ids])]
 
 
-def _gallery(run, figs, labels, y, probs, pred, ids, test_images, pos) -> str:
+def _gallery(run, figs, labels, y, probs, pred, ids, test_images) -> str:
     from medxfer.explain import default_layer, explain_images, feature_map_size, overlay
     from medxfer.models.adapt import load_run_model
 
+    if len(test_images) != len(ids):
+        raise MedxferError(f"{len(test_images)} test images were given for the {len(ids)} test rows of predictions.csv.")
     model, meta = load_run_model(run["dir"])
     layer, size = feature_map_size(model, meta)
     picks = {}
@@ -174,7 +180,8 @@ def _gallery(run, figs, labels, y, probs, pred, ids, test_images, pos) -> str:
     imgs = np.asarray(test_images)
     px = int(meta["image_size"])
     coarse = (f"At {px} px the Grad-CAM layer <code>{_esc(layer)}</code> has a {size[0]}×{size[1]} map: one cell "
-              f"covers about {px // max(size[0], 1)} px, so the maps are coarse and show where, not what.")
+              f"covers about {px // max(size[0], 1)} px" + (", so the maps are coarse and show where, not what."
+                                                             if min(size) < 8 else "."))
     last = default_layer(model.net)
     if layer != last:
         _, last_size = feature_map_size(model, meta, last)
@@ -193,9 +200,13 @@ def _gallery(run, figs, labels, y, probs, pred, ids, test_images, pos) -> str:
             rows.append((f"true {name}: {kind}", tiles))
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
         parts.append(figs(f"gradcam_{safe}", plots.gallery_figure(rows, GALLERY_PER_GROUP),
-                          f"Grad-CAM, true class <b>{_esc(name)}</b>: top row most confident correct, bottom row "
-                          "most confident wrong (test split)."))
+                          f"Grad-CAM, true class <b>{_esc(name)}</b> (test split). Most confident correct: "
+                          f"{_ids(ids, picks[c][0])}; most confident wrong: {_ids(ids, picks[c][1])}."))
     return "\n".join(parts)
+
+
+def _ids(ids, idx) -> str:
+    return ", ".join(f"<code>{_esc(ids[i])}</code>" for i in idx) or "none"
 
 
 def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None, data: str | None = None,
@@ -216,6 +227,8 @@ def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None,
     k = len(labels)
     pos = labels.index(meta["positive_label"]) if k == 2 and meta.get("positive_label") in labels else (1 if k == 2 else None)
     threshold = metrics.get("threshold", meta.get("threshold"))
+    if k == 2 and threshold is None:
+        threshold = 0.5
     temperature = float(metrics.get("temperature") or meta.get("temperature") or 1.0)
     figs = _Figures(run_dir / "plots")
     pred_df = run["predictions"]
@@ -290,8 +303,9 @@ def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None,
     after = reliability_curve(y, probs)
     body = figs("reliability", plots.reliability_figure([("before temperature scaling", before),
                                                          (f"after (T = {temperature:.3f})", after)]),
-                "Reliability on the test split: accuracy of the predicted class per confidence bin "
-                "(15 bins). Temperature fitted on validation.")
+                "Reliability on the test split before temperature scaling (softmax of the raw logits) and after "
+                f"(T = {temperature:.3f}, fitted on validation): accuracy of the predicted class per confidence bin "
+                "(15 bins); bars below the diagonal are over-confident.")
     sections.append(("calibration", "Calibration", body))
 
     # metrics
@@ -330,7 +344,7 @@ def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None,
             if test_images is None:
                 test_images = load_test_images(run, data)
             body = _gallery(run, figs, labels, y, probs, pred, test["sample_id"].astype(str).tolist(),
-                            test_images, pos)
+                            test_images)
         except MedxferError as e:
             log(f"report: no Grad-CAM gallery ({e})")
             body = f"<p class='note'>No Grad-CAM gallery: {_esc(e)}</p>"

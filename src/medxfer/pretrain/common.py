@@ -143,7 +143,6 @@ def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tup
     record says so.
     """
     from medxfer.data.loading import arrays_to_uint8, load_images
-    from medxfer.data.manifest import Manifest
     from medxfer.data.sources import load_manifest
     from medxfer.data.splits import assign_splits
 

@@ -131,7 +131,7 @@ class SSLAugment:
         x = gaussian_blur(x, sigma.to(x.device))
         if self.noise > 0:
             std = u(0, self.noise).view(n, 1, 1, 1).to(x)
-            x = x + std * torch.randn(x.shape, generator=gen).to(x)
+            x = x + std * torch.randn((n, 1, h, w), generator=gen).to(x)  # one noise field for all channels
         return x.clamp(0, 1)
 
 
