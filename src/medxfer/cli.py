@@ -22,7 +22,7 @@ from medxfer.errors import MedxferError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning for medical image classification.")
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 DEMO_DATA = Path(__file__).parent / "datasets" / "breastmnist_28.npz"
 
@@ -58,6 +58,9 @@ class EpochProgress:
         self.task = self.progress.add_task(title, total=total, info="")
 
         self.started = False
+
+    def set_total(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
 
     def __enter__(self):
         return self
@@ -177,16 +180,15 @@ def sources(source_dir: list[Path] = typer.Option([], "--dir", help="Also list s
     """List source models: architecture, where the weights come from, availability, input contract."""
     from medxfer.models.catalog import list_sources
 
-    table = Table(title="medxfer sources")
-    for col in ("name", "architecture", "weights", "available", "input (size, channels, mean/std)", "learned on"):
-        table.add_column(col)
+    def vec(v) -> str:
+        return f"{v[0]:.3g}" if len(set(v)) == 1 else "/".join(f"{x:.3g}" for x in v)
+
     for s in list_sources(source_dir):
         ok, why = s.available()
-        mean = "/".join(f"{v:.3g}" for v in s.mean)
-        std = "/".join(f"{v:.3g}" for v in s.std)
-        table.add_row(s.name, s.arch, s.weights, ("yes: " if ok else "no: ") + why,
-                      f"{s.input_size}px, {s.in_chans}ch, mean {mean} std {std}", s.domain)
-    out.print(table)
+        out.print(f"[bold]{s.name}[/bold]  ({'available' if ok else 'NOT available'}: {why})", highlight=False)
+        out.print(f"  architecture {s.arch}; weights {s.weights}; learned on {s.domain}", highlight=False)
+        out.print(f"  input contract: {s.input_size} px, {s.in_chans} channels, mean {vec(s.mean)}, std {vec(s.std)}"
+                  " (grey images: stem summed to 1 channel, or --grey-mode replicate)", highlight=False)
     out.print("Any timm architecture also works: --source NAME --weights FILE|hub|none.")
 
 

@@ -44,7 +44,8 @@ METRICS = (("test_auc", "auc"), ("balanced_accuracy", "balanced_accuracy"), ("se
            ("specificity", "specificity"))
 TIME_METRICS = ("train_seconds", "total_seconds")
 # config keys that do not change what a run computes: a finished run that differs only in these is reused
-_IGNORED_KEYS = {"out", "num_threads", "cache_dir", "no_cache", "report", "extra", "devices", "resolved"}
+_IGNORED_KEYS = {"out", "num_threads", "cache_dir", "no_cache", "report", "extra", "devices", "resolved",
+                 "epochs_max"}
 ALPHA = 0.05
 
 
@@ -115,7 +116,7 @@ def _comparable(d: dict, cfg: TrainConfig) -> dict:
 
 def _wanted(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
-    d.update(epochs=cfg.resolved_epochs, lr=cfg.resolved_lr)  # config.yaml stores them resolved
+    d.update(lr=cfg.resolved_lr)  # config.yaml stores the resolved learning rate (epochs as given)
     return _comparable(yaml.safe_load(yaml.safe_dump(d)), cfg)  # same round trip as config.yaml
 
 
@@ -317,7 +318,7 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
             "seeds": seeds, "split_seed": int(split_seed), "label_fractions": fractions or None,
             "split": _split_origin(first_cfg, int(split_seed)),
             "image_size": first_cfg.get("image_size", base.image_size),
-            "epochs": {s: base.replace(strategy=s).resolved_epochs for s in strategies},
+            "epochs": {s: _run_config(by_strategy[s][0]).get("epochs_max") for s in strategies},
             "lr": {s: base.replace(strategy=s).resolved_lr for s in strategies},
             "positive_label": test.get("positive_label"), "n_test": test.get("n"),
             "n_per_class_test": test.get("n_per_class"), "threshold_rule": base.threshold,

@@ -18,6 +18,9 @@ from medxfer.errors import MedxferError, did_you_mean
 
 STRATEGIES = ("linear-probe", "partial", "full", "scratch")
 DEFAULT_EPOCHS = {"linear-probe": 100, "partial": 10, "full": 10, "scratch": 20}
+# Small data sets get more epochs: at least this many optimiser steps (capped at MAX_AUTO_EPOCHS)
+MIN_STEPS = {"linear-probe": 0, "partial": 600, "full": 600, "scratch": 1200}
+MAX_AUTO_EPOCHS = 60
 DEFAULT_LR = {"linear-probe": 1e-3, "partial": 1e-3, "full": 1e-3, "scratch": 2e-3}
 
 
@@ -37,7 +40,7 @@ class TrainConfig:
     layer_decay: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    patience: int = 5
+    patience: int = 10
     class_weights: str = "none"          # none | balanced
     augment: str = "light"               # none | light | strong
     head: str = "logistic"               # linear-probe head: logistic (sklearn, C chosen on val) | linear (AdamW)
@@ -92,7 +95,17 @@ class TrainConfig:
 
     @property
     def resolved_epochs(self) -> int:
+        """Epochs as given, else the strategy's default (see :meth:`epochs_for` for the data-aware rule)."""
         return self.epochs or DEFAULT_EPOCHS[self.strategy]
+
+    def epochs_for(self, n_train: int, world: int = 1) -> int:
+        """Epochs as given; else the strategy's default, raised so that small data sets still get
+        ``MIN_STEPS`` optimiser steps (early stopping on validation AUC ends runs that stop improving)."""
+        if self.epochs:
+            return self.epochs
+        steps = max(1, -(-n_train // (self.batch_size * world)))
+        wanted = -(-MIN_STEPS[self.strategy] // steps)
+        return max(DEFAULT_EPOCHS[self.strategy], min(MAX_AUTO_EPOCHS, wanted))
 
     @property
     def resolved_lr(self) -> float:

@@ -131,7 +131,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     precision = resolve_precision(cfg.precision, ctx.device)
     counts = torch.bincount(y[part["train"]], minlength=len(labels)).float()
     weights = (counts.sum() / (len(labels) * counts.clamp(min=1))) if cfg.class_weights == "balanced" else None
-    settings = FitSettings(epochs=cfg.resolved_epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+    epochs = cfg.epochs_for(int(part["train"].sum()), ctx.world)
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(epochs)
+    settings = FitSettings(epochs=epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                            warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
     groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
@@ -168,6 +171,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     model.cpu().eval()
     out = {"run_dir": cfg.out}
     if ctx.is_main:
+        result.max_epochs = settings.epochs
         out.update(_finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped,
                            size, read, t_start, log))
     return out
@@ -203,6 +207,7 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
     from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
     from medxfer.evaluation.metrics import evaluate
 
+    settings_epochs = getattr(result, "max_epochs", None)
     labels, t = manifest.labels, manifest.table
     module, inputs = eval_inputs
     module.cpu()
@@ -235,7 +240,7 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
             "temperature": temperature, "threshold": threshold, "positive_label": labels[pos] if pos is not None else None,
             "strategy": cfg.strategy, "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"}
     config = cfg.to_dict()
-    config.update({"image_size": size, "epochs": cfg.resolved_epochs, "lr": cfg.resolved_lr,
+    config.update({"image_size": size, "lr": cfg.resolved_lr, "epochs_max": settings_epochs,
                    "resolved": {"source": {"name": spec.name, "arch": spec.arch, "weights": spec.weights,
                                            "weights_sha256": info["weights_sha256"], "domain": spec.domain,
                                            "unexpected_keys": info.get("unexpected_keys", [])},

@@ -49,6 +49,9 @@ def compare(
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for CIs and the paired test."),
     config: Optional[Path] = typer.Option(None, help="YAML config with common train options; options given here override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-run progress bars."),
+    allow_duplicates: Optional[bool] = typer.Option(None, "--allow-duplicates/--refuse-duplicates",
+                                                    help="Keep exact duplicate images found across splits (warns)."),
+    report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html for every run."),
 ):
     """Compare strategies over seeds on one split: mean ± sd, a paired test vs scratch, a learning curve."""
     from rich import box
@@ -71,7 +74,8 @@ def compare(
                       positive_label=positive_label, split_by=split_by, precision=precision,
                       num_threads=num_threads, on_bad_file=on_bad_file, labels_csv=labels, window=window,
                       frame=frame, slice=slice_, intensity=intensity, cache_dir=cache_dir, no_cache=no_cache,
-                      threshold=threshold, calibrate=calibrate, bootstrap=bootstrap)
+                      threshold=threshold, calibrate=calibrate, bootstrap=bootstrap,
+                      allow_duplicates=allow_duplicates, report=report)
     log = (lambda msg: None) if quiet else (lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
     result = lib.compare(cfg, names, seed_list, out_dir, split_seed=split_seed, label_fractions=fractions,
                          train_fn=lambda c: run_training(c, quiet=quiet), log=log, resume=not retrain)
