@@ -118,7 +118,6 @@ def test_supervised_from_another_source_and_arch_mismatch(sup_source, small_npz,
     assert code == 2 and "already a source directory" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="needs the adapt.build_model fix for 1-channel sources (lead)")
 def test_grey_source_into_rgb_target(sup_source):
     model, info = build_model(resolve_source(str(sup_source)), num_classes=2, data_chans=3)
     x = torch.rand(2, 1, 32, 32)

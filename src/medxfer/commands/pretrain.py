@@ -36,6 +36,7 @@ def supervised(
     augment: str = typer.Option("light", help="none | light | strong."),
     name: Optional[str] = typer.Option(None, help="Source name (default: the directory's name)."),
     num_threads: Optional[int] = typer.Option(None),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Keep images that appear in two splits."),
     resume: bool = typer.Option(False, "--resume", help="Finish a source whose run (OUT/run) completed."),
 ):
     """Train a source model on a labelled source domain; keep its backbone as a source."""
@@ -47,7 +48,7 @@ def supervised(
         meta = pretrain_supervised(data, out, arch=arch, init=init, image_size=image_size, epochs=epochs, lr=lr,
                                    batch_size=batch_size, seed=seed, label_names=_split_list(label_names),
                                    augment=augment, name=name, num_threads=num_threads, resume=resume, log=_log,
-                                   progress=bar)
+                                   progress=bar, **({"allow_duplicates": True} if allow_duplicates else {}))
     _done(meta, out)
 
 

@@ -66,8 +66,7 @@ def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mod
 
     if grey_mode not in ("sum", "replicate"):
         raise MedxferError(f"The grey mode must be 'sum' or 'replicate'. Got '{grey_mode}' instead.")
-    src_chans = spec.in_chans
-    net_chans = 1 if (data_chans == 1 and (grey_mode == "sum" or src_chans == 1)) else src_chans
+    net_chans = 1 if (data_chans == 1 and grey_mode == "sum") else 3  # a source's own stem is adapted to this
     net = timm.create_model(spec.arch.split(".")[0], pretrained=False, num_classes=num_classes,
                             in_chans=net_chans, drop_rate=drop_rate)
     info = {"arch": spec.arch, "source": spec.name, "weights": spec.weights, "weights_sha256": None,
@@ -76,6 +75,8 @@ def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mod
     mean, std = spec.mean, spec.std
     if net_chans == 1 and len(mean) == 3:
         mean, std = grey_contract(mean, std)
+    elif net_chans == 3 and len(mean) == 1:  # a grey source (e.g. pretrained here) into RGB data
+        mean, std = tuple(mean) * 3, tuple(std) * 3
     _init_new_head(net)
     if pretrained:
         sd, digest = source_state_dict(spec, net)
@@ -105,7 +106,8 @@ def _load_backbone(net: nn.Module, sd: dict, spec: SourceSpec, net_chans: int) -
     first_conv = net.pretrained_cfg.get("first_conv") or "conv1"
     key = f"{first_conv}.weight"
     if key in sd and sd[key].shape[1] != net_chans:
-        sd[key] = adapt_input_conv(net_chans, sd[key])
+        w = sd[key]  # grey source into RGB data: spread the one channel evenly (same response to grey)
+        sd[key] = w.repeat(1, net_chans, 1, 1) / net_chans if w.shape[1] == 1 else adapt_input_conv(net_chans, w)
     bad_shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in head_names)
                and not k.endswith("num_batches_tracked")]
