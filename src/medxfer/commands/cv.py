@@ -25,20 +25,20 @@ _FIRST = ("auc", "average_precision", "balanced_accuracy", "sensitivity", "speci
           "ppv", "npv", "brier", "ece", "threshold")
 
 
-def train_options(args: list[str]) -> tuple[dict, Path | None]:
+def train_options(args: list[str], command: str = "medxfer cv") -> tuple[dict, Path | None]:
     """Parse ``args`` exactly as ``medxfer train`` does -> (make_config keywords, --config path)."""
     import typer.main
 
     from medxfer.cli import app
 
     train_cmd = typer.main.get_command(app).commands["train"]
-    ctx = train_cmd.make_context("medxfer cv", list(args), resilient_parsing=False)
+    ctx = train_cmd.make_context(command, list(args), resilient_parsing=False)
     params = dict(ctx.params)
     devices = params.pop("devices", 1) or 1
     if devices > 1:
-        raise MedxferError("medxfer cv trains its folds one after the other in one process: --devices must be 1.")
+        raise MedxferError(f"{command} trains its runs one after the other in one process: --devices must be 1.")
     if params.get("out_dir") is not None:
-        raise MedxferError("give the cross-validation folder once, as --out DIR.")
+        raise MedxferError("give the output folder once, as --out DIR.")
     config = params.pop("config", None)
     if params.get("threshold") is not None:
         from medxfer.evaluation.calibration import parse_threshold_rule
