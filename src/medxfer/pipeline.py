@@ -144,6 +144,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     if cfg.strategy == "linear-probe":
         feats, hit = _features(model, images, cfg, spec, info, read, size, precision, ctx, part)
         log(f"features: {'from cache' if hit else 'extracted once'} ({feats['train'].shape[1]} per image)")
+        if cfg.feature_augment == 0 and cfg.augment != "none":
+            log("linear-probe trains the head on cached features, without augmentation; --feature-augment K adds "
+                "K augmented views of the train set (each costs one more backbone pass over it)")
         settings.channels_last = False
         train_y = y[part["train"]].repeat(feats["views"])
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
