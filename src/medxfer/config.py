@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     patience: int = 10
+    ema_epochs: float = 0.0              # > 0: keep an EMA of the weights over about this many epochs
     class_weights: str = "none"          # none | balanced
     augment: str = "light"               # none | light | strong
     head: str = "logistic"               # linear-probe head: logistic (sklearn, C chosen on val) | linear (AdamW)

@@ -135,7 +135,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(epochs)
     settings = FitSettings(epochs=epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, class_weights=weights,
+                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, ema_epochs=cfg.ema_epochs,
+                           class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
     groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
                           backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)

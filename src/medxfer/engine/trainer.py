@@ -36,6 +36,7 @@ class FitSettings:
     channels_last: bool = True
     on_epoch: Callable | None = None       # hook(epoch_record) on the main rank; does nothing by default
     eval_batch_size: int = 256
+    ema_epochs: float = 0.0                # > 0: validate and keep an exponential moving average of the weights
 
 
 @dataclass
@@ -129,6 +130,12 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16" and device.type == "cuda")
     loss_fn = nn.CrossEntropyLoss(weight=None if s.class_weights is None else s.class_weights.to(device))
     gen = torch.Generator().manual_seed(s.seed)
+    ema = None
+    if s.ema_epochs > 0:  # averaging horizon in epochs, so the same setting fits any data size
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=1 - 1 / max(1.0, s.ema_epochs * steps_per_epoch), use_warmup=True)
+    step = 0
     result, best_state, waited, seen, train_time = FitResult(), None, 0, 0, 0.0
     y_val_np = y_val.numpy()
     for epoch in range(1, s.epochs + 1):
@@ -150,12 +157,16 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             total += loss.item() * len(idx)
             count += len(idx)
         epoch_train = time.perf_counter() - t0
         train_time += epoch_train
         seen += count * ctx.world
-        logits = predict_logits(model, x_val, s.eval_batch_size, s.precision, device, s.channels_last)
+        judged = ema.module if ema is not None else model
+        logits = predict_logits(judged, x_val, s.eval_batch_size, s.precision, device, s.channels_last)
         val_loss = float(nn.functional.cross_entropy(logits, y_val).item())
         val_auc = auc_of(y_val_np, logits.softmax(1).numpy())
         record = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_auc": val_auc,
@@ -165,7 +176,7 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
         score = val_auc if not np.isnan(val_auc) else -val_loss
         if score > result.best_auc:
             result.best_auc, result.best_epoch, waited = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(judged.state_dict())
         else:
             waited += 1
         if ctx.is_main and s.on_epoch is not None:
