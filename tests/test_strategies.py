@@ -67,14 +67,16 @@ def test_scratch_differs_from_the_pretrained_init(tmp_path):
     assert not torch.equal(pre.net.layer1[0].conv1.weight, scratch.net.layer1[0].conv1.weight)
 
 
-def test_ema_keeps_an_average_of_the_weights(model):
-    """With an EMA the best state is the average, which differs from the last raw weights."""
-    torch.manual_seed(0)
-    groups = param_groups(model, "full", lr=1e-2)
-    x = torch.randint(0, 255, (32, 1, 32, 32), dtype=torch.uint8)
-    y = torch.randint(0, 2, (32,))
-    result = fit(model, groups, x, y, x[:8], y[:8],
-                 FitSettings(epochs=3, batch_size=8, channels_last=False, ema_epochs=1.0, patience=99))
-    assert len(result.history) == 3
-    raw, _ = build_model(resolve_source("test_resnet", "none"), 2, data_chans=1)
-    assert not torch.equal(model.net.fc.weight, raw.net.fc.weight)  # trained (not the init)
+def test_ema_changes_the_kept_weights():
+    """Same init, same data, same seed: only the EMA differs, so the kept weights must differ."""
+    x = torch.randint(0, 255, (32, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(32) % 2
+    kept = []
+    for ema in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = build_model(resolve_source("test_resnet", "none"), 2, data_chans=1)[0]
+        result = fit(m, param_groups(m, "full", lr=1e-2), x, y, x[:8], y[:8],
+                     FitSettings(epochs=3, batch_size=8, channels_last=False, ema_epochs=ema, patience=99))
+        assert len(result.history) == 3
+        kept.append(m.net.fc.weight.detach().clone())
+    assert not torch.allclose(kept[0], kept[1])
