@@ -33,10 +33,14 @@ def feature_key(key_parts: dict, images: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def compute_features(model, images: torch.Tensor, batch_size: int = 256, precision: str = "fp32",
+def compute_features(model, images: torch.Tensor, batch_size: int = 64, precision: str = "fp32",
                      device: torch.device = torch.device("cpu"), augment=None) -> torch.Tensor:
-    """Pooled pre-logit features of uint8 images (N, C, S, S) -> float32 (N, D)."""
-    model.eval().to(device)
+    """Pooled pre-logit features of uint8 images (N, C, S, S) -> float32 (N, D).
+
+    Model and inputs both channels_last (a mixed layout converts at every convolution: 2.6x slower
+    on CPU here); batch 64 measured faster than 256 on 2 CPU cores.
+    """
+    model.eval().to(device, memory_format=torch.channels_last)
     out = []
     for i in range(0, len(images), batch_size):
         xb = as_input(images[i:i + batch_size], device, channels_last=True)

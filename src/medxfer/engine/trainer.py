@@ -35,7 +35,7 @@ class FitSettings:
     augment: Callable | None = None        # float batch -> float batch (train only)
     channels_last: bool = True
     on_epoch: Callable | None = None       # hook(epoch_record) on the main rank; does nothing by default
-    eval_batch_size: int = 256
+    eval_batch_size: int = 64
     ema_epochs: float = 0.0                # > 0: validate and keep an exponential moving average of the weights
 
 
@@ -74,11 +74,13 @@ def as_input(xb: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, precision: str = "fp32",
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64, precision: str = "fp32",
                    device: torch.device = torch.device("cpu"), channels_last: bool = True) -> torch.Tensor:
     """Logits for all of ``x`` (uint8 images or float features), in eval mode, in batches."""
     was_training = model.training
     model.eval()
+    if channels_last and x.dtype == torch.uint8:
+        model.to(memory_format=torch.channels_last)  # same layout as the inputs, or every conv converts
     out = []
     for i in range(0, len(x), batch_size):
         with autocast(precision, device):
