@@ -139,10 +139,12 @@ def train(
                       patience=patience, ema_epochs=ema_epochs, class_weights=class_weights, augment=augment, head=head,
                       feature_augment=feature_augment, grey_mode=grey_mode, label_names=label_names,
                       positive_label=positive_label, seed=seed, split_by=split_by, precision=precision,
-                      compile=compile, allow_duplicates=allow_duplicates, devices=devices if devices > 1 else None, num_threads=num_threads,
-                      on_bad_file=on_bad_file, labels_csv=labels, window=window, frame=frame, slice=slice_,
+                      compile=compile, allow_duplicates=allow_duplicates,
+                      devices=devices if devices > 1 else None, num_threads=num_threads, on_bad_file=on_bad_file,
+                      labels_csv=labels, window=window, frame=frame, slice=slice_,
                       intensity=intensity, cache_dir=cache_dir, no_cache=no_cache, threshold=threshold,
-                      calibrate=calibrate, report=report, bootstrap=bootstrap, label_fraction=label_fraction, out=out_dir)
+                      calibrate=calibrate, report=report, bootstrap=bootstrap, label_fraction=label_fraction,
+                      out=out_dir)
     result = run_training(cfg)
     if "metrics" in result:
         print_metrics(result["metrics"], result["run_dir"])
@@ -150,7 +152,7 @@ def train(
 
 def _launch_torchrun(devices: int) -> int:
     """Re-run this very command under torchrun with ``devices`` processes (PyTorch's own launcher)."""
-    args = [a for a in sys.argv[1:]]
+    args = list(_ARGV)  # the arguments main() was given (also when called in-process)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
            "-m", "medxfer", *args]
     console.print(f"[dim]launching: {' '.join(cmd[2:])}[/dim]")
@@ -259,10 +261,16 @@ def _register_commands() -> None:
 _register_commands()
 
 
+_ARGV: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 user error)."""
+    global _ARGV
+    argv = list(argv if argv is not None else sys.argv[1:])
+    _ARGV = argv
     try:
-        result = app(args=argv if argv is not None else sys.argv[1:], prog_name="medxfer", standalone_mode=False)
+        result = app(args=argv, prog_name="medxfer", standalone_mode=False)
     except MedxferError as e:
         console.print(f"medxfer: {e}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code

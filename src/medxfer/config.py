@@ -86,7 +86,8 @@ class TrainConfig:
                                    f"Got '{getattr(self, name)}' instead.")
         for name in ("batch_size", "devices", "unfreeze"):
             if getattr(self, name) < 1:
-                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be at least 1. Got {getattr(self, name)} instead.")
+                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be at least 1. "
+                                   f"Got {getattr(self, name)} instead.")
         if self.epochs is not None and self.epochs < 1:
             raise MedxferError(f"The 'epochs' parameter must be at least 1. Got {self.epochs} instead.")
         if self.image_size is not None and not 8 <= self.image_size <= 2048:
