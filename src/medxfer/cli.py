@@ -221,7 +221,7 @@ def predict(
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = typer.Option(0),
-         epochs: int = typer.Option(10, help="Epochs for full fine-tuning (scratch gets twice as many)."),
+         epochs: Optional[int] = typer.Option(None, help="Epochs for full and scratch (default: medxfer's, data-aware)."),
          image_size: int = typer.Option(64)):
     """The seed's story on bundled BreastMNIST: linear-probe vs full fine-tuning vs scratch."""
     from medxfer.config import TrainConfig
@@ -231,7 +231,7 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
     out.print("BreastMNIST (breast ultrasound: malignant vs normal/benign; MedMNIST v2, CC BY 4.0), "
               f"source efficientnet_lite0.in1k (ImageNet), {image_size} px, seed {seed}")
     rows = []
-    for strategy, n in (("linear-probe", None), ("full", epochs), ("scratch", 2 * epochs)):
+    for strategy, n in (("linear-probe", None), ("full", epochs), ("scratch", epochs)):
         cfg = TrainConfig(data=str(DEMO_DATA), strategy=strategy, image_size=image_size, epochs=n, seed=seed,
                           label_names=("malignant", "benign"), positive_label="malignant",
                           allow_duplicates=True, out=str(out_dir / strategy))
