@@ -114,3 +114,14 @@ def test_sources_lists_bundled_imagenet_sources_with_their_contract(capsys):
     for i, size in ((0, 224), (1, 240), (2, 260)):
         assert f"efficientnet_lite{i}.in1k  (available: installed)" in text
         assert f"{size} px, 3 channels, mean 0.5, std 0.5" in text
+
+
+def test_demo_runs_the_three_strategies_and_prints_the_table(tmp_path, capsys):
+    """A short demo (1 epoch, 32 px) through the same code as `make demo`."""
+    assert main(["demo", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "Does transfer help?" in text
+    for strategy in ("linear-probe", "full", "scratch"):
+        assert strategy in text and (tmp_path / strategy / "metrics.json").is_file()
+    config = yaml.safe_load((tmp_path / "scratch" / "config.yaml").read_text())
+    assert config["resolved"]["source"]["weights_sha256"] is None  # scratch really is random init
