@@ -245,7 +245,7 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
         ci = f" ({t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f})" if t.get("auc_ci") else ""
         table.add_row(strategy, f"{t['auc']:.3f}{ci}", f"{t['balanced_accuracy']:.3f}", f"{t['sensitivity']:.3f}",
                       f"{t['specificity']:.3f}", f"{m['train_seconds']:.0f}")
-    out.print(table)
+    out.print(table, width=max(out.width, 100))  # CIs stay whole in logs and pipes (80 columns)
     out.print(f"Threshold chosen on validation (Youden). Runs in {out_dir}/<strategy>.")
 
 
