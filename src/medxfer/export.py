@@ -163,7 +163,7 @@ def path_images(paths: list[str | Path], meta: dict, limit: int = MAX_CHECK_IMAG
     from medxfer.data.transforms import match_channels, resize_to_uint8
 
     read = ReadOptions(**meta["read"])
-    chunks, n = [], 0
+    chunks = []
     for item in map(Path, paths):
         if not item.exists():
             raise MedxferError(f"check data '{item}' does not exist.")

@@ -32,13 +32,6 @@ def layer_groups(model: MedxferNet) -> list[list[nn.Parameter]]:
     return [g for g in body if g] + [list(model.head().parameters())]
 
 
-def frozen_modules(model: MedxferNet, strategy: str, unfreeze: int = 1) -> list[nn.Module]:
-    """Modules whose parameters are all frozen: kept in eval mode (BatchNorm statistics fixed)."""
-    return [m for m in model.net.modules()
-            if len(list(m.children())) == 0 and any(True for _ in m.parameters())
-            and not any(p.requires_grad for p in m.parameters())]
-
-
 def param_groups(model: MedxferNet, strategy: str, lr: float, *, unfreeze: int = 1, backbone_lr_mult: float = 0.1,
                  layer_decay: float | None = None) -> list[dict]:
     """Freeze what the strategy keeps fixed and return AdamW parameter groups for the rest."""
