@@ -229,38 +229,17 @@ def save_overlays(images_uint8, maps: np.ndarray, out_dir: str | Path, names: li
 
 
 def _load_inputs(predictor, inputs) -> tuple[list[str], torch.Tensor]:
-    """Image files, folders (recursive) and npz archives -> (ids, uint8 (N, C, S, S)), through the run's
-    preprocessing (Predictor's loaders)."""
-    from medxfer.data.loading import arrays_to_uint8
-    from medxfer.data.sources import IMAGE_SUFFIXES, suffix_of
+    """Image files, folders (recursive) and npz archives -> (names, uint8 (N, C, S, S)), through the
+    run's preprocessing (the same loader as ``predict``)."""
+    from medxfer.predict import iter_inputs
 
-    ids, chunks = [], []
-    meta = predictor.meta
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise MedxferError(f"input '{item}' does not exist.")
-        if item.is_file() and item.suffix.lower() == ".npz":
-            npz = np.load(item, allow_pickle=False)
-            keys = [k for k in npz.files if k.endswith("images")]
-            if not keys:
-                raise MedxferError(f"npz '{item}' has no '*_images' array (keys: {npz.files}).")
-            for k in keys:
-                x = arrays_to_uint8(npz[k], meta["image_size"], predictor.read)
-                if x.shape[1] != meta["data_chans"]:
-                    x = x.expand(-1, 3, -1, -1) if meta["data_chans"] == 3 else \
-                        x.float().mean(1, keepdim=True).round().to(torch.uint8)
-                prefix = k[: -len("_images")].rstrip("_") or "images"
-                ids += [f"{item.stem}_{prefix}_{i:06d}" for i in range(len(x))]
-                chunks.append(x)
-            continue
-        files = sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in IMAGE_SUFFIXES) \
-            if item.is_dir() else [item]
-        for f in files:
-            chunks.append(predictor._load_file(f)[None])
-            ids.append(f.name[: -len(suffix_of(f))] if suffix_of(f) else f.name)
+    names, chunks = [], []
+    for _, chunk_names, x in iter_inputs(inputs, predictor.meta, predictor.read):
+        names += chunk_names
+        chunks.append(x)
     if not chunks:
         raise MedxferError("no image to explain among the inputs.")
-    return ids, torch.cat(chunks)
+    return names, torch.cat(chunks)
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -133,6 +133,7 @@ def run_test_images(run_dir: Path, meta: dict, log=print, limit: int = MAX_CHECK
 
     from medxfer.config import TrainConfig, config_from_dict
     from medxfer.pipeline import prepare_data
+    from medxfer.predict import match_uint8_channels
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -151,45 +152,26 @@ def run_test_images(run_dir: Path, meta: dict, log=print, limit: int = MAX_CHECK
         mask = split == name
         if mask.any():
             picked = images[torch.from_numpy(mask)]
-            return _match_chans(picked[:limit], meta), f"{min(int(mask.sum()), limit)} {name} images of {cfg.data}"
+            where = f"{min(int(mask.sum()), limit)} {name} images of {cfg.data}"
+            return match_uint8_channels(picked[:limit], meta["data_chans"]), where
     raise MedxferError(f"no images in '{cfg.data}' to check the export on. Pass --check-data PATH.")
 
 
 def path_images(paths: list[str | Path], meta: dict, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tensor, str]:
     """Images from files, folders and npz archives, through the run's preprocessing (as ``predict``)."""
-    from medxfer.data.loading import arrays_to_uint8
-    from medxfer.data.readers import ReadOptions, read_image
-    from medxfer.data.sources import IMAGE_SUFFIXES, suffix_of
-    from medxfer.data.transforms import match_channels, resize_to_uint8
+    from medxfer.data.readers import ReadOptions
+    from medxfer.predict import iter_inputs
 
-    read = ReadOptions(**meta["read"])
-    chunks = []
-    for item in map(Path, paths):
-        if not item.exists():
-            raise MedxferError(f"check data '{item}' does not exist.")
-        if item.is_file() and item.suffix.lower() == ".npz":
-            npz = np.load(item, allow_pickle=False)
-            for k in (k for k in npz.files if k.endswith("images")):
-                chunks.append(_match_chans(arrays_to_uint8(npz[k][:limit], meta["image_size"], read), meta))
-            continue
-        files = sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in IMAGE_SUFFIXES) \
-            if item.is_dir() else [item]
-        for f in files[:limit]:
-            arr = match_channels(read_image(f, read), meta["data_chans"])
-            chunks.append(resize_to_uint8(arr[None], meta["image_size"]))
-    images = torch.cat(chunks)[:limit] if chunks else torch.zeros(0)
-    if len(images) == 0:
+    chunks, n = [], 0
+    for _, _, x in iter_inputs(paths, meta, ReadOptions(**meta["read"])):
+        chunks.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    if not chunks:
         raise MedxferError(f"no images found in {[str(p) for p in paths]} to check the export on.")
+    images = torch.cat(chunks)[:limit]
     return images, f"{len(images)} images from {', '.join(map(str, paths))}"
-
-
-def _match_chans(x: torch.Tensor, meta: dict) -> torch.Tensor:
-    want = meta["data_chans"]
-    if x.shape[1] == want:
-        return x
-    if want == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    return x.float().mean(1, keepdim=True).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------- parity

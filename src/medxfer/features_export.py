@@ -116,9 +116,9 @@ def export_features(out: str | Path, run_dir: str | Path | None = None, source: 
         if info["weights_sha256"] is None:  # a random backbone depends on the seed
             key["seed"] = cfg.seed
     else:
-        from medxfer.export import _match_chans
+        from medxfer.predict import match_uint8_channels
 
-        images = _match_chans(images, meta)
+        images = match_uint8_channels(images, meta["data_chans"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = None if cfg.no_cache else Path(cfg.cache_dir or default_cache_dir()).parent
     feats, hit = extract_features(model, images, key, cache_dir=cache, device=device, batch_size=batch_size,

@@ -83,48 +83,66 @@ class Predictor:
 
     def predict_paths(self, inputs: list[str | Path], on_bad_file: str = "error") -> tuple[pd.DataFrame, list]:
         """Image files, folders (searched recursively) and npz archives -> one table; and skipped files."""
-        frames, skipped, files = [], [], []
-        for item in map(Path, inputs):
-            if not item.exists():
-                raise MedxferError(f"input '{item}' does not exist.")
-            if item.is_file() and item.suffix.lower() == ".npz":
-                frames.append(self._predict_npz(item))
-            elif item.is_dir():
-                files += sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in IMAGE_SUFFIXES)
-            else:
-                files.append(item)
-        for i in range(0, len(files), self.batch_size):
-            chunk, ids = [], []
-            for f in files[i:i + self.batch_size]:
-                try:
-                    chunk.append(self._load_file(f))
-                    ids.append(str(f))
-                except BadFileError as e:
-                    if on_bad_file == "error":
-                        raise
-                    skipped.append((e.path, e.reason))
-            if chunk:
-                frames.append(self.frame(ids, self.probabilities(torch.stack(chunk))))
+        skipped: list = []
+        frames = [self.frame(ids, self.probabilities(x))
+                  for ids, _, x in iter_inputs(inputs, self.meta, self.read, self.batch_size, on_bad_file, skipped)]
         if not frames:
             raise MedxferError("no image to predict on among the inputs.")
         return pd.concat(frames, ignore_index=True), skipped
 
-    def _load_file(self, path: Path) -> torch.Tensor:
-        from medxfer.data.readers import read_image
 
-        arr = match_channels(read_image(path, self.read), self.meta["data_chans"])
-        return resize_to_uint8(arr[None], self.meta["image_size"])[0]
+def match_uint8_channels(x: torch.Tensor, chans: int) -> torch.Tensor:
+    """uint8 (N, C, S, S) -> (N, chans, S, S): grey replicated to RGB, RGB averaged to grey."""
+    if x.shape[1] == chans:
+        return x
+    if chans == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    return x.float().mean(1, keepdim=True).round().to(torch.uint8)
 
-    def _predict_npz(self, path: Path) -> pd.DataFrame:
-        npz = np.load(path, allow_pickle=False)
-        keys = [k for k in npz.files if k.endswith("images")]
-        if not keys:
-            raise MedxferError(f"npz '{path}' has no '*_images' array (keys: {npz.files}).")
-        frames = []
-        for k in keys:
-            x = arrays_to_uint8(npz[k], self.meta["image_size"], self.read)
-            if x.shape[1] != self.meta["data_chans"]:
-                x = x.expand(-1, 3, -1, -1) if self.meta["data_chans"] == 3 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
-            prefix = k[: -len("_images")].rstrip("_") or "images"
-            frames.append(self.frame([f"{prefix}/{i:06d}" for i in range(len(x))], self.probabilities(x)))
-        return pd.concat(frames, ignore_index=True)
+
+def iter_inputs(inputs, meta: dict, read, batch_size: int = 64, on_bad_file: str = "error",
+                skipped: list | None = None):
+    """Image files, folders (recursive) and npz archives through a run's preprocessing, in chunks.
+
+    Yields ``(sample_ids, names, uint8 images (n, C, S, S))``: ``sample_ids`` are file paths, or
+    ``<split>/<index>`` for npz arrays (as in the run's predictions.csv); ``names`` are short names
+    for output files. Unreadable files raise, or with ``on_bad_file="skip"`` go to ``skipped``.
+    """
+    from medxfer.data.readers import read_image
+
+    size, chans = meta["image_size"], meta["data_chans"]
+    files = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise MedxferError(f"input '{item}' does not exist.")
+        if item.is_file() and item.suffix.lower() == ".npz":
+            npz = np.load(item, allow_pickle=False)
+            keys = [k for k in npz.files if k.endswith("images")]
+            if not keys:
+                raise MedxferError(f"npz '{item}' has no '*_images' array (keys: {npz.files}).")
+            for k in keys:
+                prefix = k[: -len("_images")].rstrip("_") or "images"
+                arr = npz[k]
+                for i in range(0, len(arr), batch_size):
+                    x = match_uint8_channels(arrays_to_uint8(arr[i:i + batch_size], size, read), chans)
+                    idx = range(i, i + len(x))
+                    yield ([f"{prefix}/{j:06d}" for j in idx], [f"{item.stem}_{prefix}_{j:06d}" for j in idx], x)
+        elif item.is_dir():
+            files += sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in IMAGE_SUFFIXES)
+        else:
+            files.append(item)
+    for i in range(0, len(files), batch_size):
+        chunk, ids, names = [], [], []
+        for f in files[i:i + batch_size]:
+            try:
+                arr = match_channels(read_image(f, read), chans)
+            except BadFileError as e:
+                if on_bad_file == "error" or skipped is None:
+                    raise
+                skipped.append((e.path, e.reason))
+                continue
+            chunk.append(resize_to_uint8(arr[None], size)[0])
+            ids.append(str(f))
+            names.append(f.name[: -len(suffix_of(f))] if suffix_of(f) else f.name)
+        if chunk:
+            yield ids, names, torch.stack(chunk)
