@@ -93,8 +93,7 @@ def export_features(out: str | Path, run_dir: str | Path | None = None, source: 
                     head: str | None = None, seed: int = 0, cache_dir: str | None = None, no_cache: bool = False,
                     batch_size: int = 256, log=print) -> dict:
     """Write features for all samples to ``out`` (.parquet or .npz); fit a logistic head when asked."""
-    from medxfer.data.cache import default_cache_dir
-    from medxfer.engine.features import extract_features
+    from medxfer.engine.features import extract_features, feature_cache_dir, source_key_parts
     from medxfer.engine.trainer import resolve_precision
     from medxfer.pipeline import prepare_data, seed_everything
 
@@ -111,16 +110,13 @@ def export_features(out: str | Path, run_dir: str | Path | None = None, source: 
         spec = key
         seed_everything(cfg.seed)
         model, info = build_model(spec, len(manifest.labels), images.shape[1], grey_mode=cfg.grey_mode)
-        key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
-               "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
-        if info["weights_sha256"] is None:  # a random backbone depends on the seed
-            key["seed"] = cfg.seed
+        key = source_key_parts(spec, info, size, read, cfg.seed)
     else:
         from medxfer.predict import match_uint8_channels
 
         images = match_uint8_channels(images, meta["data_chans"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = None if cfg.no_cache else Path(cfg.cache_dir or default_cache_dir()).parent
+    cache = feature_cache_dir(cfg)
     feats, hit = extract_features(model, images, key, cache_dir=cache, device=device, batch_size=batch_size,
                                   precision=resolve_precision("auto", device))
     feats = feats.float().numpy()

@@ -26,7 +26,8 @@ from medxfer.data.sources import load_manifest
 from medxfer.data.splits import assign_splits
 from medxfer.data.transforms import Augment
 from medxfer.engine.dist import DistContext, cleanup, init_distributed
-from medxfer.engine.features import extract_features, fit_logistic_head, fold_standardization, standardize
+from medxfer.engine.features import (extract_features, feature_cache_dir, fit_logistic_head, fold_standardization,
+                                     source_key_parts, standardize)
 from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, resolve_precision
 from medxfer.errors import MedxferError
 from medxfer.models.adapt import build_model
@@ -182,14 +183,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
 
 
 def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) -> tuple[dict, bool]:
-    from medxfer.data.cache import default_cache_dir
-
     t0 = time.perf_counter()
-    cache = None if cfg.no_cache else (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent)
-    key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
-           "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
-    if info["weights_sha256"] is None:  # random backbone: its features depend on the seed
-        key["seed"] = cfg.seed
+    cache = feature_cache_dir(cfg)
+    key = source_key_parts(spec, info, size, read, cfg.seed)
     kw = dict(cache_dir=cache, precision=precision, device=ctx.device)
     all_feats, hit = extract_features(model, images, key, **kw)
     train_x = all_feats[part["train"]]

@@ -27,6 +27,24 @@ def content_hash(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
+def source_key_parts(spec, info: dict, size: int, read, seed: int) -> dict:
+    """What a source's features depend on (besides the images): one definition for train and export."""
+    key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
+           "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
+    if info["weights_sha256"] is None:  # a random backbone: its features depend on the seed
+        key["seed"] = seed
+    return key
+
+
+def feature_cache_dir(cfg) -> Path | None:
+    """Features live in ``--cache-dir`` (beside the decode cache by default); None with ``--no-cache``."""
+    from medxfer.data.cache import default_cache_dir
+
+    if cfg.no_cache:
+        return None
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
+
+
 def feature_key(key_parts: dict, images: torch.Tensor) -> str:
     blob = json.dumps(key_parts, sort_keys=True, default=str) + content_hash(images)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
