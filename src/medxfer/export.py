@@ -126,35 +126,20 @@ def contract(meta: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- check images
 def run_test_images(run_dir: Path, meta: dict, log=print, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tensor, str]:
-    """The run's own test images (uint8), rebuilt from ``config.yaml`` exactly as training prepared them."""
-    import dataclasses
-
-    import yaml
-
-    from medxfer.config import TrainConfig, config_from_dict
-    from medxfer.pipeline import prepare_data
+    """The run's own test images (uint8), rebuilt from ``config.yaml`` as training prepared them
+    (the same rebuild as the report's gallery)."""
+    from medxfer.evaluation.report import load_test_images
     from medxfer.predict import match_uint8_channels
+    from medxfer.runs import read_run
 
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise MedxferError(f"'{run_dir}' has no config.yaml to find its test images. Pass --check-data PATH "
-                           "(images, folders or an npz) to check the export on.")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = config_from_dict({k: v for k, v in raw.items() if k in names})
+    run = read_run(run_dir)
     try:
-        manifest, images, _, _ = prepare_data(cfg, meta["image_size"], log=lambda *a, **k: None)
+        images = load_test_images(run)
     except MedxferError as e:
-        raise MedxferError(f"cannot rebuild the run's test images from '{cfg.data}' ({e}) Pass --check-data PATH "
-                           "(images, folders or an npz) to check the export on.") from e
-    split = manifest.table["split"].to_numpy()
-    for name in ("test", "val", "train"):
-        mask = split == name
-        if mask.any():
-            picked = images[torch.from_numpy(mask)]
-            where = f"{min(int(mask.sum()), limit)} {name} images of {cfg.data}"
-            return match_uint8_channels(picked[:limit], meta["data_chans"]), where
-    raise MedxferError(f"no images in '{cfg.data}' to check the export on. Pass --check-data PATH.")
+        raise MedxferError(f"cannot rebuild the run's test images ({e}) Pass --check-data PATH (images, folders "
+                           "or an npz) to check the export on.") from e
+    where = f"{min(len(images), limit)} test images of {run['config']['data']}"
+    return match_uint8_channels(images[:limit], meta["data_chans"]), where
 
 
 def path_images(paths: list[str | Path], meta: dict, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tensor, str]:
