@@ -125,6 +125,8 @@ def train(
     bootstrap: Optional[int] = typer.Option(None), label_fraction: Optional[float] = typer.Option(None),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to write."),
     config: Optional[Path] = typer.Option(None, help="YAML config; options given here override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/checkpoint.pt "
+                                "(same options; at most one epoch is lost)."),
 ):
     """Train a target model from a source model with a strategy; writes a run directory."""
     if devices > 1 and "WORLD_SIZE" not in os.environ:
@@ -144,7 +146,7 @@ def train(
                       labels_csv=labels, window=window, frame=frame, slice=slice_,
                       intensity=intensity, cache_dir=cache_dir, no_cache=no_cache, threshold=threshold,
                       calibrate=calibrate, report=report, bootstrap=bootstrap, label_fraction=label_fraction,
-                      out=out_dir)
+                      out=out_dir, resume=resume or None)
     result = run_training(cfg)
     if "metrics" in result:
         print_metrics(result["metrics"], result["run_dir"])

@@ -44,7 +44,7 @@ METRICS = (("test_auc", "auc"), ("balanced_accuracy", "balanced_accuracy"), ("se
            ("specificity", "specificity"))
 TIME_METRICS = ("train_seconds", "total_seconds")
 # config keys that do not change what a run computes: a finished run that differs only in these is reused
-_IGNORED_KEYS = {"out", "num_threads", "cache_dir", "no_cache", "report", "extra", "devices", "resolved",
+_IGNORED_KEYS = {"out", "num_threads", "cache_dir", "no_cache", "report", "extra", "devices", "resolved", "resume",
                  "epochs_max"}
 ALPHA = 0.05
 
@@ -153,6 +153,9 @@ def _run(cfg: TrainConfig, train_fn, log, resume: bool) -> dict:
     else:
         if Path(cfg.out, "metrics.json").exists():
             log(f"{cfg.out}: retraining ({why or 'asked to retrain'})")
+        if resume and Path(cfg.out, runs.CHECKPOINT).exists():  # an interrupted run: go on from its last epoch
+            log(f"{cfg.out}: resuming an interrupted run")
+            cfg = cfg.replace(resume=True)
         train_fn(cfg)
     out = _load(Path(cfg.out))
     out["dir"] = str(cfg.out)

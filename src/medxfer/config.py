@@ -71,6 +71,7 @@ class TrainConfig:
     bootstrap: int = 2000
     report: bool = True
     label_fraction: float = 1.0
+    resume: bool = False                 # continue from OUT/checkpoint.pt (written after every epoch)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -112,6 +113,14 @@ class TrainConfig:
     @property
     def resolved_lr(self) -> float:
         return self.lr or DEFAULT_LR[self.strategy]
+
+    def training_signature(self) -> dict:
+        """The settings a resumed run must share with its checkpoint (not reporting or caching options)."""
+        d = self.to_dict()
+        for key in ("out", "resume", "report", "num_threads", "no_cache", "cache_dir", "bootstrap", "threshold",
+                    "calibrate", "extra"):
+            d.pop(key, None)
+        return d
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

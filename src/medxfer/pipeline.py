@@ -112,6 +112,8 @@ def train(cfg: TrainConfig, log=print, progress=None) -> dict:
 
 def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     t_start = time.perf_counter()
+    checkpoint = Path(cfg.out) / runs.CHECKPOINT
+    _check_resume(cfg, checkpoint)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -139,6 +141,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
                            warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, ema_epochs=cfg.ema_epochs,
                            class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
+    settings.checkpoint, settings.resume = checkpoint, cfg.resume
+    settings.signature = {**cfg.training_signature(), "epochs": epochs, "n_train": int(part["train"].sum()),
+                          "world": ctx.world}
     groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
                           backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
     if cfg.compile:
@@ -179,7 +184,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
         result.max_epochs = settings.epochs
         out.update(_finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped,
                            size, read, t_start, log))
+        checkpoint.unlink(missing_ok=True)  # the run directory is complete: nothing left to resume
     return out
+
+
+def _check_resume(cfg: TrainConfig, checkpoint: Path) -> None:
+    """--resume needs a checkpoint (only loops that train by epochs write one); a fresh run must not erase one."""
+    uses_loop = cfg.strategy != "linear-probe" or cfg.head == "linear"
+    if cfg.resume and not uses_loop:
+        raise MedxferError("--resume continues an epoch loop; linear-probe with the logistic head has none (it "
+                           "takes seconds): run it again without --resume.")
+    if not cfg.resume and checkpoint.exists():
+        raise MedxferError(f"'{cfg.out}' holds the checkpoint of an unfinished run ({checkpoint}): pass --resume to "
+                           "continue it, or delete that file (or choose another --out) to start again.")
 
 
 def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) -> tuple[dict, bool]:

@@ -10,6 +10,7 @@ Layout::
     predictions.csv    split, sample_id, label, prob_<class>... (val and test, calibrated)
     split.csv          sample_id, split, label (the split used)
     skipped.csv        file, reason (only with --on-bad-file skip and skipped files)
+    checkpoint.pt      the epoch loop's state while the run is unfinished (for --resume); removed at the end
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import pandas as pd
 import yaml
 
 from medxfer.errors import MedxferError
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -54,6 +57,42 @@ def write_weights(path: Path, state_dict: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def write_checkpoint(path: Path, payload: dict, fmt: str) -> None:
+    """torch.save of tensors, numbers and strings only (so ``weights_only=True`` reads it), tagged with
+    ``fmt``; written then renamed, so an interrupted write leaves the previous checkpoint as it was."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": fmt, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_checkpoint(path: Path | None, fmt: str, kind: str) -> dict:
+    """A checkpoint written by :func:`write_checkpoint` with format ``fmt``; never runs code from the file."""
+    import torch
+
+    if path is None or not Path(path).is_file():
+        raise MedxferError(f"nothing to resume: '{path}' does not exist (it is written after the first epoch). "
+                           "Run without --resume to start.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise MedxferError(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and start again "
+                           "without --resume.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise MedxferError(f"'{path}' is not a medxfer {kind} checkpoint.")
+    return ckpt
 
 
 def _jsonable(o):

@@ -37,7 +37,8 @@ def supervised(
     name: Optional[str] = typer.Option(None, help="Source name (default: the directory's name)."),
     num_threads: Optional[int] = typer.Option(None),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Keep images that appear in two splits."),
-    resume: bool = typer.Option(False, "--resume", help="Finish a source whose run (OUT/run) completed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch "
+                                "(OUT/run/checkpoint.pt), with the same options."),
 ):
     """Train a source model on a labelled source domain; keep its backbone as a source."""
     from medxfer.cli import EpochProgress, _split_list
@@ -63,16 +64,19 @@ def ssl(
     temperature: float = typer.Option(0.5, help="simclr: NT-Xent temperature."),
     hflip: bool = typer.Option(False, "--hflip", help="Random horizontal flips (only if left/right does not matter)."),
     seed: int = typer.Option(0), num_threads: Optional[int] = typer.Option(None),
+    splits: str = typer.Option("train,val", help="Which splits' images to learn from (comma-separated; never test)."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
     name: Optional[str] = typer.Option(None, help="Source name (default: the directory's name)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (last completed epoch)."),
 ):
     """Self-supervised pretraining on unlabelled images (train+val, never test); keep the backbone as a source."""
+    from medxfer.cli import _split_list
     from medxfer.pretrain.ssl import SSLConfig, pretrain_ssl
 
     cfg = SSLConfig(data=data, out=out, method=method, arch=arch, init=init, image_size=image_size, epochs=epochs,
                     batch_size=batch_size, lr=lr, temperature=temperature, hflip=hflip, seed=seed,
-                    num_threads=num_threads, precision=precision, name=name, resume=resume)
+                    num_threads=num_threads, precision=precision, name=name, resume=resume,
+                    splits=tuple(_split_list(splits) or ()))
 
     def show(record: dict) -> None:
         _log(f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} ({record['seconds']:.0f} s, "

@@ -4,6 +4,11 @@ The model code does not own the loop. ``fit`` trains any module on indexable ten
 
     result = fit(model, groups, x_train, y_train, x_val, y_val, settings, ctx)
     result.history  # one dict per epoch; result.best_epoch; model holds the best weights after fit
+
+With ``settings.checkpoint`` set, the whole loop state (weights, optimiser, schedule, step, random
+generators, best weights so far, history) is written there after every epoch, atomically; with
+``settings.resume`` the loop continues from it, so an interrupted run loses at most one epoch and,
+on one process, ends exactly where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from medxfer import runs
 from medxfer.engine.dist import DistContext, shard
+from medxfer.errors import MedxferError
+
+CHECKPOINT_FORMAT = "medxfer-train-checkpoint/1"
 
 
 @dataclass
@@ -37,6 +47,9 @@ class FitSettings:
     on_epoch: Callable | None = None       # hook(epoch_record) on the main rank; does nothing by default
     eval_batch_size: int = 64
     ema_epochs: float = 0.0                # > 0: validate and keep an exponential moving average of the weights
+    checkpoint: Path | None = None         # write the loop state here after every epoch (main rank)
+    resume: bool = False                   # continue from ``checkpoint``
+    signature: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
 
 
 @dataclass
@@ -137,10 +150,32 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=1 - 1 / max(1.0, s.ema_epochs * steps_per_epoch), use_warmup=True)
-    step = 0
+    step, start = 0, 1
     result, best_state, waited, seen, train_time = FitResult(), None, 0, 0, 0.0
+    if s.resume:
+        ck = load_train_checkpoint(s.checkpoint, s.signature)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        aug_gen = getattr(s.augment, "gen", None)
+        if aug_gen is not None and ctx.rank == 0 and "augment_gen" in ck:
+            aug_gen.set_state(ck["augment_gen"])
+        elif aug_gen is not None:  # other ranks: a fresh stream per resumed epoch (their states are not saved)
+            aug_gen.manual_seed(s.seed * 1000 + ctx.rank + 7919 * int(ck["epoch"]))
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        best_state = ck["best_state"] or None
+        step, start, waited, seen = int(ck["step"]), int(ck["epoch"]) + 1, int(ck["waited"]), int(ck["seen"])
+        train_time = float(ck["train_time"])
+        result.history = [dict(r) for r in ck["history"]]
+        result.best_auc, result.best_epoch = float(ck["best_auc"]), int(ck["best_epoch"])
+        if waited >= s.patience:
+            start = s.epochs + 1                       # it had stopped early: nothing left to train
     y_val_np = y_val.numpy()
-    for epoch in range(1, s.epochs + 1):
+    for epoch in range(start, s.epochs + 1):
         t0 = time.perf_counter()
         train_module.train()
         _freeze_bn_of_frozen(model)
@@ -181,6 +216,16 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
             best_state = copy.deepcopy(judged.state_dict())
         else:
             waited += 1
+        if s.checkpoint is not None and ctx.is_main:
+            aug_gen = getattr(s.augment, "gen", None)
+            save_train_checkpoint(s.checkpoint, {
+                "epoch": epoch, "step": step, "waited": waited, "seen": seen, "train_time": train_time,
+                "best_auc": result.best_auc, "best_epoch": result.best_epoch, "history": result.history,
+                "model": model.state_dict(), "best_state": best_state or {}, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "signature": s.signature,
+                **({"augment_gen": aug_gen.get_state()} if aug_gen is not None else {}),
+                **({"ema": ema.state_dict()} if ema is not None else {})})
         if ctx.is_main and s.on_epoch is not None:
             s.on_epoch(record)
         if waited >= s.patience:
@@ -191,3 +236,19 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
     result.images_per_second = seen / max(train_time, 1e-9)
     model.to(memory_format=torch.contiguous_format)
     return result
+
+
+def save_train_checkpoint(path: Path, payload: dict) -> None:
+    runs.write_checkpoint(path, payload, CHECKPOINT_FORMAT)
+
+
+def load_train_checkpoint(path: Path | None, signature: dict) -> dict:
+    """The checkpoint at ``path``, refused with a clear message when missing, damaged or from other settings."""
+    ck = runs.read_checkpoint(path, CHECKPOINT_FORMAT, "training")
+    saved = ck.get("signature", {})
+    for key in sorted(set(saved) | set(signature)):
+        if saved.get(key) != signature.get(key):
+            raise MedxferError(f"cannot resume from '{path}': '{key}' was {saved.get(key)!r} and is "
+                               f"{signature.get(key)!r} now. Resume with the run's own settings, or start again "
+                               "without --resume in a new --out.")
+    return ck

@@ -100,32 +100,11 @@ def init_record(init: str | None) -> dict | None:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write then rename: an interrupted write leaves the previous checkpoint as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    runs.write_checkpoint(path, payload, CHECKPOINT_FORMAT)
 
 
 def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MedxferError(f"nothing to resume: '{path}' does not exist. Run without --resume to start.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
-        raise MedxferError(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and start again "
-                           "without --resume.") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MedxferError(f"'{path}' is not a medxfer pretraining checkpoint.")
-    return ckpt
+    return runs.read_checkpoint(path, CHECKPOINT_FORMAT, "pretraining")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class SSLConfig:
             raise MedxferError(f"The 'batch-size' parameter must be at least 2 for {self.method}. Got {self.batch_size} instead.")
         if not 8 <= self.image_size <= 2048:
             raise MedxferError(f"The 'image-size' parameter must be between 8 and 2048. Got {self.image_size} instead.")
+        bad = [x for x in self.splits if x not in ("train", "val", "test")]
+        if not self.splits or bad:
+            raise MedxferError(f"The 'splits' parameter must name train and/or val. Got {list(self.splits)} instead.")
         if "test" in self.splits:
             raise MedxferError("pretraining never uses the test split: its images must stay unseen for evaluation.")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -282,6 +285,7 @@ def pretrain_ssl(cfg: SSLConfig, log=print, progress=None) -> dict:
     backbone, spec, info = build_backbone(cfg, images.shape[1])
     model = SSLModel(backbone, cfg.method, backbone.net.num_features, cfg.proj_dim, cfg.temperature, cfg.epochs)
     model.to(device)
+    model.to(memory_format=torch.channels_last)   # 2-3x faster convolutions on CPU (bench: SSL section)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
     start, history = 1, []
@@ -307,7 +311,7 @@ def pretrain_ssl(cfg: SSLConfig, log=print, progress=None) -> dict:
                 group["lr"] = cfg.resolved_lr * _lr_factor(step, total, warmup)
             model.update_momentum(_momentum(cfg.method, step, total))
             xb = images[order[b * bs:(b + 1) * bs]].to(device).float().div_(255)
-            v1, v2 = aug(xb, gen), aug(xb, gen)
+            v1, v2 = (aug(xb, gen).contiguous(memory_format=torch.channels_last) for _ in range(2))
             with autocast(precision, device):
                 loss = model.loss(v1, v2, epoch - 1)
             if not torch.isfinite(loss):

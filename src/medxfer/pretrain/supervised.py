@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medxfer import runs
 from medxfer.errors import MedxferError
 from medxfer.pretrain.common import backbone_state_dict, check_out_dir, init_record, write_source_dir
 
@@ -29,8 +30,9 @@ def pretrain_supervised(data: str, out: str | Path, *, arch: str | None = None, 
     """Train a source model on labelled ``data`` and write the source directory ``out``; returns source.json.
 
     ``init``: a source to start from (a bundled name or a source directory); without it the
-    architecture ``arch`` starts from random weights. ``resume`` only finishes the conversion of a
-    completed ``OUT/run`` (supervised runs are not checkpointed per epoch).
+    architecture ``arch`` starts from random weights. The run checkpoints every epoch
+    (``OUT/run/checkpoint.pt``); ``resume`` continues it from there with the same settings, or, when
+    ``OUT/run`` already finished, only writes the source directory from it.
     """
     from medxfer.config import TrainConfig
     from medxfer.models.catalog import resolve_source
@@ -50,16 +52,21 @@ def pretrain_supervised(data: str, out: str | Path, *, arch: str | None = None, 
     else:
         spec = resolve_source(arch, "none")
         source, weights, strategy = arch, "none", "scratch"
-    finished = (run_dir / "model.json").exists() and (run_dir / "metrics.json").exists()
-    if not (resume and finished):
-        check_out_dir(out, resume=False)
+    interrupted = (run_dir / runs.CHECKPOINT).exists()
+    finished = (run_dir / "model.json").exists() and (run_dir / "metrics.json").exists() and not interrupted
+    if resume and finished:
+        log(f"{run_dir} is a finished run: writing the source directory from it")
+    else:
+        if resume and not interrupted:
+            raise MedxferError(f"nothing to resume in '{out}': no checkpoint ({run_dir / runs.CHECKPOINT}) and no "
+                               "finished run. Run without --resume to start.")
+        if not resume:
+            check_out_dir(out, resume=False)
         cfg = TrainConfig(data=str(data), out=str(run_dir), source=source, weights=weights, strategy=strategy,
                           image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                           label_names=tuple(label_names) if label_names else None, augment=augment,
-                          num_threads=num_threads, **train_options)
+                          num_threads=num_threads, resume=resume, **train_options)
         train(cfg, log=log, progress=progress)
-    elif resume:
-        log(f"{run_dir} is a finished run: writing the source directory from it")
     return source_from_run(run_dir, out, method="supervised", init=init, name=name, description=description)
 
 

@@ -1,0 +1,91 @@
+"""An interrupted training run continues from its last epoch (``--resume``) and ends where an
+uninterrupted one ends; the same for supervised pretraining."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from medxfer import runs
+from medxfer.cli import main
+from medxfer.config import TrainConfig
+from medxfer.pipeline import train
+
+ARGS = ["--source", "test_resnet", "--weights", "none", "--strategy", "full", "--epochs", "3", "--image-size", "32",
+        "--bootstrap", "20", "--no-report", "--label-names", "malignant,benign", "--seed", "1"]
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(n):
+    def hook(record):
+        if record["epoch"] == n:
+            raise Stop  # the process dies once epoch n is checkpointed
+    return hook
+
+
+def quiet(*a, **k):
+    return None
+
+
+def test_train_resumes_where_it_stopped(small_npz, tmp_path, capsys):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(straight)]) == 0
+    assert not (straight / runs.CHECKPOINT).exists()  # a finished run keeps no checkpoint
+    cfg = TrainConfig(data=str(small_npz), out=str(cut), source="test_resnet", weights="none", strategy="full",
+                      epochs=3, image_size=32, bootstrap=20, report=False, label_names=("malignant", "benign"), seed=1)
+    with pytest.raises(Stop):
+        train(cfg, log=quiet, progress=stop_after(2))
+    ckpt = torch.load(cut / runs.CHECKPOINT, map_location="cpu", weights_only=True)  # plain data only
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and not (cut / "metrics.json").exists()
+    capsys.readouterr()
+
+    assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(cut)]) == 2  # would erase the checkpoint
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--data", str(small_npz), *ARGS, "--lr", "0.01", "--out", str(cut), "--resume"]) == 2
+    assert "'lr' was" in capsys.readouterr().err
+
+    assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(cut), "--resume"]) == 0
+    a, b = (pd.read_csv(d / "predictions.csv") for d in (straight, cut))
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    assert (a[probs] - b[probs]).abs().to_numpy().max() < 1e-5  # same end point as the uninterrupted run
+    hist = pd.read_csv(cut / "history.csv")
+    assert hist["epoch"].tolist() == [1, 2, 3]
+    assert hist["train_loss"].round(5).tolist() == pd.read_csv(straight / "history.csv")["train_loss"].round(5).tolist()
+    assert not (cut / runs.CHECKPOINT).exists()
+    capsys.readouterr()
+    assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(cut), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_refused_by_name(small_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / runs.CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and str(out / runs.CHECKPOINT) in err
+
+
+def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
+    from medxfer.pretrain.supervised import pretrain_supervised
+
+    out = tmp_path / "src"
+    opts = dict(arch="test_resnet", image_size=32, epochs=2, label_names=("malignant", "benign"), bootstrap=20,
+                report=False)
+    with pytest.raises(Stop):
+        pretrain_supervised(str(small_npz), out, log=quiet, progress=stop_after(1), **opts)
+    assert (out / "run" / runs.CHECKPOINT).exists() and not (out / "source.json").exists()
+    argv = ["pretrain", "supervised", "--data", str(small_npz), "--arch", "test_resnet", "--image-size", "32",
+            "--epochs", "2", "--label-names", "malignant,benign", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2 and "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    meta = json.loads((out / "source.json").read_text())
+    assert meta["trained_on"]["epochs"] == 2 and (out / "model.safetensors").exists()
+    assert pd.read_csv(out / "run" / "history.csv")["epoch"].tolist() == [1, 2]
