@@ -13,7 +13,6 @@ A source directory (what ``medxfer pretrain`` writes, what ``--source DIR`` read
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 
 import numpy as np
