@@ -274,3 +274,44 @@ def test_paired_test_words():
     assert "skipped" in paired_test({"full": by["full"]}, summ, 50)
     multi = {s: [{**r, "metrics": {"test": {"auc": 0.7}}} for r in rs] for s, rs in by.items()}
     assert "two-class" in paired_test(multi, summ, 50)["skipped"]
+
+
+def _source_dir(path: Path, seed: int) -> Path:
+    """A hand-made source directory: a random grey test_resnet backbone (different per seed)."""
+    import timm
+    import torch
+
+    from medxfer.pretrain.common import write_source_dir
+
+    torch.manual_seed(seed)
+    net = timm.create_model("test_resnet", num_classes=0, in_chans=1)
+    write_source_dir(path, "test_resnet", net.state_dict(),
+                     {"mean": [0.5], "std": [0.5], "input_size": 32, "in_chans": 1, "domain": f"random {seed}",
+                      "description": "test", "method": "none", "trained_on": {}})
+    return path
+
+
+def test_several_sources_in_one_table(tmp_path, unsplit_npz, capsys):
+    a, b = _source_dir(tmp_path / "src_a", 1), _source_dir(tmp_path / "src_b", 2)
+    out = tmp_path / "cmp"
+    argv = [x for x in _args(unsplit_npz, out) if x not in ("--source", "test_resnet", "--weights", "none")]
+    argv = [*argv[:argv.index("--seeds") + 1], "0", *argv[argv.index("--seeds") + 3:]]
+    assert main([*argv, "--sources", f"{a},{b}"]) == 0
+    res = json.loads((out / "comparison.json").read_text())
+    rows = ["linear-probe [src_a]", "linear-probe [src_b]", "scratch"]
+    assert res["settings"]["rows"] == rows and list(res["strategies"]) == rows
+    dirs = {r: Path(res["strategies"][r]["runs"][0]) for r in rows}
+    assert dirs == {rows[0]: out / "linear-probe" / "seed0", rows[1]: out / "src_b" / "linear-probe" / "seed0",
+                    rows[2]: out / "scratch" / "seed0"}
+    import yaml
+
+    assert [yaml.safe_load((dirs[r] / "config.yaml").read_text())["source"] for r in rows] == [str(a), str(b), str(a)]
+    preds = [pd.read_csv(dirs[r] / "predictions.csv") for r in rows[:2]]
+    assert not np.allclose(preds[0]["prob_malignant"], preds[1]["prob_malignant"])  # two sources, two models
+    assert res["paired_test"]["b"] == "scratch" and res["paired_test"]["a"] in rows[:2]
+    printed = capsys.readouterr().out
+    assert "linear-probe [src_b]" in printed and "src_a, " in printed
+    assert main([*argv, "--sources", f"{a},{b}", "--source", str(a)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*argv, "--sources", f"{a},{a}"]) == 2
+    assert "more than once" in capsys.readouterr().err

@@ -89,3 +89,19 @@ def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
     meta = json.loads((out / "source.json").read_text())
     assert meta["trained_on"]["epochs"] == 2 and (out / "model.safetensors").exists()
     assert pd.read_csv(out / "run" / "history.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
+    from medxfer.compare import compare
+
+    base = TrainConfig(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
+                       bootstrap=20, report=False, label_names=("malignant", "benign"))
+    with pytest.raises(Stop):
+        compare(base, ["scratch"], [0], tmp_path, log=quiet,
+                train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
+    logged = []
+    res = compare(base, ["scratch"], [0], tmp_path, log=logged.append)
+    assert any("resuming an interrupted run" in m for m in logged)
+    run = tmp_path / "scratch" / "seed0"
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not (run / runs.CHECKPOINT).exists()
+    assert res["strategies"]["scratch"]["test_auc"]["values"][0] is not None

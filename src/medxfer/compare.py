@@ -10,9 +10,13 @@ Usage::
                      label_fractions=[0.1, 1.0])
     result["strategies"]["full"]["test_auc"]["mean"]
 
+With ``sources=[A, B, ...]`` every transfer strategy runs from each source (rows "full [B]"), so
+ImageNet, a medical source and scratch land in one table; scratch runs once per architecture.
+
 Layout of ``out``::
 
-    <strategy>/seed<k>/                a full run directory (``medxfer.pipeline.train``)
+    <strategy>/seed<k>/                a full run directory (``medxfer.pipeline.train``), first source
+    <source>/<strategy>/seed<k>/       the same for each further source
     <strategy>/frac<f>/seed<k>/        learning-curve runs (fractions below 1; 1.0 reuses seed<k>/)
     comparison.json                    summaries over seeds, settings, the paired test
     comparison.html                    self-contained: table, plots (base64 PNG), the paired test
@@ -100,6 +104,39 @@ def parse_fractions(text) -> list[float]:
     if len(set(out)) != len(out):
         raise MedxferError(f"The 'label-fraction' parameter lists a fraction more than once. Got '{text}' instead.")
     return sorted(out)
+
+
+def parse_sources(text) -> list[str]:
+    """'efficientnet_lite0.in1k,runs/src_pneu' -> both; repeats and empty entries -> MedxferError."""
+    return _items(text if isinstance(text, str) or text is None else ",".join(text), "sources")
+
+
+def source_label(source: str) -> str:
+    """Short row/folder name of a source: a directory's name, or the catalogue name."""
+    p = Path(source)
+    return p.name if (p.is_dir() or "/" in source or "\\" in source) else source
+
+
+def arms(strategies: list[str], sources: list[str]) -> list[tuple[str, str, str]]:
+    """(row label, strategy, source) for every strategy from every source; scratch once per architecture."""
+    from medxfer.models.catalog import resolve_source
+
+    labels = [source_label(src) for src in sources]
+    if len(set(labels)) != len(labels):
+        raise MedxferError(f"The 'sources' parameter names two sources with the same short name {labels}; rename a "
+                           "source directory.")
+    out, archs = [], {}
+    for strategy in strategies:
+        for src, lab in zip(sources, labels):
+            if strategy != "scratch":
+                out.append((strategy if len(sources) == 1 else f"{strategy} [{lab}]", strategy, src))
+                continue
+            arch = resolve_source(src, "none").arch.split(".")[0] if len(sources) > 1 else ""
+            archs.setdefault(arch, src)
+        if strategy == "scratch":
+            for arch, src in archs.items():
+                out.append(("scratch" if len(archs) == 1 else f"scratch [{arch}]", "scratch", src))
+    return out
 
 
 def frac_name(f: float) -> str:
@@ -272,15 +309,17 @@ def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:
 
 # ---------------------------------------------------------------------------------------- main
 def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, label_fractions=None,
-            train_fn=None, log=print, resume: bool = True) -> dict:
+            train_fn=None, log=print, resume: bool = True, sources=None) -> dict:
     """Train every strategy x seed (x label fraction) on one split; write comparison.json and .html.
 
     ``base`` carries the common training options (its strategy, seed, out and label_fraction are
-    replaced per run). ``train_fn(cfg)`` trains one run (default :func:`medxfer.pipeline.train`).
+    replaced per run). ``sources``: transfer from each of these (default: ``base.source``), one row
+    per strategy and source. ``train_fn(cfg)`` trains one run (default :func:`medxfer.pipeline.train`).
     Returns the dict written to ``comparison.json``.
     """
     strategies = parse_strategies(strategies)
     seeds = parse_seeds(seeds)
+    sources = parse_sources(sources) if sources is not None else [base.source]
     fractions = parse_fractions(label_fractions) if label_fractions is not None else []
     if base.label_fraction != 1.0:
         raise MedxferError("compare trains on all train labels; give fractions with --label-fraction 0.1,1.0 "
@@ -295,34 +334,40 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
 
     out = Path(out)
     t0 = time.perf_counter()
-    jobs = [(s, None, k) for s in strategies for k in seeds]
-    jobs += [(s, f, k) for f in fractions if f < 1 for s in strategies for k in seeds]
+    rows = arms(strategies, sources)
+    strategy_of = {label: strategy for label, strategy, _ in rows}
+    jobs = [(row, None, k) for row in rows for k in seeds]
+    jobs += [(row, f, k) for f in fractions if f < 1 for row in rows for k in seeds]
     loaded: dict = {}
-    for i, (strategy, frac, seed) in enumerate(jobs, 1):
-        run_dir = out / strategy / (frac_name(frac) if frac else "") / f"seed{seed}"
+    for i, ((label, strategy, source), frac, seed) in enumerate(jobs, 1):
+        top = out if source == sources[0] else out / source_label(source)
+        run_dir = top / strategy / (frac_name(frac) if frac else "") / f"seed{seed}"
         cfg = base.replace(strategy=strategy, seed=seed, split_seed=int(split_seed), label_fraction=frac or 1.0,
-                           out=str(run_dir))
-        what = f"{strategy}, seed {seed}" + (f", label fraction {frac:g}" if frac else "")
+                           out=str(run_dir), source=source)
+        what = f"{label}, seed {seed}" + (f", label fraction {frac:g}" if frac else "")
         log(f"[{i}/{len(jobs)}] {what} -> {run_dir}")
-        loaded[(strategy, frac, seed)] = _run(cfg, train_fn, log, resume)
+        loaded[(label, frac, seed)] = _run(cfg, train_fn, log, resume)
     _check_same_split(loaded)
 
-    by_strategy = {s: [loaded[(s, None, k)] for k in seeds] for s in strategies}
+    labels = [label for label, _, _ in rows]
+    by_strategy = {s: [loaded[(s, None, k)] for k in seeds] for s in labels}
     summaries = {s: _summaries(rs) for s, rs in by_strategy.items()}
-    for s in strategies:
-        summaries[s]["runs"] = [r["dir"] for r in by_strategy[s]]
-        summaries[s]["reused"] = [r["reused"] for r in by_strategy[s]]
-    first = by_strategy[strategies[0]][0]
+    for label, strategy, source in rows:
+        summaries[label]["runs"] = [r["dir"] for r in by_strategy[label]]
+        summaries[label]["reused"] = [r["reused"] for r in by_strategy[label]]
+        summaries[label].update(strategy=strategy, source=source)
+    first = by_strategy[labels[0]][0]
     test = first["metrics"]["test"]
     first_cfg = _run_config(first)
     result = {
         "settings": {
-            "data": base.data, "source": base.source, "weights": base.weights, "strategies": strategies,
+            "data": base.data, "source": sources[0] if len(sources) == 1 else sources, "weights": base.weights,
+            "strategies": strategies, "rows": labels,
             "seeds": seeds, "split_seed": int(split_seed), "label_fractions": fractions or None,
             "split": _split_origin(first_cfg, int(split_seed)),
             "image_size": first_cfg.get("image_size", base.image_size),
-            "epochs": {s: _run_config(by_strategy[s][0]).get("epochs_max") for s in strategies},
-            "lr": {s: base.replace(strategy=s).resolved_lr for s in strategies},
+            "epochs": {s: _run_config(by_strategy[s][0]).get("epochs_max") for s in labels},
+            "lr": {s: base.replace(strategy=strategy_of[s]).resolved_lr for s in labels},
             "positive_label": test.get("positive_label"), "n_test": test.get("n"),
             "n_per_class_test": test.get("n_per_class"), "threshold_rule": base.threshold,
             "bootstrap": base.bootstrap, "train_config": _common_options(base),
@@ -335,7 +380,7 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
         from medxfer.evaluation.stats import summarize
 
         curve = {}
-        for s in strategies:
+        for s in labels:
             curve[s] = {}
             for f in fractions:
                 rs = by_strategy[s] if f == 1 else [loaded[(s, f, k)] for k in seeds]
@@ -451,6 +496,10 @@ def table_rows(result: dict) -> list[list[str]]:
     return [[s] + [mean_sd(summ[key], d) for key, _, d in TABLE_COLUMNS] for s, summ in result["strategies"].items()]
 
 
+def _sources_text(source) -> str:
+    return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
+
+
 def render_html(result: dict) -> str:
     """One self-contained page: no external references, plots as base64 PNG."""
     e = html.escape
@@ -471,7 +520,7 @@ def render_html(result: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .paired{{background:#f4f8fb;border-left:4px solid #4a7fb0;padding:0.6em 1em}}</style></head><body>
-<h1>Strategy comparison: {e(str(st['source']))} on {e(str(st['data']))}</h1>
+<h1>Strategy comparison: {e(_sources_text(st['source']))} on {e(str(st['data']))}</h1>
 <p>{len(st['seeds'])} seeds per strategy ({e(', '.join(map(str, st['seeds'])))}), one split
 ({e(st['split'])}), test split: {e(str(st['n_test']))} images, positive class {e(str(st['positive_label']))}.
 Threshold chosen on validation ({e(str(st['threshold_rule']))}). Values: mean ± sd over seeds.</p>
