@@ -41,6 +41,8 @@ class Predictor:
         self.model, self.meta = load_run_model(self.run_dir)
         self.read = ReadOptions(**self.meta["read"])
         self._onnx = None
+        if engine == "torch":  # the layout training evaluated in; convolutions on CPU are faster in it
+            self.model.to(memory_format=torch.channels_last)
         if engine == "onnx":
             from medxfer.export import OnnxRunner
 
@@ -63,7 +65,7 @@ class Predictor:
                 out.append(self._onnx(x.numpy()))
             else:
                 with torch.no_grad():
-                    out.append(self.model(x).numpy())
+                    out.append(self.model(x.contiguous(memory_format=torch.channels_last)).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
