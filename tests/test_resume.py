@@ -105,3 +105,21 @@ def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
     run = tmp_path / "scratch" / "seed0"
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not (run / runs.CHECKPOINT).exists()
     assert res["strategies"]["scratch"]["test_auc"]["values"][0] is not None
+
+
+def test_source_from_a_run_with_default_epochs(tiny_run, tmp_path):
+    """A run trained with the default epochs has epochs: null in config.yaml; the source records the epochs run."""
+    import shutil
+
+    import yaml
+
+    from medxfer.pretrain.supervised import source_from_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["epochs"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    meta = source_from_run(run, tmp_path / "src")
+    ran = json.loads((run / "metrics.json").read_text())["epochs_run"]
+    assert meta["trained_on"]["epochs"] == ran == len(pd.read_csv(run / "history.csv"))

@@ -103,7 +103,9 @@ def source_from_run(run_dir: str | Path, out: str | Path, *, method: str = "supe
         "init": init_record(init),
         "grey_mode": model.get("grey_mode"),
         "trained_on": {"data": str(config["data"]), "origin": origin, "labels": labels, "counts": data.get("counts"),
-                       "image_size": int(model["image_size"]), "epochs": int(config["epochs"]),
+                       "image_size": int(model["image_size"]),
+                       "epochs": int(metrics.get("epochs_run") or config.get("epochs_max") or config["epochs"]),
+                       "epochs_max": config.get("epochs_max"),
                        "seed": int(config["seed"]), "strategy": model.get("strategy"), "lr": config.get("lr"),
                        "metrics": summary, "run": str(run_dir)},
     }
