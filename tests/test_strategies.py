@@ -80,3 +80,18 @@ def test_ema_changes_the_kept_weights():
         assert len(result.history) == 3
         kept.append(m.net.fc.weight.detach().clone())
     assert not torch.allclose(kept[0], kept[1])
+
+
+def test_default_epochs_and_patience_scale_with_the_train_set():
+    from medxfer.config import MAX_AUTO_EPOCHS, MIN_PATIENCE_STEPS, MIN_STEPS, TrainConfig
+
+    cfg = TrainConfig(data="x", strategy="full", batch_size=64)
+    assert cfg.epochs_for(64 * 100) == 10                     # large data: the default
+    assert cfg.epochs_for(64 * 10) == MIN_STEPS["full"] // 10  # small data: enough optimiser steps
+    assert cfg.epochs_for(47) == MAX_AUTO_EPOCHS              # one step per epoch: capped
+    assert cfg.replace(epochs=3).epochs_for(47) == 3          # given epochs are kept
+    assert cfg.patience_for(64 * 100) == 10
+    assert cfg.patience_for(47) == MIN_PATIENCE_STEPS         # one step per epoch: wait that many steps
+    assert cfg.patience_for(64 * 2, world=2) == MIN_PATIENCE_STEPS
+    with pytest.raises(MedxferError, match="patience"):
+        TrainConfig(data="x", patience=0)

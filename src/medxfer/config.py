@@ -21,6 +21,9 @@ DEFAULT_EPOCHS = {"linear-probe": 100, "partial": 10, "full": 10, "scratch": 20}
 # Small data sets get more epochs: at least this many optimiser steps (capped at MAX_AUTO_EPOCHS)
 MIN_STEPS = {"linear-probe": 0, "partial": 600, "full": 600, "scratch": 1200}
 MAX_AUTO_EPOCHS = 60
+# Early stopping waits at least this many optimiser steps without improvement: on a tiny train set
+# (one step per epoch) 10 epochs of patience would stop a run before it has learned anything
+MIN_PATIENCE_STEPS = 60
 DEFAULT_LR = {"linear-probe": 1e-3, "partial": 1e-3, "full": 1e-3, "scratch": 2e-3}
 
 
@@ -85,7 +88,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be one of {list(allowed)}. "
                                    f"Got '{getattr(self, name)}' instead.")
-        for name in ("batch_size", "devices", "unfreeze"):
+        for name in ("batch_size", "devices", "unfreeze", "patience"):
             if getattr(self, name) < 1:
                 raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be at least 1. "
                                    f"Got {getattr(self, name)} instead.")
@@ -109,6 +112,11 @@ class TrainConfig:
         steps = max(1, -(-n_train // (self.batch_size * world)))
         wanted = -(-MIN_STEPS[self.strategy] // steps)
         return max(DEFAULT_EPOCHS[self.strategy], min(MAX_AUTO_EPOCHS, wanted))
+
+    def patience_for(self, n_train: int, world: int = 1) -> int:
+        """``patience`` epochs, raised so that early stopping waits at least ``MIN_PATIENCE_STEPS`` steps."""
+        steps = max(1, -(-n_train // (self.batch_size * world)))
+        return max(self.patience, -(-MIN_PATIENCE_STEPS // steps))
 
     @property
     def resolved_lr(self) -> float:

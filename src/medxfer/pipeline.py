@@ -138,7 +138,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(epochs)
     settings = FitSettings(epochs=epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, ema_epochs=cfg.ema_epochs,
+                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience_for(int(part["train"].sum()), ctx.world),
+                           ema_epochs=cfg.ema_epochs,
                            class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
     settings.checkpoint, settings.resume = checkpoint, cfg.resume
@@ -181,7 +182,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     model.cpu().eval()
     out = {"run_dir": cfg.out}
     if ctx.is_main:
-        result.max_epochs = settings.epochs
+        result.max_epochs, result.patience = settings.epochs, settings.patience
         out.update(_finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped,
                            size, read, t_start, log))
         checkpoint.unlink(missing_ok=True)  # the run directory is complete: nothing left to resume
@@ -244,6 +245,7 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
                            n_bootstrap=cfg.bootstrap if s == "test" else 0, seed=cfg.seed) for s in logits}
     metrics.update({"train_seconds": round(result.seconds, 3), "train_images_per_s": round(result.images_per_second, 2),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "best_epoch": result.best_epoch,
+                    "patience": getattr(result, "patience", None),
                     "epochs_run": len(result.history), "temperature": temperature, "threshold": threshold,
                     "seed": cfg.seed, "strategy": cfg.strategy, "source": spec.name,
                     "processes": int(os.environ.get("WORLD_SIZE", "1"))})
