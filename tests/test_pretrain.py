@@ -231,7 +231,17 @@ def test_ssl_refuses_bad_settings(tmp_path):
         SSLConfig(data="x", out="y", method="mae", arch="test_resnet")
     with pytest.raises(MedxferError, match="test split"):
         SSLConfig(data="x", out="y", arch="test_resnet", splits=("train", "test"))
+    with pytest.raises(MedxferError, match="'splits' parameter"):
+        SSLConfig(data="x", out="y", arch="test_resnet", splits=("train", "tset"))
     with pytest.raises(MedxferError, match="--arch NAME"):
         SSLConfig(data="x", out="y")
     with pytest.raises(MedxferError, match="nothing to resume"):
         pretrain_ssl(SSLConfig(data="x", out=str(tmp_path), arch="test_resnet", resume=True))
+
+
+def test_ssl_on_the_train_split_only(ssl_npz, tmp_path, cli_main):
+    out = tmp_path / "train_only"
+    assert cli_main(["pretrain", "ssl", "--data", str(ssl_npz), "--arch", "test_resnet", "--out", str(out),
+                     "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--splits", "train"]) == 0
+    t = json.loads((out / "source.json").read_text())["trained_on"]
+    assert t["splits_used"] == ["train"] and t["counts"] == {"train": 48}
