@@ -29,6 +29,7 @@ def compare(
     Pass --data and any 'medxfer train' option (see 'medxfer train --help'); it applies to every run.
     """
     from rich import box
+    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -63,7 +64,8 @@ def compare(
         table.add_column(name, justify="right", no_wrap=True)
     for row in lib.table_rows(result):
         table.add_row(*(escape(c.replace(" ± ", "±")) for c in row[:6]))  # rows like "full [src]" are not markup  # fits 80 columns
-    out.print(table)
+    # rows like 'full [efficientnet_lite0.in1k]' need more than 80 columns: do not truncate them in logs
+    (out if out.is_terminal else Console(width=max(out.width, 140))).print(table)
     pt = result["paired_test"] or {}
     out.print(escape(pt.get("conclusion") or pt.get("skipped") or ""), highlight=False)
     if "learning_curve" in result:
