@@ -20,8 +20,8 @@ Comparisons:
    like-for-like with the peer) vs ``peer.py --mode frozen --epochs 20``. Each medxfer run gets an
    empty feature cache (a fresh ``--cache-dir``), so features are extracted once per run, never read
    from an earlier one. Targets: wall time >= 10x shorter, test AUC >= the peer's.
-2. ``full``: medxfer ``train --strategy full --epochs 3 --augment none --weight-decay 0.01`` (head lr
-   1e-3, backbone 1e-4 = the peer's; medxfer keeps its 1-epoch warm-up + cosine schedule and picks the
+2. ``full``: medxfer ``train --strategy full --epochs 3 --augment none --weight-decay 0.01 --lr 0.001``
+   (head lr 1e-3, backbone 1e-4 = the peer's, not medxfer's default head 1e-2; medxfer keeps its 1-epoch warm-up + cosine schedule and picks the
    best validation epoch) vs ``peer.py --mode full --epochs 3``: training images/s, peak RSS (target
    <= peer + 20%), test AUC (within 0.01).
 3. ``predict``: ``Predictor(engine="onnx")`` vs ``engine="torch"`` on the 624 test images at batch 64,
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         full_runs = alternate("full", {
             "medxfer_full": lambda i: medxfer_train(data, work / f"full_{i}", work / f"cache_full_{i}",
                                                     ["--strategy", "full", "--epochs", str(full_epochs),
-                                                     "--augment", "none", "--weight-decay", "0.01"], log),
+                                                     "--augment", "none", "--weight-decay", "0.01",
+                                                     "--lr", "0.001"], log),
             "peer_full": lambda i: peer_train(data, "full", full_epochs, None, log),
         })
         result["results"]["full"] = summarize(full_runs, "peer_full", f"{full_epochs} epochs")

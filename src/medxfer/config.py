@@ -24,7 +24,9 @@ MAX_AUTO_EPOCHS = 60
 # Early stopping waits at least this many optimiser steps without improvement: on a tiny train set
 # (one step per epoch) 10 epochs of patience would stop a run before it has learned anything
 MIN_PATIENCE_STEPS = 60
-DEFAULT_LR = {"linear-probe": 1e-3, "partial": 1e-3, "full": 1e-3, "scratch": 2e-3}
+# full: head 1e-2, backbone 1e-3 (x backbone_lr_mult 0.1), chosen on validation AUC over head 1e-3
+# (backbone 1e-4): BreastMNIST 3 seeds 0.917 vs 0.895, PneumoniaMNIST 0.996 vs 0.988 (64 px)
+DEFAULT_LR = {"linear-probe": 1e-3, "partial": 1e-3, "full": 1e-2, "scratch": 2e-3}
 
 
 @dataclass(frozen=True)
