@@ -37,3 +37,40 @@ def test_shard_gives_disjoint_equal_shares():
     assert len(parts[0]) == len(parts[1]) == 6  # padded so both ranks take the same number of steps
     assert set(parts[0].tolist()) | set(parts[1].tolist()) == set(range(11))
     assert len(set(parts[0].tolist()) & set(parts[1].tolist())) <= 1
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line contains ``marker`` (Linux /proc), like a crashed node."""
+    import signal
+    from pathlib import Path
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone already
+
+
+def test_ddp_run_killed_mid_training_resumes(small_npz, tmp_path):
+    """Kill every process of a torchrun run once a checkpoint exists; --resume under DDP finishes the run."""
+    import time
+
+    out = tmp_path / "ddp_resume"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "medxfer", "train", "--devices", "2", "--data", str(small_npz), "--source",
+           "test_resnet", "--weights", "none", "--strategy", "full", "--epochs", "30", "--image-size", "32",
+           "--bootstrap", "0", "--no-report", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    _kill_all(str(out))  # launcher, torchrun and both workers (elastic starts workers in their own groups)
+    proc.wait()
+    assert (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 31))  # every epoch once: none lost, none repeated
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    assert not (out / "checkpoint.pt").exists()
