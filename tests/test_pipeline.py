@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -121,6 +122,7 @@ def test_demo_runs_the_three_strategies_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--image-size", "32", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "Does transfer help?" in text
+    assert re.search(r"\(\d\.\d{3}-\d\.\d{3}\)", text) and "…" not in text  # CIs printed whole in a pipe
     for strategy in ("linear-probe", "full", "scratch"):
         assert strategy in text and (tmp_path / strategy / "metrics.json").is_file()
     config = yaml.safe_load((tmp_path / "scratch" / "config.yaml").read_text())

@@ -247,8 +247,16 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
         ci = f" ({t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f})" if t.get("auc_ci") else ""
         table.add_row(strategy, f"{t['auc']:.3f}{ci}", f"{t['balanced_accuracy']:.3f}", f"{t['sensitivity']:.3f}",
                       f"{t['specificity']:.3f}", f"{m['train_seconds']:.0f}")
-    out.print(table, width=max(out.width, 100))  # CIs stay whole in logs and pipes (80 columns)
+    print_wide(table, 100)  # CIs stay whole in logs and pipes
     out.print(f"Threshold chosen on validation (Youden). Runs in {out_dir}/<strategy>.")
+
+
+def print_wide(renderable, width: int) -> None:
+    """Print to stdout at least ``width`` columns wide when it is not a terminal (logs and pipes default
+    to 80 columns, which cuts table cells); on a terminal, its own width."""
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=max(out.width, width))).print(renderable)
 
 
 def _register_commands() -> None:

@@ -29,12 +29,11 @@ def compare(
     Pass --data and any 'medxfer train' option (see 'medxfer train --help'); it applies to every run.
     """
     from rich import box
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from medxfer import compare as lib
-    from medxfer.cli import console, make_config, out, run_training
+    from medxfer.cli import console, make_config, out, print_wide, run_training
     from medxfer.commands.cv import train_options
     from medxfer.errors import MedxferError
 
@@ -64,8 +63,7 @@ def compare(
         table.add_column(name, justify="right", no_wrap=True)
     for row in lib.table_rows(result):
         table.add_row(*(escape(c.replace(" ± ", "±")) for c in row[:6]))  # rows like "full [src]" are not markup  # fits 80 columns
-    # rows like 'full [efficientnet_lite0.in1k]' need more than 80 columns: do not truncate them in logs
-    (out if out.is_terminal else Console(width=max(out.width, 140))).print(table)
+    print_wide(table, 140)  # rows like 'full [efficientnet_lite0.in1k]' need more than 80 columns
     pt = result["paired_test"] or {}
     out.print(escape(pt.get("conclusion") or pt.get("skipped") or ""), highlight=False)
     if "learning_curve" in result:
