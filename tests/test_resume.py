@@ -106,6 +106,18 @@ def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not (run / runs.CHECKPOINT).exists()
     assert res["strategies"]["scratch"]["test_auc"]["values"][0] is not None
 
+    # an interrupted run of another configuration, or --retrain: its checkpoint is discarded, not resumed
+    for changed, retrain in ((base.replace(lr=0.05), False), (base, True)):
+        with pytest.raises(Stop):
+            compare(changed, ["scratch"], [0], tmp_path / "other", log=quiet, resume=not retrain,
+                    train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
+        logged = []
+        compare(changed if retrain else base, ["scratch"], [0], tmp_path / "other", log=logged.append,
+                resume=not retrain)
+        assert any("discarding an interrupted run's checkpoint" in m for m in logged)
+        assert pd.read_csv(tmp_path / "other" / "scratch" / "seed0" / "history.csv")["epoch"].tolist() == [1, 2]
+        (tmp_path / "other" / "scratch" / "seed0" / "metrics.json").unlink()  # the next round starts unfinished
+
 
 def test_source_from_a_run_with_default_epochs(tiny_run, tmp_path):
     """A run trained with the default epochs has epochs: null in config.yaml; the source records the epochs run."""

@@ -190,14 +190,32 @@ def _run(cfg: TrainConfig, train_fn, log, resume: bool) -> dict:
     else:
         if Path(cfg.out, "metrics.json").exists():
             log(f"{cfg.out}: retraining ({why or 'asked to retrain'})")
-        if resume and Path(cfg.out, runs.CHECKPOINT).exists():  # an interrupted run: go on from its last epoch
-            log(f"{cfg.out}: resuming an interrupted run")
-            cfg = cfg.replace(resume=True)
+        checkpoint = Path(cfg.out, runs.CHECKPOINT)
+        if checkpoint.exists():  # an interrupted run: go on from its last epoch if it is this configuration
+            why_not = "asked to retrain" if not resume else _not_resumable(checkpoint, cfg)
+            if why_not:
+                log(f"{cfg.out}: discarding an interrupted run's checkpoint ({why_not})")
+                checkpoint.unlink()
+            else:
+                log(f"{cfg.out}: resuming an interrupted run")
+                cfg = cfg.replace(resume=True)
         train_fn(cfg)
     out = _load(Path(cfg.out))
     out["dir"] = str(cfg.out)
     out["reused"] = bool(done and resume)
     return out
+
+
+def _not_resumable(checkpoint: Path, cfg: TrainConfig) -> str:
+    """'' when ``checkpoint`` was written by a run of this configuration, else why not."""
+    from medxfer.engine.trainer import CHECKPOINT_FORMAT
+
+    try:
+        saved = runs.read_checkpoint(checkpoint, CHECKPOINT_FORMAT, "training").get("signature", {})
+    except MedxferError as e:
+        return str(e)
+    diff = sorted(k for k, v in cfg.training_signature().items() if saved.get(k) != v)
+    return f"config differs: {', '.join(diff[:4])}" if diff else ""
 
 
 def _check_same_split(loaded: dict) -> None:

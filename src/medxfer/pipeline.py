@@ -137,14 +137,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     epochs = cfg.epochs_for(int(part["train"].sum()), ctx.world)
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(epochs)
+    n_train = int(part["train"].sum())
     settings = FitSettings(epochs=epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience_for(int(part["train"].sum()), ctx.world),
-                           ema_epochs=cfg.ema_epochs,
-                           class_weights=weights,
+                           warmup_epochs=cfg.warmup_epochs, patience=cfg.patience_for(n_train, ctx.world),
+                           ema_epochs=cfg.ema_epochs, class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
     settings.checkpoint, settings.resume = checkpoint, cfg.resume
-    settings.signature = {**cfg.training_signature(), "epochs": epochs, "n_train": int(part["train"].sum()),
-                          "world": ctx.world}
+    settings.signature = {**cfg.training_signature(), "epochs": epochs, "n_train": n_train, "world": ctx.world}
     groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
                           backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
     if cfg.compile:
