@@ -514,7 +514,7 @@ def table_rows(result: dict) -> list[list[str]]:
     return [[s] + [mean_sd(summ[key], d) for key, _, d in TABLE_COLUMNS] for s, summ in result["strategies"].items()]
 
 
-def _sources_text(source) -> str:
+def sources_text(source) -> str:
     return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
 
 
@@ -538,7 +538,7 @@ def render_html(result: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .paired{{background:#f4f8fb;border-left:4px solid #4a7fb0;padding:0.6em 1em}}</style></head><body>
-<h1>Strategy comparison: {e(_sources_text(st['source']))} on {e(str(st['data']))}</h1>
+<h1>Strategy comparison: {e(sources_text(st['source']))} on {e(str(st['data']))}</h1>
 <p>{len(st['seeds'])} seeds per strategy ({e(', '.join(map(str, st['seeds'])))}), one split
 ({e(st['split'])}), test split: {e(str(st['n_test']))} images, positive class {e(str(st['positive_label']))}.
 Threshold chosen on validation ({e(str(st['threshold_rule']))}). Values: mean ± sd over seeds.</p>

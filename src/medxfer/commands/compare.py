@@ -56,13 +56,13 @@ def compare(
 
     st = result["settings"]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
-                  title=f"{lib._sources_text(st['source'])} on {st['data']}: test split, mean ± sd over seeds "
+                  title=f"{lib.sources_text(st['source'])} on {st['data']}: test split, mean ± sd over seeds "
                         f"{st['seeds']}")
     table.add_column("strategy" if source_list is None else escape("strategy [source]"), no_wrap=True)
     for name in ("AUC", "bal. acc", "sens", "spec", "train s"):  # total s: in comparison.json / .html
         table.add_column(name, justify="right", no_wrap=True)
     for row in lib.table_rows(result):
-        table.add_row(*(escape(c.replace(" ± ", "±")) for c in row[:6]))  # rows like "full [src]" are not markup  # fits 80 columns
+        table.add_row(*(escape(c.replace(" ± ", "±")) for c in row[:6]))  # "full [src]" is text, not markup
     print_wide(table, 140)  # rows like 'full [efficientnet_lite0.in1k]' need more than 80 columns
     pt = result["paired_test"] or {}
     out.print(escape(pt.get("conclusion") or pt.get("skipped") or ""), highlight=False)

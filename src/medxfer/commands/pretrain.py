@@ -69,7 +69,7 @@ def ssl(
     name: Optional[str] = typer.Option(None, help="Source name (default: the directory's name)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (last completed epoch)."),
 ):
-    """Self-supervised pretraining on unlabelled images (train+val, never test); keep the backbone as a source."""
+    """Self-supervised pretraining on unlabelled images (--splits, never test); keep the backbone as a source."""
     from medxfer.cli import _split_list
     from medxfer.pretrain.ssl import SSLConfig, pretrain_ssl
 
