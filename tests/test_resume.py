@@ -4,6 +4,7 @@ uninterrupted one ends; the same for supervised pretraining."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -135,3 +136,32 @@ def test_source_from_a_run_with_default_epochs(tiny_run, tmp_path):
     meta = source_from_run(run, tmp_path / "src")
     ran = json.loads((run / "metrics.json").read_text())["epochs_run"]
     assert meta["trained_on"]["epochs"] == ran == len(pd.read_csv(run / "history.csv"))
+
+
+def test_cv_resume_continues_the_interrupted_fold(small_npz, tmp_path):
+    from medxfer.cv import cross_validate
+
+    base = TrainConfig(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
+                       bootstrap=20, report=False, label_names=("malignant", "benign"), strategy="full")
+    with pytest.raises(Stop):
+        cross_validate(base, 3, tmp_path, log=quiet, train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
+    assert (tmp_path / "fold_0" / runs.CHECKPOINT).exists()
+    with pytest.raises(Exception, match="--resume"):  # without --resume the checkpoint is not overwritten
+        cross_validate(base, 3, tmp_path, log=quiet)
+    seen = []
+
+    def record(cfg):
+        seen.append((Path(cfg.out).name, cfg.resume))
+        return train(cfg, log=quiet)
+
+    report = cross_validate(base.replace(resume=True), 3, tmp_path, log=quiet, train_fn=record)
+    assert seen == [("fold_0", True), ("fold_1", False), ("fold_2", False)]  # only the interrupted fold resumes
+    assert pd.read_csv(tmp_path / "fold_0" / "history.csv")["epoch"].tolist() == [1, 2]
+    assert len(report["per_fold"]) == 3
+
+
+def test_compare_refuses_resume_it_does_by_itself(small_npz, tmp_path, capsys):
+    argv = ["compare", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none", "--strategies",
+            "scratch", "--seeds", "0", "--resume", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "by itself" in capsys.readouterr().err

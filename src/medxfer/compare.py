@@ -214,7 +214,8 @@ def _not_resumable(checkpoint: Path, cfg: TrainConfig) -> str:
         saved = runs.read_checkpoint(checkpoint, CHECKPOINT_FORMAT, "training").get("signature", {})
     except MedxferError as e:
         return str(e)
-    diff = sorted(k for k, v in cfg.training_signature().items() if saved.get(k) != v)
+    now = cfg.training_signature()  # the checkpoint adds what the data decide (epochs, n_train, world)
+    diff = runs.changed_settings({k: v for k, v in saved.items() if k in now}, now)
     return f"config differs: {', '.join(diff[:4])}" if diff else ""
 
 

@@ -126,7 +126,9 @@ def cross_validate(cfg, folds: int, out: str | Path, log=print, train_fn=None) -
         split_file = out / "splits" / f"fold_{i}.csv"
         runs.write_csv(split_file, pd.DataFrame({"sample_id": ids, "split": fold_split(fold, i, folds)}))
         log(f"fold {i + 1}/{folds}: test on part {i}, validate on part {(i + 1) % folds}")
-        result = train_fn(cfg.replace(split_file=str(split_file), out=str(out / f"fold_{i}")))
+        fold_dir = out / f"fold_{i}"
+        resume = cfg.resume and (fold_dir / runs.CHECKPOINT).exists()  # --resume: go on where a fold stopped
+        result = train_fn(cfg.replace(split_file=str(split_file), out=str(fold_dir), resume=resume))
         m = result["metrics"]
         per_fold.append({"fold": i, "run_dir": str(result.get("run_dir", out / f"fold_{i}")),
                          "n_test": m["test"].get("n"), "best_epoch": m.get("best_epoch"),

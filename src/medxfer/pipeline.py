@@ -134,10 +134,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     precision = resolve_precision(cfg.precision, ctx.device)
     counts = torch.bincount(y[part["train"]], minlength=len(labels)).float()
     weights = (counts.sum() / (len(labels) * counts.clamp(min=1))) if cfg.class_weights == "balanced" else None
-    epochs = cfg.epochs_for(int(part["train"].sum()), ctx.world)
+    n_train = int(part["train"].sum())
+    epochs = cfg.epochs_for(n_train, ctx.world)
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(epochs)
-    n_train = int(part["train"].sum())
     settings = FitSettings(epochs=epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                            warmup_epochs=cfg.warmup_epochs, patience=cfg.patience_for(n_train, ctx.world),
                            ema_epochs=cfg.ema_epochs, class_weights=weights,

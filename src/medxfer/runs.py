@@ -95,6 +95,11 @@ def read_checkpoint(path: Path | None, fmt: str, kind: str) -> dict:
     return ckpt
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's recorded settings and the current ones (sorted)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
 def _jsonable(o):
     if hasattr(o, "item"):
         return o.item()

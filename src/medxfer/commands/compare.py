@@ -43,6 +43,9 @@ def compare(
     for key in ("strategy", "seed", "compile"):
         if options.pop(key, None) not in (None, False):
             raise MedxferError(f"medxfer compare sets --{key} itself: use --strategies / --seeds instead.")
+    if options.pop("resume", False):
+        raise MedxferError("medxfer compare resumes interrupted runs and reuses finished ones by itself: leave out "
+                           "--resume (use --retrain to start every run again).")
     source_list = lib.parse_sources(sources) if sources is not None else None
     if source_list is not None:
         if options.get("source") is not None:

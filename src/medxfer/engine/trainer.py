@@ -246,9 +246,10 @@ def load_train_checkpoint(path: Path | None, signature: dict) -> dict:
     """The checkpoint at ``path``, refused with a clear message when missing, damaged or from other settings."""
     ck = runs.read_checkpoint(path, CHECKPOINT_FORMAT, "training")
     saved = ck.get("signature", {})
-    for key in sorted(set(saved) | set(signature)):
-        if saved.get(key) != signature.get(key):
-            raise MedxferError(f"cannot resume from '{path}': '{key}' was {saved.get(key)!r} and is "
-                               f"{signature.get(key)!r} now. Resume with the run's own settings, or start again "
-                               "without --resume in a new --out.")
+    changed = runs.changed_settings(saved, signature)
+    if changed:
+        key = changed[0]
+        raise MedxferError(f"cannot resume from '{path}': '{key}' was {saved.get(key)!r} and is "
+                           f"{signature.get(key)!r} now. Resume with the run's own settings, or start again "
+                           "without --resume in a new --out.")
     return ck

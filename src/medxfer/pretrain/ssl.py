@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medxfer import runs
 from medxfer.errors import MedxferError
 from medxfer.pretrain.common import (CHECKPOINT, check_out_dir, init_record, load_checkpoint, save_checkpoint,
                                      unlabelled_images, write_source_dir, backbone_state_dict)
@@ -265,7 +266,7 @@ def pretrain_ssl(cfg: SSLConfig, log=print, progress=None) -> dict:
     ckpt = load_checkpoint(out / CHECKPOINT) if cfg.resume else None
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k in RESUME_KEYS}
     if ckpt is not None:
-        changed = [k for k in RESUME_KEYS if ckpt["settings"].get(k) != settings.get(k)]
+        changed = runs.changed_settings(ckpt["settings"], settings)
         if changed:
             k = changed[0]
             raise MedxferError(f"cannot resume: '{k}' was {ckpt['settings'].get(k)!r} in the checkpoint and is "
