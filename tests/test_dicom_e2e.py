@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 import medxfer.data.readers  # noqa: E402
 from medxfer.cli import main  # noqa: E402
-from medxfer.data.privacy import hash_id  # noqa: E402
+from medxfer.data.privacy import hash_id, sample_id  # noqa: E402
 
 N_PATIENTS, PER_PATIENT = 10, 3
 RAW_ID = "MRN-DOE-{:03d}"
@@ -136,10 +136,11 @@ def test_corrupt_file_skipped_and_listed(with_corrupt, tmp_path, capsys):
     assert main(train_args(folder, labels, out, tmp_path / "cache", "--on-bad-file", "skip")) == 0, \
         capsys.readouterr().err
     skipped = pd.read_csv(out / "skipped.csv")
-    assert len(skipped) == 1 and Path(skipped["file"][0]).resolve() == victim.resolve()
+    rel = victim.relative_to(folder).as_posix()
+    assert len(skipped) == 1 and skipped["sample_id"][0] == sample_id(rel) and list(skipped) == ["sample_id", "reason"]
     assert isinstance(skipped["reason"][0], str) and skipped["reason"][0]
     assert len(pd.read_csv(out / "split.csv")) == N_PATIENTS * PER_PATIENT - 1
-    assert "skipped 1 unreadable files" in capsys.readouterr().err
+    assert "skipped 1 unreadable samples" in capsys.readouterr().err
     no_raw_identifiers(out)
 
 
@@ -148,6 +149,7 @@ def test_corrupt_file_without_skip_exit_2_one_line(with_corrupt, tmp_path, capsy
     code = main(train_args(folder, labels, tmp_path / "run", tmp_path / "cache"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert err.startswith("medxfer: cannot read '") and victim.name in err and "--on-bad-file skip" in err
-    assert "MRN-DOE" not in err and "Doeqwerty" not in err
+    rel = victim.relative_to(folder).as_posix()
+    assert err.startswith(f"medxfer: cannot read sample {sample_id(rel)}") and "--on-bad-file skip" in err
+    assert victim.name not in err and "MRN-DOE" not in err and "Doeqwerty" not in err
     assert not (tmp_path / "run").exists()

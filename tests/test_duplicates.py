@@ -54,7 +54,8 @@ def test_refused_with_one_line_message_unless_allowed():
     with pytest.raises(MedxferError) as info:
         check_duplicates(m, imgs, allow=False)
     assert str(info.value) == ("2 images appear in more than one split (first: s0 (train) = s1 (test)). "
-                               "Remove the copies or pass --allow-duplicates.")
+                               "Remove the copies, or pass --duplicates drop-from-train (keeps val and test, drops "
+                               "the copies from train) or --duplicates allow.")
     logged = []
     groups = check_duplicates(m, imgs, allow=True, log=logged.append)
     assert len(groups) == 1 and len(logged) == 1 and "2 images appear in more than one split" in logged[0]
@@ -85,10 +86,13 @@ def test_files_same_bytes_vs_same_pixels(tmp_path):
                  ).to_csv(tmp_path / "m.csv", index=False)
     m = load_manifest(tmp_path / "m.csv")
     imgs = load_images(m, 16).images
+    from medxfer.data.privacy import sample_id
+
     groups = {g["sample_ids"][0]: g for g in find_cross_split_duplicates(m, imgs)}
-    assert set(groups) == {"a.png", "b_resaved.png"}
-    assert groups["a.png"]["match"] == "file" and groups["a.png"]["splits"] == ["train", "test"]
-    assert groups["b_resaved.png"]["match"] == "pixels"
+    a, b = sample_id("a.png"), sample_id("b_resaved.png")
+    assert set(groups) == {a, b}
+    assert groups[a]["match"] == "file" and groups[a]["splits"] == ["train", "test"]
+    assert groups[b]["match"] == "pixels"
 
 
 @pytest.mark.parametrize("path, n_groups, n_images, pair", [

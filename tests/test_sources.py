@@ -9,7 +9,7 @@ from PIL import Image
 
 from medxfer.cli import main
 from medxfer.data.loading import load_images
-from medxfer.data.privacy import hash_id
+from medxfer.data.privacy import hash_id, sample_id
 from medxfer.data.sources import load_manifest
 
 TRAIN = ["--source", "test_resnet", "--weights", "none", "--epochs", "1", "--image-size", "16"]
@@ -62,10 +62,10 @@ def test_class_folders_with_16_bit_png(class_folders):
     t = m.table
     assert m.labels == ["benign", "malignant"] and len(t) == 8
     assert t["label"].tolist() == [0] * 4 + [1] * 4 and not m.has_splits
-    assert any("ignored 1 files" in n and "notes.txt" in n for n in m.notes)
+    assert any("ignored 1 files" in n for n in m.notes) and not any("notes.txt" in n for n in m.notes)
     loaded = load_images(m, 16)
     assert str(loaded.images.dtype) == "torch.uint8" and tuple(loaded.images.shape) == (8, 1, 16, 16)
-    x16 = loaded.images[t.index[t["sample_id"] == "malignant/x16.png"][0], 0].numpy().astype(int)
+    x16 = loaded.images[t.index[t["sample_id"] == sample_id("malignant/x16.png")][0], 0].numpy().astype(int)
     row = x16[8]
     assert row[0] < 20 and row[-1] > 235                 # full 16-bit range kept, not cast to 8 bit
     assert (np.diff(row) >= 0).all() and len(np.unique(row)) > 10
@@ -95,7 +95,7 @@ def test_csv_manifest_relative_paths_patients_splits(tmp_path):
     t = m.table
     assert m.labels == ["cat", "dog"] and t["label"].tolist() == [0, 1] * 3
     assert t["path"].tolist() == [str((tmp_path / "sub" / f"{i}.png").resolve()) for i in range(6)]
-    assert t["sample_id"].tolist() == [f"sub/{i}.png" for i in range(6)]
+    assert t["sample_id"].tolist() == [sample_id(f"sub/{i}.png") for i in range(6)]  # pseudonymous
     assert t["patient_id"].tolist() == [hash_id(f"PAT-{i // 2}") for i in range(6)]
     assert m.has_splits and m.has_patients and t["split"].tolist() == [r["split"] for r in rows]
     assert load_images(m, 8).images.shape[0] == 6
@@ -103,7 +103,7 @@ def test_csv_manifest_relative_paths_patients_splits(tmp_path):
 
 def test_csv_manifest_missing_file_and_column(tmp_path, capsys):
     pd.DataFrame({"path": ["nope.png"], "label": [0]}).to_csv(tmp_path / "a.csv", index=False)
-    assert_one_line(*run_cli(capsys, "--data", str(tmp_path / "a.csv"), *TRAIN), "nope.png", "do not exist")
+    assert_one_line(*run_cli(capsys, "--data", str(tmp_path / "a.csv"), *TRAIN), "data row 1", "do not exist")
     pd.DataFrame({"file": ["x.png"], "label": [0]}).to_csv(tmp_path / "b.csv", index=False)
     assert_one_line(*run_cli(capsys, "--data", str(tmp_path / "b.csv"), *TRAIN), "lacks column(s) ['path']")
 

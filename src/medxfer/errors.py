@@ -18,19 +18,43 @@ class MedxferError(Exception):
 
 
 class BadFileError(MedxferError):
-    """An input file that cannot be read (corrupt, truncated, empty, unsupported, no pixel data).
+    """An input sample that cannot be read (corrupt, truncated, empty, unsupported, no pixel data,
+    non-finite pixels, too many pixels).
 
-    ``path`` and ``reason`` are kept apart so that ``--on-bad-file skip`` can list them in
-    ``skipped.csv``.
+    ``path`` (the file, or the npz it came from) and ``reason`` are kept apart so that
+    ``--on-bad-file skip`` can list the sample in ``skipped.csv``. The message never shows the path:
+    file names can hold patient names. It names the sample by ``sample`` (a pseudonymous id such as
+    ``s-3f1c9a0b2e7d4c11``, or ``train/000012`` for an npz row) and says how to find the file.
     """
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, sample: str | None = None, where: str | None = None):
+        from medxfer.data.privacy import sample_id
+
         self.path = str(path)
-        self.reason = reason
+        self.reason = _without(reason, self.path)
+        self.sample = sample or sample_id(self.path)
+        self.where = where
+        find = f" ({where})" if where else ""
         super().__init__(
-            f"cannot read '{self.path}' ({reason}). Fix or remove it, or pass --on-bad-file skip "
-            "to list it in skipped.csv and go on."
+            f"cannot read sample {self.sample}{find}: {self.reason}. Fix or remove it, or pass --on-bad-file "
+            "skip to list it in skipped.csv and go on."
+            + ("" if where or sample and "/" in sample else
+               " 'medxfer locate DATA SAMPLE_ID' prints which file it is.")
         )
+
+    def for_sample(self, sample: str, where: str | None = None) -> "BadFileError":
+        """The same error, naming the sample as the data set knows it."""
+        return BadFileError(self.path, self.reason, sample, where)
+
+
+def _without(text: str, path: str) -> str:
+    """``text`` with the file's path and name taken out (library messages often quote them)."""
+    from pathlib import Path
+
+    for part in (path, Path(path).name):
+        if part:
+            text = text.replace(part, "<file>")
+    return text
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

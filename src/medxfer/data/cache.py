@@ -91,6 +91,21 @@ class DecodeCache:
         text = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha256(f"{file_digest(path)}\n{text}".encode("utf-8")).hexdigest()
 
+    def check_writable(self) -> None:
+        """Refuse a cache folder that is a file or cannot be written, before any work starts."""
+        from medxfer.errors import MedxferError
+
+        if self.directory.exists() and not self.directory.is_dir():
+            raise MedxferError(f"--cache-dir '{self.directory}' is a file; give a folder (or --no-cache).")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise MedxferError(f"cannot write the decode cache '{self.directory}' ({e.strerror or type(e).__name__}). "
+                               "Pass --cache-dir DIR (a writable folder) or --no-cache.") from None
+
     def _entry(self, key: str) -> Path:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ValueError(f"not a DecodeCache key (lowercase hex): {key!r}")

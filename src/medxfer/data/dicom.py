@@ -148,16 +148,31 @@ def _decode(path: Path, ds, index: int | None) -> np.ndarray:
                 from pydicom.pixels import pixel_array
 
                 arr = pixel_array(ds, index=index)
-    except (RuntimeError, NotImplementedError) as err:
-        text = str(err).lower()
-        if "missing" in text or "plugin" in text or "no pixel data decoders" in text:
-            raise BadFileError(path, _codec_hint(ts_uid)) from None
-        raise BadFileError(path, "corrupt or truncated DICOM pixel data") from None
-    except Exception:  # corrupt pixel data surfaces as many exception types
-        raise BadFileError(path, "corrupt or truncated DICOM pixel data") from None
+    except Exception:  # corrupt pixel data surfaces as many exception types: find the real cause
+        raise BadFileError(path, _decode_failure(ts_uid)) from None
     if index is None and int(ds.get("NumberOfFrames") or 1) > 1:
         arr = arr[0]
     return arr
+
+
+def _decode_failure(ts_uid: str) -> str:
+    """Why decoding failed: no decoder exists for this transfer syntax (video, ...), its codec package is
+    not installed, or the data is corrupt (a decoder was there and could not read it)."""
+    try:
+        from pydicom.pixels import get_decoder
+        from pydicom.uid import UID
+
+        name = UID(ts_uid).name if ts_uid else "unknown transfer syntax"
+        decoder = get_decoder(ts_uid)
+    except NotImplementedError:
+        return (f"unsupported DICOM transfer syntax '{name}': no decoder exists for it (video and other encodings "
+                "are not images medxfer reads); export the frames as images")
+    except Exception:  # noqa: BLE001 - an invalid or missing UID
+        return f"corrupt or truncated DICOM pixel data (transfer syntax {ts_uid or 'missing'})"
+    if not decoder.is_available:
+        return _codec_hint(ts_uid)
+    compressed = ts_uid not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+    return f"corrupt or truncated {'compressed ' if compressed else ''}DICOM pixel data ({name})"
 
 
 def _voi_lut_sequence(arr: np.ndarray, ds):
@@ -338,13 +353,14 @@ def dicom_folder_manifest(folder: Path, labels_csv: Path | None, *, label_key: s
 
     if labels is not None:
         unused = [k for k in labels.index if k not in used]
-        if unused:
-            shown = f" (first: {', '.join(repr(u) for u in unused[:3])})" if key == "path" else ""
+        if unused:  # keys are paths or UIDs: counted, not shown
             warnings.warn(f"{len(unused)} rows of labels file '{labels_csv}' match no DICOM file "
-                          f"under '{folder}'{shown}.", stacklevel=2)
+                          f"under '{folder}'.", stacklevel=2)
     skipped_df = pd.DataFrame(skipped, columns=["file", "reason"])
     if skipped and on_unlabelled == "error":
-        first = ", ".join(f"'{f}' ({r})" for f, r in skipped[:3])
+        from medxfer.data.privacy import sample_id
+
+        first = ", ".join(f"{sample_id(f)} ({r})" for f, r in skipped[:3])
         how = ("add rows for them to the labels file" if labels_csv is not None
                else "put them in a sub-folder named after their label")
         raise MedxferError(

@@ -2,10 +2,15 @@
 
 Usage::
 
-    from medxfer.data.duplicates import check_duplicates, find_cross_split_duplicates
+    from medxfer.data.duplicates import handle_duplicates, find_cross_split_duplicates
 
     groups = find_cross_split_duplicates(manifest, images_uint8)   # rows of manifest <-> images
-    check_duplicates(manifest, images_uint8, allow=cfg.allow_duplicates, log=log)
+    keep, table = handle_duplicates(manifest, images_uint8, policy="drop-from-train", log=log)
+
+Policies (``--duplicates``): ``drop-from-train`` (default) keeps the published val and test sets as
+they are and removes the copies from train (and from val when the copy is in test); ``refuse``
+stops with one line; ``allow`` keeps every copy and warns. Whatever the policy, the groups found
+are listed in ``duplicates.csv`` with what was done to each member.
 
 An image is a duplicate of another when its decoded, resized uint8 pixels (what the model sees)
 are byte-identical. Identical files always decode to identical pixels, so the pixel hash finds
@@ -25,11 +30,12 @@ import hashlib
 
 import numpy as np
 
-from medxfer.errors import MedxferError
+from medxfer.errors import MedxferError, did_you_mean
 
-__all__ = ["check_duplicates", "find_cross_split_duplicates", "pixel_hashes"]
+__all__ = ["POLICIES", "check_duplicates", "find_cross_split_duplicates", "handle_duplicates", "pixel_hashes"]
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+POLICIES = ("drop-from-train", "refuse", "allow")
 
 
 def pixel_hashes(images) -> list[str]:
@@ -75,6 +81,7 @@ def find_cross_split_duplicates(manifest, images_uint8) -> list[dict]:
         first = members[0]
         second = next(i for i in members if splits[i] != splits[first])
         groups.append({
+            "rows": [int(i) for i in members],
             "sample_ids": [str(ids[i]) for i in members],
             "splits": [str(splits[i]) for i in members],
             "labels": [_label_name(manifest.labels, labels[i]) for i in members],
@@ -102,9 +109,48 @@ def check_duplicates(manifest, images, allow: bool, log=print) -> list[dict]:
     if conflicts:
         what += f"; {conflicts} of the {len(groups)} groups carry different labels"
     if not allow:
-        raise MedxferError(f"{what}. Remove the copies or pass --allow-duplicates.")
+        raise MedxferError(f"{what}. Remove the copies, or pass --duplicates drop-from-train (keeps val and test, "
+                           "drops the copies from train) or --duplicates allow.")
     log(f"warning: {what}; kept because duplicates are allowed: test metrics may be optimistic")
     return groups
+
+
+def handle_duplicates(manifest, images, policy: str = "drop-from-train", log=print):
+    """Apply ``policy`` to the cross-split duplicates -> (bool keep mask per row, duplicates table).
+
+    The table (one row per member of every group: ``group, sample_id, split, label, match, action``)
+    is empty when there are none; it is written to ``duplicates.csv``.
+    """
+    import pandas as pd
+
+    if policy not in POLICIES:
+        raise MedxferError(f"The 'duplicates' parameter must be one of {list(POLICIES)}. Got '{policy}' instead."
+                           f"{did_you_mean(str(policy), POLICIES)}")
+    keep = np.ones(len(manifest.table), bool)
+    if policy == "refuse":
+        check_duplicates(manifest, images, allow=False, log=log)
+        return keep, pd.DataFrame(columns=["group", "sample_id", "split", "label", "match", "action"])
+    groups = find_cross_split_duplicates(manifest, images)
+    rows = []
+    for g, group in enumerate(groups):
+        top = max(SPLIT_ORDER.get(s, 0) for s in group["splits"])  # the copy in the latest split is kept
+        for r, sid, split, label in zip(group["rows"], group["sample_ids"], group["splits"], group["labels"]):
+            drop = policy == "drop-from-train" and SPLIT_ORDER.get(split, 0) < top
+            keep[r] = not drop
+            rows.append({"group": g, "sample_id": sid, "split": split, "label": label, "match": group["match"],
+                         "action": f"dropped from {split}" if drop else "kept"})
+    table = pd.DataFrame(rows, columns=["group", "sample_id", "split", "label", "match", "action"])
+    if groups:
+        n = sum(g["count"] for g in groups)
+        conflicts = sum(len(set(g["labels"])) > 1 for g in groups)
+        what = (f"{n} images in {len(groups)} groups appear in more than one split"
+                + (f" ({conflicts} groups with different labels)" if conflicts else ""))
+        if policy == "allow":
+            log(f"warning: {what}; kept (--duplicates allow): test metrics may be optimistic (duplicates.csv)")
+        else:
+            log(f"{what}: {int((~keep).sum())} copies dropped from train/val, the val and test sets kept as "
+                "published (duplicates.csv; --duplicates refuse|allow to change)")
+    return keep, table
 
 
 def _label_name(names, value) -> str:

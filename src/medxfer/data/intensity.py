@@ -15,6 +15,7 @@ allowed and what was given.
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -23,10 +24,19 @@ import numpy as np
 
 from medxfer.errors import BadFileError, MedxferError, did_you_mean
 
-#: 2D images above this many pixels are refused (16384 * 16384): decompression bombs.
-MAX_PIXELS = 2**28
-#: Volumes (NIfTI, .npy) above this many voxels are refused.
-MAX_VOXELS = 2**31
+#: 2D images above this many pixels (8192 x 8192) are refused from their header, before decoding:
+#: decompression bombs (a 746 KB PNG can claim 16000 x 16000 pixels). ``MEDXFER_MAX_PIXELS`` raises it.
+MAX_PIXELS = int(os.environ.get("MEDXFER_MAX_PIXELS", 2**26))
+#: Volumes (NIfTI, .npy) above this many voxels (e.g. 512 x 512 x 1024) are refused from their header.
+MAX_VOXELS = int(os.environ.get("MEDXFER_MAX_VOXELS", 2**28))
+
+
+class NonFinitePixels(ValueError):
+    """An image holds NaN or infinite values: there is no honest way to scale it."""
+
+    def __init__(self, count: int, total: int):
+        self.count, self.total = count, total
+        super().__init__(f"{count} of {total} pixels are non-finite (NaN or inf)")
 
 
 def check_pixels(path, *shape: int, limit: int = MAX_PIXELS) -> None:
@@ -34,7 +44,7 @@ def check_pixels(path, *shape: int, limit: int = MAX_PIXELS) -> None:
     if math.prod(int(s) for s in shape) > limit:
         raise BadFileError(
             path, f"image of {'x'.join(str(s) for s in shape)} pixels is above the limit of "
-            f"{limit} pixels (possible decompression bomb)"
+            f"{limit} pixels (possible decompression bomb; set MEDXFER_MAX_PIXELS to allow larger images)"
         )
 
 
@@ -171,28 +181,27 @@ def to_unit_range(arr: np.ndarray, opts, *, dicom_window=None) -> np.ndarray:
     ``dicom_window`` = (center, width[, VOILUTFunction]) given), else ``opts.intensity``:
     'auto' divides uint8 by 255 (bool -> 0/1) and min-max scales everything else (uint16, int,
     float: the whole image, all channels together); 'minmax'; 'pA-pB' clips at those
-    percentiles. A constant image gives zeros, never NaN.
+    percentiles. A constant image gives zeros, never NaN. An image with NaN or inf pixels raises
+    :class:`NonFinitePixels` (callers name the sample): it is refused or skipped, never blanked.
     """
+    arr = np.asarray(arr)
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        raise NonFinitePixels(int((~np.isfinite(arr)).sum()), int(arr.size))
     window = parse_window(opts.window)
     if window == "auto":
         window = dicom_window
     if window is not None:
         return apply_window(arr, *window)
     mode = parse_intensity(opts.intensity)
-    arr = np.asarray(arr)
     if mode == "auto" and arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
     if mode == "auto" and arr.dtype == np.bool_:
         return arr.astype(np.float32)
     x = arr.astype(np.float32 if arr.dtype.itemsize <= 2 else np.float64)
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        x = np.where(np.isfinite(x), x, np.nan)
-    if not np.isfinite(x).any():
-        return np.zeros(x.shape, np.float32)
     if mode in ("auto", "minmax"):
-        low, high = float(np.nanmin(x)), float(np.nanmax(x))
+        low, high = float(x.min()), float(x.max())
     else:
-        low, high = (float(v) for v in np.nanpercentile(x, mode))
+        low, high = (float(v) for v in np.percentile(x, mode))
     return _scale(x, low, high)
 
 

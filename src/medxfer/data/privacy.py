@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-__all__ = ["DEFAULT_SALT", "default_salt", "hash_id"]
+__all__ = ["DEFAULT_SALT", "default_salt", "hash_id", "sample_id"]
 
 #: Public, NOT secret: the salt used when neither ``salt=`` nor ``$MEDXFER_SALT`` is given.
 DEFAULT_SALT = "medxfer-public-salt-v1"
@@ -47,3 +47,16 @@ def hash_id(value: str, salt: str | None = None) -> str:
     text = str(value).strip()
     digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).hexdigest()
     return "p-" + digest[:12]
+
+
+def sample_id(text: str, salt: str | None = None) -> str:
+    """Pseudonymous, stable id of a sample known by a file path: ``'s-'`` + 16 hex characters.
+
+    File names can carry patient names (``Doe_Jane_19700101.dcm``): outputs, reports and messages
+    name samples by this id (plus an index) and never by the path. ``text`` is the path relative
+    to the data root (or as the user gave it), so the id survives moving the data folder.
+    """
+    if salt is None:
+        salt = default_salt()
+    digest = hashlib.sha256(f"{salt}\x00sample\x00{text}".encode("utf-8")).hexdigest()
+    return "s-" + digest[:16]

@@ -36,6 +36,7 @@ import numpy as np
 from medxfer.data.intensity import (
     MAX_PIXELS,
     MAX_VOXELS,
+    NonFinitePixels,
     check_pixels,
     parse_frame,
     parse_intensity,
@@ -92,12 +93,18 @@ class ReadOptions:
         return asdict(self)
 
 
-def read_image(path: str | Path, opts: ReadOptions = ReadOptions()) -> np.ndarray:
+def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | None = None) -> np.ndarray:
     """Read any supported file -> float32 array (C, H, W), C in {1, 3}, values in [0, 1].
 
+    ``size``: the side the image will be resized to. Images at least 4x larger are reduced while
+    decoding where the format allows (JPEG ``draft``, PIL ``reduce``: box averages down to at least
+    twice ``size``), so large photos cost little memory; every caller with the same ``size`` (train,
+    predict, export, serve) gets the same array.
+
     Raises BadFileError for a missing, empty, corrupt, truncated or unsupported file, a DICOM
-    without pixel data, a missing decompression codec (the reason names the pip package), and
-    images above :data:`MAX_PIXELS` pixels (decompression bombs).
+    without pixel data, a missing decompression codec (the reason names the pip package), images
+    above :data:`MAX_PIXELS` pixels (checked from the header, before decoding) and images with
+    NaN or infinite pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -105,11 +112,14 @@ def read_image(path: str | Path, opts: ReadOptions = ReadOptions()) -> np.ndarra
     if path.stat().st_size == 0:
         raise BadFileError(path, "empty file")
     reader = reader_for(path)
-    arr = reader.read(path, opts)
+    try:
+        arr = reader.read(path, opts) if size is None or not isinstance(reader, PILReader) else \
+            reader.read(path, opts, size=size)
+    except NonFinitePixels as e:
+        raise BadFileError(path, str(e)) from None
     if arr.ndim != 3 or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
         raise BadFileError(path, f"unexpected image shape {tuple(arr.shape)}")
-    arr = np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0))
+    return np.ascontiguousarray(np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0))
 
 
 class Reader:
@@ -133,7 +143,7 @@ class PILReader(Reader):
 
     suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
-    def read(self, path: Path, opts: ReadOptions) -> np.ndarray:
+    def read(self, path: Path, opts: ReadOptions, size: int | None = None) -> np.ndarray:
         from PIL import Image, ImageOps, UnidentifiedImageError
 
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -146,7 +156,15 @@ class PILReader(Reader):
                     n_frames = getattr(img, "n_frames", 1)
                     if n_frames > 1:
                         img.seek(select_frame(n_frames, opts.frame, path))
+                    factor = _reduce_factor(img.size, size)
+                    if factor > 1 and img.format == "JPEG":
+                        img.draft(img.mode, (img.width // factor, img.height // factor))
                     img.load()
+                    factor = _reduce_factor(img.size, size)  # draft may have done part of it
+                    if factor > 1 and img.mode.startswith("I;16"):
+                        img = img.convert("I")  # 16-bit: reduce works on 32-bit integers, full range kept
+                    if factor > 1 and img.mode in ("L", "RGB", "RGBA", "I", "F"):
+                        img = img.reduce(factor)
                     img = ImageOps.exif_transpose(img)
                     arr = self._to_array(img)
         except BadFileError:
@@ -174,6 +192,14 @@ class PILReader(Reader):
             same = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
             return rgb[..., 0] if same else rgb
         return np.asarray(img.convert("RGB"))
+
+
+def _reduce_factor(wh: tuple[int, int], size: int | None) -> int:
+    """Integer reduction keeping at least twice ``size`` on the short side (1: none)."""
+    if not size:
+        return 1
+    factor = min(wh) // (2 * int(size))
+    return factor if factor >= 2 else 1
 
 
 class DicomReader(Reader):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medxfer.data.manifest import SPLITS, Manifest, labels_from_values
+from medxfer.data.manifest import SPLITS, Manifest, check_split_values, labels_from_values
+from medxfer.data.privacy import hash_id, sample_id
 from medxfer.errors import MedxferError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".npy"}
@@ -28,7 +29,7 @@ def suffix_of(path: Path) -> str:
 
 
 def load_manifest(path: str | Path, *, label_names: list[str] | None = None, labels_csv: str | Path | None = None,
-                  label_column: str = "label") -> Manifest:
+                  label_column: str = "label", on_unlabelled: str = "error") -> Manifest:
     """Read ``path`` into a Manifest, choosing the source kind by what the path is."""
     path = Path(path)
     if not path.exists():
@@ -43,7 +44,7 @@ def load_manifest(path: str | Path, *, label_names: list[str] | None = None, lab
         raise MedxferError(f"data file '{path}' has suffix '{suffix}': medxfer reads .npz, .csv or .parquet "
                            "manifests, or a folder.")
     if labels_csv is not None:
-        return from_dicom_folder(path, Path(labels_csv), label_names)
+        return from_dicom_folder(path, Path(labels_csv), label_names, on_unlabelled=on_unlabelled)
     return from_folder(path, label_names)
 
 
@@ -62,7 +63,13 @@ def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
         )
     images, labels, split_col, ids = [], [], [], []
     for s in splits:
-        x, y = npz[f"{s}_images"], npz[f"{s}_labels"]
+        try:
+            x, y = npz[f"{s}_images"], npz[f"{s}_labels"]
+        except ValueError:  # object arrays need pickle, which is never allowed
+            raise MedxferError(f"npz '{path}' holds an object (pickled) array in {s}_images or {s}_labels, which "
+                               "medxfer never loads: save images and labels as numeric arrays.") from None
+        except (OSError, EOFError, KeyError) as e:
+            raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}): the archive is damaged.") from None
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1 or len(y) != len(x):
@@ -84,65 +91,93 @@ def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
     return Manifest(table, names, f"npz:{path}", arrays=arrays)
 
 
+def is_image_file(f: Path) -> bool:
+    """A file medxfer reads: a known suffix, or a DICOM file without one (``DICM`` preamble)."""
+    if not f.is_file() or f.name in IGNORED_NAMES or f.name.startswith("._") or f.name.startswith("."):
+        return False
+    if suffix_of(f) in IMAGE_SUFFIXES:
+        return True
+    from medxfer.data.dicom import has_dicom_preamble
+
+    return has_dicom_preamble(f)
+
+
 def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
-    """``root/<class>/*`` or ``root/{train,val,test}/<class>/*``; class names are folder names."""
+    """``root/<class>/*`` or ``root/{train,val,test}/<class>/*``; class names are folder names.
+
+    Samples are named by :func:`medxfer.data.privacy.sample_id` of their path relative to ``root``
+    (file names can hold patient names). Empty class folders and non-image files are counted in the
+    manifest's notes (config.yaml, the log), never dropped silently.
+    """
     subdirs = {p.name for p in root.iterdir() if p.is_dir()}
     has_splits = "train" in subdirs and subdirs <= set(SPLITS)
-    rows, ignored = [], []
+    rows, ignored, empty = [], 0, []
     for split in (SPLITS if has_splits else (None,)):
         base = root / split if split else root
         if not base.is_dir():
             continue
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = 0
             for f in sorted(class_dir.rglob("*")):
-                if not f.is_file() or f.name in IGNORED_NAMES or f.name.startswith("._"):
+                if not f.is_file():
                     continue
-                if suffix_of(f) in IMAGE_SUFFIXES:
-                    rows.append({"path": str(f.resolve()), "label_raw": class_dir.name, "split": split,
-                                 "sample_id": str(f.relative_to(root))})
-                else:
-                    ignored.append(str(f.relative_to(root)))
+                if is_image_file(f):
+                    rel = f.relative_to(root).as_posix()
+                    rows.append({"sample_id": sample_id(rel), "path": str(f.resolve()), "label_raw": class_dir.name,
+                                 "split": split})
+                    found += 1
+                elif f.name not in IGNORED_NAMES:
+                    ignored += 1
+            if not found:
+                empty.append(f"{split}/{class_dir.name}" if split else class_dir.name)
     if not rows:
         raise MedxferError(f"folder '{root}' has no images in class sub-folders (e.g. {root}/benign/001.png). "
-                           f"Readable suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}.")
+                           f"Readable suffixes: {', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files without a suffix.")
     table = pd.DataFrame(rows)
     y, names = labels_from_values(table.pop("label_raw"), label_names, f"'{root}'")
     table["label"] = y
     m = Manifest(table, names, f"folder:{root}")
     if ignored:
-        m.notes.append(f"ignored {len(ignored)} files that are not images (first: {ignored[0]})")
+        m.notes.append(f"ignored {ignored} files that are not images (by suffix and content)")
+    if empty:
+        m.notes.append(f"warning: {len(empty)} class folder(s) hold no images and give no samples: {', '.join(empty)}")
     return m
 
 
 def from_table(path: Path, label_names: list[str] | None = None, label_column: str = "label") -> Manifest:
-    """A CSV/Parquet with ``path,label`` and optional ``patient_id``, ``split`` (paths relative to it)."""
+    """A CSV/Parquet with ``path,label`` and optional ``patient_id``, ``split`` (paths relative to it).
+
+    Other columns are kept (for ``--split-by COLUMN`` and subgroup results). Samples are named by
+    the pseudonymous :func:`medxfer.data.privacy.sample_id` of the ``path`` value; messages name
+    manifest rows by number, never by path.
+    """
     try:
         df = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except Exception as e:  # noqa: BLE001
-        raise MedxferError(f"cannot read manifest '{path}' ({type(e).__name__}: {str(e)[:120]}).") from e
+        raise MedxferError(f"cannot read manifest '{path}' ({type(e).__name__}).") from e
     missing_cols = [c for c in ("path", label_column) if c not in df.columns]
     if missing_cols:
         raise MedxferError(f"manifest '{path}' lacks column(s) {missing_cols}; it has {list(df.columns)}. "
                            f"Needed: path,{label_column}; optional: patient_id, split.")
     files = [(path.parent / p).resolve() for p in df["path"].astype(str)]
-    absent = [str(p) for p, f in zip(df["path"], files) if not f.exists()]
+    absent = [i for i, f in enumerate(files) if not f.exists()]
     if absent:
-        raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: '{absent[0]}'); paths are "
-                           "relative to the manifest's folder. Fix the paths or remove those rows.")
+        raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: data row {absent[0] + 1}); "
+                           "paths are relative to the manifest's folder. Fix the paths or remove those rows.")
     y, names = labels_from_values(df[label_column], label_names, f"'{path}'")
-    table = pd.DataFrame({"sample_id": df["path"].astype(str), "path": [str(f) for f in files], "label": y})
+    rel = df["path"].astype(str)
+    table = pd.DataFrame({"sample_id": [sample_id(p) for p in rel], "path": [str(f) for f in files], "label": y})
     if "patient_id" in df:
-        from medxfer.data.privacy import hash_id
-
-        table["patient_id"] = [hash_id(v) for v in df["patient_id"].astype(str)]  # never kept in clear
+        table["patient_id"] = [hash_id(v) if pd.notna(v) and str(v).strip() else None for v in df["patient_id"]]
     if "split" in df:
-        bad = sorted(set(df["split"].dropna().astype(str)) - set(SPLITS))
-        if bad:
-            raise MedxferError(f"manifest '{path}': split values {bad} are not allowed; use train, val or test.")
-        table["split"] = df["split"].where(df["split"].notna(), None)
-    if table["sample_id"].duplicated().any():
-        dup = table["sample_id"][table["sample_id"].duplicated()].iloc[0]
-        raise MedxferError(f"manifest '{path}' lists '{dup}' more than once; each file may appear once.")
+        table["split"] = check_split_values(df["split"], f"manifest '{path}'").to_numpy()
+    for col in df.columns:
+        if col not in ("path", label_column, "patient_id", "split", "sample_id") and col not in table:
+            table[col] = df[col].to_numpy()  # extra columns: --split-by COLUMN, subgroups
+    if rel.duplicated().any():
+        dup = int(np.flatnonzero(rel.duplicated().to_numpy())[0])
+        raise MedxferError(f"manifest '{path}' lists one file twice (data row {dup + 1} repeats an earlier row); "
+                           "each file may appear once.")
     return Manifest(table, names, f"table:{path}")
 
 
@@ -155,13 +190,13 @@ def from_dicom_folder(root: Path, labels_csv: Path, label_names: list[str] | Non
         raise MedxferError(f"labels file '{labels_csv}' does not exist.")
     df, skipped = dicom_folder_manifest(root, labels_csv, on_unlabelled=on_unlabelled)
     y, names = labels_from_values(df["label"], label_names, f"'{labels_csv}'")
-    table = pd.DataFrame({"sample_id": [str(Path(p).relative_to(root.resolve())) if Path(p).is_relative_to(root.resolve())
-                                        else str(p) for p in df["path"]],
-                          "path": df["path"].astype(str), "label": y})
+    base = root.resolve()
+    rel = [Path(p).relative_to(base).as_posix() if Path(p).is_relative_to(base) else str(p) for p in df["path"]]
+    table = pd.DataFrame({"sample_id": [sample_id(r) for r in rel], "path": df["path"].astype(str), "label": y})
     if "patient_id" in df:
         table["patient_id"] = df["patient_id"].astype(str)
     if "split" in df:
-        table["split"] = df["split"]
+        table["split"] = check_split_values(df["split"], f"labels file '{labels_csv}'").to_numpy()
     m = Manifest(table, names, f"dicom:{root}")
     if skipped is not None and len(skipped):
         m.notes.append(f"skipped {len(skipped)} DICOM files without a label")
