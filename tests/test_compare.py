@@ -258,17 +258,19 @@ def test_paired_test_words():
     y = np.repeat([0, 1], 60)
     good = [np.clip(y * 0.6 + rng.uniform(0, 0.4, len(y)), 0, 1) for _ in range(2)]
     noise = [rng.uniform(0, 1, len(y)) for _ in range(2)]
-    summ = {"linear-probe": {"test_auc": {"mean": 0.99}}, "full": {"test_auc": {"mean": 0.6}},
-            "scratch": {"test_auc": {"mean": 0.5}}}
+    summ = {"linear-probe": {"test_auc": {"mean": 0.99}, "val_auc": {"mean": 0.9}},
+            "full": {"test_auc": {"mean": 0.6}, "val_auc": {"mean": 0.8}},
+            "scratch": {"test_auc": {"mean": 0.5}, "val_auc": {"mean": 0.7}}}
     by = {"linear-probe": _fake_runs(good, y), "full": _fake_runs(noise, y), "scratch": _fake_runs(noise[::-1], y)}
     pt = paired_test(by, summ, n_bootstrap=100)
     assert pt["a"] == "linear-probe" and pt["significant"]
-    assert pt["conclusion"].startswith("linear-probe beats scratch: AUC diff +")
+    assert pt["conclusion"].startswith("linear-probe beats scratch (linear-probe chosen on validation): AUC diff +")
     assert "p<0.001" in pt["conclusion"] and "averaged over 2 seeds" in pt["conclusion"]
     assert pt["delong"]["auc_a"] == pytest.approx(1.0)
     # the same scores: no difference
     by_same = {"full": _fake_runs(noise, y), "scratch": _fake_runs(noise, y)}
-    pt = paired_test(by_same, {"full": {"test_auc": {"mean": 0.5}}, "scratch": {"test_auc": {"mean": 0.5}}}, 50)
+    pt = paired_test(by_same, {"full": {"test_auc": {"mean": 0.5}, "val_auc": {"mean": 0.5}},
+                               "scratch": {"test_auc": {"mean": 0.5}, "val_auc": {"mean": 0.5}}}, 50)
     assert pt["conclusion"].startswith("no significant difference between full and scratch") and not pt["significant"]
     # no scratch baseline, or a multi-class task: skipped with a reason
     assert "skipped" in paired_test({"full": by["full"]}, summ, 50)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medxfer import runs
+
 
 def test_two_process_ddp_run_end_to_end(small_npz, tmp_path):
     out = tmp_path / "ddp"
@@ -65,14 +67,15 @@ def test_ddp_run_killed_mid_training_resumes(small_npz, tmp_path):
            "--bootstrap", "0", "--no-report", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+    checkpoint = runs.checkpoint_path(out)  # the unfinished run lives in OUT.partial/
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     _kill_all(str(out))  # launcher, torchrun and both workers (elastic starts workers in their own groups)
     proc.wait()
-    assert (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    assert checkpoint.exists() and not (out / "metrics.json").exists()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == list(range(1, 31))  # every epoch once: none lost, none repeated
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
-    assert not (out / "checkpoint.pt").exists()
+    assert not checkpoint.exists() and not (out / "checkpoint.pt").exists() and not checkpoint.parent.exists()

@@ -37,12 +37,12 @@ def quiet(*a, **k):
 def test_train_resumes_where_it_stopped(small_npz, tmp_path, capsys):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(straight)]) == 0
-    assert not (straight / runs.CHECKPOINT).exists()  # a finished run keeps no checkpoint
+    assert not runs.checkpoint_path(straight).exists()  # a finished run keeps no checkpoint
     cfg = TrainConfig(data=str(small_npz), out=str(cut), source="test_resnet", weights="none", strategy="full",
                       epochs=3, image_size=32, bootstrap=20, report=False, label_names=("malignant", "benign"), seed=1)
     with pytest.raises(Stop):
         train(cfg, log=quiet, progress=stop_after(2))
-    ckpt = torch.load(cut / runs.CHECKPOINT, map_location="cpu", weights_only=True)  # plain data only
+    ckpt = torch.load(runs.checkpoint_path(cut), map_location="cpu", weights_only=True)  # plain data only
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and not (cut / "metrics.json").exists()
     capsys.readouterr()
 
@@ -58,7 +58,7 @@ def test_train_resumes_where_it_stopped(small_npz, tmp_path, capsys):
     hist = pd.read_csv(cut / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3]
     assert hist["train_loss"].round(5).tolist() == pd.read_csv(straight / "history.csv")["train_loss"].round(5).tolist()
-    assert not (cut / runs.CHECKPOINT).exists()
+    assert not runs.checkpoint_path(cut).exists() and not runs.staging_dir(cut).exists()
     capsys.readouterr()
     assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(cut), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
@@ -66,11 +66,11 @@ def test_train_resumes_where_it_stopped(small_npz, tmp_path, capsys):
 
 def test_damaged_checkpoint_is_refused_by_name(small_npz, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / runs.CHECKPOINT).write_bytes(b"not a checkpoint")
+    runs.staging_dir(out).mkdir()
+    runs.checkpoint_path(out).write_bytes(b"not a checkpoint")
     assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "cannot read checkpoint" in err and str(out / runs.CHECKPOINT) in err
+    assert "cannot read checkpoint" in err and str(runs.checkpoint_path(out)) in err
 
 
 def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
                 report=False)
     with pytest.raises(Stop):
         pretrain_supervised(str(small_npz), out, log=quiet, progress=stop_after(1), **opts)
-    assert (out / "run" / runs.CHECKPOINT).exists() and not (out / "source.json").exists()
+    assert runs.checkpoint_path(out / "run").exists() and not (out / "source.json").exists()
     argv = ["pretrain", "supervised", "--data", str(small_npz), "--arch", "test_resnet", "--image-size", "32",
             "--epochs", "2", "--label-names", "malignant,benign", "--out", str(out)]
     capsys.readouterr()
@@ -104,7 +104,7 @@ def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
     res = compare(base, ["scratch"], [0], tmp_path, log=logged.append)
     assert any("resuming an interrupted run" in m for m in logged)
     run = tmp_path / "scratch" / "seed0"
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not (run / runs.CHECKPOINT).exists()
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not runs.checkpoint_path(run).exists()
     assert res["strategies"]["scratch"]["test_auc"]["values"][0] is not None
 
     # an interrupted run of another configuration, or --retrain: its checkpoint is discarded, not resumed
@@ -145,7 +145,7 @@ def test_cv_resume_continues_the_interrupted_fold(small_npz, tmp_path):
                        bootstrap=20, report=False, label_names=("malignant", "benign"), strategy="full")
     with pytest.raises(Stop):
         cross_validate(base, 3, tmp_path, log=quiet, train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
-    assert (tmp_path / "fold_0" / runs.CHECKPOINT).exists()
+    assert runs.checkpoint_path(tmp_path / "fold_0").exists()
     with pytest.raises(Exception, match="--resume"):  # without --resume the checkpoint is not overwritten
         cross_validate(base, 3, tmp_path, log=quiet)
     seen = []

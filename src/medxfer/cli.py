@@ -110,8 +110,15 @@ def train(
     split_by: Optional[str] = typer.Option(None, help="Group splits by this column (default patient_id)."),
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile"),
+    duplicates: Optional[str] = typer.Option(None, help="Images found in two splits: drop-from-train (default: keep "
+                                             "val/test as given) | refuse | allow."),
     allow_duplicates: Optional[bool] = typer.Option(None, "--allow-duplicates/--refuse-duplicates",
-                                                    help="Keep exact duplicate images found across splits (warns)."),
+                                                    help="Same as --duplicates allow / --duplicates refuse."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out (once the new one "
+                                   "is complete)."),
+    keep_paths: bool = typer.Option(False, "--keep-paths", help="Write paths.csv mapping sample ids to files "
+                                    "(file names can hold patient names)."),
+    on_unlabelled: Optional[str] = typer.Option(None, help="DICOM folder: files without a label: error | skip."),
     devices: int = typer.Option(1, help="Processes to launch with torchrun (DDP)."),
     num_threads: Optional[int] = typer.Option(None),
     on_bad_file: Optional[str] = typer.Option(None, help="error | skip (listed in skipped.csv)."),
@@ -125,7 +132,7 @@ def train(
     bootstrap: Optional[int] = typer.Option(None), label_fraction: Optional[float] = typer.Option(None),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to write."),
     config: Optional[Path] = typer.Option(None, help="YAML config; options given here override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/checkpoint.pt "
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.partial/checkpoint.pt "
                                 "(same options; at most one epoch is lost)."),
 ):
     """Train a target model from a source model with a strategy; writes a run directory."""
@@ -141,7 +148,8 @@ def train(
                       patience=patience, ema_epochs=ema_epochs, class_weights=class_weights, augment=augment, head=head,
                       feature_augment=feature_augment, grey_mode=grey_mode, label_names=label_names,
                       positive_label=positive_label, seed=seed, split_by=split_by, precision=precision,
-                      compile=compile, allow_duplicates=allow_duplicates,
+                      compile=compile, duplicates=_duplicates(duplicates, allow_duplicates),
+                      overwrite=overwrite or None, keep_paths=keep_paths or None, on_unlabelled=on_unlabelled,
                       devices=devices if devices > 1 else None, num_threads=num_threads, on_bad_file=on_bad_file,
                       labels_csv=labels, window=window, frame=frame, slice=slice_,
                       intensity=intensity, cache_dir=cache_dir, no_cache=no_cache, threshold=threshold,
@@ -150,6 +158,12 @@ def train(
     result = run_training(cfg)
     if "metrics" in result:
         print_metrics(result["metrics"], result["run_dir"])
+
+
+def _duplicates(policy: Optional[str], allow: Optional[bool]) -> Optional[str]:
+    if allow is not None and policy is not None:
+        raise MedxferError("give --duplicates or --allow-duplicates/--refuse-duplicates, not both.")
+    return policy if allow is None else ("allow" if allow else "refuse")
 
 
 def _launch_torchrun(devices: int) -> int:
@@ -204,20 +218,28 @@ def predict(
     out_file: Path = typer.Option(Path("predictions.csv"), "--out"),
     engine: str = typer.Option("torch", help="torch | onnx (run 'medxfer export' first)."),
     batch_size: int = typer.Option(64), on_bad_file: str = typer.Option("error", help="error | skip."),
+    keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT_paths.csv mapping sample ids to "
+                                    "files (file names can hold patient names: keep it private)."),
 ):
-    """Predict calibrated class probabilities with a trained run, from the run directory alone."""
+    """Predict calibrated class probabilities with a trained run, from the run directory alone.
+
+    Rows are named by their input order (index) and a pseudonymous sample_id, never by file name."""
+    import pandas as pd
+
     from medxfer.predict import Predictor
     from medxfer.runs import write_csv
 
-    if on_bad_file not in ("error", "skip"):
-        raise MedxferError(f"The 'on-bad-file' parameter must be 'error' or 'skip'. Got '{on_bad_file}' instead.")
-    df, skipped = Predictor(run_dir, engine=engine, batch_size=batch_size).predict_paths(inputs, on_bad_file)
+    if out_file.exists() and out_file.is_dir():
+        raise MedxferError(f"--out '{out_file}' is a folder; give a CSV file name.")
+    paths: list | None = [] if keep_paths else None
+    df, skipped = Predictor(run_dir, engine=engine, batch_size=batch_size).predict_paths(inputs, on_bad_file, paths)
     write_csv(out_file, df)
     if skipped:
-        import pandas as pd
-
-        write_csv(out_file.with_name(out_file.stem + "_skipped.csv"), pd.DataFrame(skipped, columns=["file", "reason"]))
-        console.print(f"skipped {len(skipped)} unreadable files (see {out_file.stem}_skipped.csv)")
+        name = out_file.with_name(out_file.stem + "_skipped.csv")
+        write_csv(name, pd.DataFrame([(s.sample_id, s.reason) for s in skipped], columns=["sample_id", "reason"]))
+        console.print(f"skipped {len(skipped)} unreadable samples (see {name.name})")
+    if paths:
+        write_csv(out_file.with_name(out_file.stem + "_paths.csv"), pd.DataFrame(paths, columns=["sample_id", "path"]))
     out.print(f"{len(df)} predictions -> {out_file}")
 
 
@@ -228,15 +250,13 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out"), seed: int = t
     """The seed's story on bundled BreastMNIST: linear-probe vs full fine-tuning vs scratch."""
     from medxfer.config import TrainConfig
 
-    console.print("[dim]BreastMNIST holds one image in both train and test (with different labels): "
-                  "the demo keeps it (--allow-duplicates) so that the official split stays comparable.[/dim]")
     out.print("BreastMNIST (breast ultrasound: malignant vs normal/benign; MedMNIST v2, CC BY 4.0), "
               f"source efficientnet_lite0.in1k (ImageNet), {image_size} px, seed {seed}")
     rows = []
     for strategy, n in (("linear-probe", None), ("full", epochs), ("scratch", epochs)):
         cfg = TrainConfig(data=str(DEMO_DATA), strategy=strategy, image_size=image_size, epochs=n, seed=seed,
                           label_names=("malignant", "benign"), positive_label="malignant",
-                          allow_duplicates=True, out=str(out_dir / strategy))
+                          overwrite=True, out=str(out_dir / strategy))
         m = run_training(cfg)["metrics"]
         rows.append((strategy, m))
     table = Table(title="Does transfer help? BreastMNIST test split (positive class: malignant)")

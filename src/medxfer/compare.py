@@ -49,6 +49,7 @@ METRICS = (("test_auc", "auc"), ("balanced_accuracy", "balanced_accuracy"), ("se
 TIME_METRICS = ("train_seconds", "total_seconds")
 # config keys that do not change what a run computes: a finished run that differs only in these is reused
 _IGNORED_KEYS = {"out", "num_threads", "cache_dir", "no_cache", "report", "extra", "devices", "resolved", "resume",
+                 "overwrite", "keep_paths",
                  "epochs_max"}
 ALPHA = 0.05
 
@@ -190,7 +191,8 @@ def _run(cfg: TrainConfig, train_fn, log, resume: bool) -> dict:
     else:
         if Path(cfg.out, "metrics.json").exists():
             log(f"{cfg.out}: retraining ({why or 'asked to retrain'})")
-        checkpoint = Path(cfg.out, runs.CHECKPOINT)
+        cfg = cfg.replace(overwrite=True)  # compare owns this folder; an old run stays until the new one is complete
+        checkpoint = runs.checkpoint_path(cfg.out)
         if checkpoint.exists():  # an interrupted run: go on from its last epoch if it is this configuration
             why_not = "asked to retrain" if not resume else _not_resumable(checkpoint, cfg)
             if why_not:
@@ -248,6 +250,7 @@ def _summaries(results: list[dict]) -> dict:
     for key in TIME_METRICS:
         out[key] = summarize([r["metrics"].get(key) for r in results])
     out["val_auc"] = summarize([r["metrics"]["val"].get("auc") for r in results])
+    out["val_brier"] = summarize([r["metrics"]["val"].get("brier") for r in results])
     return out
 
 
@@ -278,19 +281,25 @@ def _fmt_p(p) -> str:
 
 
 def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int = 0) -> dict | None:
-    """Best transfer strategy (mean test AUC) vs scratch on the same test images, seeds averaged."""
+    """The transfer strategy best on validation (mean validation AUC, then lower validation Brier score) vs
+    scratch on the same test images, seeds averaged. Choosing on test and testing on the same images would
+    make the test optimistic."""
     from medxfer.evaluation.stats import delong_test, paired_bootstrap
 
     if "scratch" not in by_strategy:
         return {"skipped": "no 'scratch' baseline among the strategies"}
-    others = [s for s in by_strategy if s != "scratch" and summaries[s]["test_auc"]["mean"] is not None]
+    others = [s for s in by_strategy if s != "scratch" and summaries[s]["val_auc"]["mean"] is not None]
     if not others:
-        return {"skipped": "no transfer strategy with a test AUC to test against scratch"}
+        return {"skipped": "no transfer strategy with a validation AUC to choose one to test against scratch"}
     first = by_strategy["scratch"][0]["metrics"]["test"]
     positive = first.get("positive_label")
     if positive is None:
         return {"skipped": "the paired AUC tests are for two-class tasks; this task has more classes"}
-    best = max(others, key=lambda s: summaries[s]["test_auc"]["mean"])
+    def rank(s):
+        brier = (summaries[s].get("val_brier") or {}).get("mean")
+        return (round(summaries[s]["val_auc"]["mean"], 6), -(brier if brier is not None else 1.0))
+
+    best = max(others, key=rank)
     ids, y, a, groups = _test_scores(by_strategy[best], positive)
     ids_b, y_b, b, _ = _test_scores(by_strategy["scratch"], positive)
     if not np.array_equal(ids, ids_b) or not np.array_equal(y, y_b):
@@ -298,7 +307,8 @@ def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int 
                            "test images. Remove the output folder and run again.")
     dl = delong_test(y, a, b)
     bs = paired_bootstrap(y, a, b, n_bootstrap=int(n_bootstrap), seed=seed, groups=groups) if n_bootstrap > 0 else None
-    out = {"a": best, "b": "scratch", "a_chosen_as": "the transfer strategy with the best mean test AUC",
+    out = {"a": best, "b": "scratch",
+           "a_chosen_as": "the transfer strategy with the best mean validation AUC (ties: lower validation Brier)",
            "positive_label": positive, "n_test": int(len(y)),
            "n_seeds_averaged": {best: len(by_strategy[best]), "scratch": len(by_strategy["scratch"])},
            "scores": "per-image test P(positive) averaged over seeds", "alpha": ALPHA,
@@ -320,10 +330,11 @@ def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:
             if bci else "")
     detail = (f"AUC diff {dl['diff']:+.3f} ({dl['auc_a']:.3f} vs {dl['auc_b']:.3f}), {ci_txt}, "
               f"{_fmt_p(dl['p_value'])} (paired DeLong){boot}; {on}")
+    chosen = f" ({best} chosen on validation)"
     if dl["p_value"] is not None and dl["p_value"] < ALPHA:
         winner, loser = (best, "scratch") if dl["diff"] > 0 else ("scratch", best)
-        return f"{winner} beats {loser}: {detail}."
-    return f"no significant difference between {best} and scratch (alpha {ALPHA}): {detail}."
+        return f"{winner} beats {loser}{chosen}: {detail}."
+    return f"no significant difference between {best} and scratch{chosen} (alpha {ALPHA}): {detail}."
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     split_seed: int | None = None        # seed of the split when medxfer makes one (default: seed)
     split_file: str | None = None        # CSV sample_id,split that overrides the splits (used by cv)
-    allow_duplicates: bool = False
+    duplicates: str = "drop-from-train"  # drop-from-train | refuse | allow (images found in two splits)
     split_by: str | None = "auto"
     precision: str = "auto"              # auto | bf16 | fp16 | fp32
     compile: bool = False
@@ -76,7 +76,10 @@ class TrainConfig:
     bootstrap: int = 2000
     report: bool = True
     label_fraction: float = 1.0
-    resume: bool = False                 # continue from OUT/checkpoint.pt (written after every epoch)
+    resume: bool = False                 # continue from OUT.partial/checkpoint.pt (written after every epoch)
+    overwrite: bool = False              # replace a finished run in OUT (only once the new one is complete)
+    keep_paths: bool = False             # write paths.csv (sample id -> file); file names can hold patient names
+    on_unlabelled: str = "error"         # DICOM folder files without a label: error | skip
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,7 +89,8 @@ class TrainConfig:
         for name, allowed in (("class_weights", ("none", "balanced")), ("grey_mode", ("sum", "replicate")),
                               ("precision", ("auto", "bf16", "fp16", "fp32")), ("on_bad_file", ("error", "skip")),
                               ("calibrate", ("temperature", "none")), ("augment", ("none", "light", "strong")),
-                              ("head", ("logistic", "linear"))):
+                              ("head", ("logistic", "linear")), ("on_unlabelled", ("error", "skip")),
+                              ("duplicates", ("drop-from-train", "refuse", "allow"))):
             if getattr(self, name) not in allowed:
                 raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be one of {list(allowed)}. "
                                    f"Got '{getattr(self, name)}' instead.")
@@ -94,6 +98,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be at least 1. "
                                    f"Got {getattr(self, name)} instead.")
+        for name in ("bootstrap", "feature_augment"):
+            if getattr(self, name) < 0:
+                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be 0 or more. "
+                                   f"Got {getattr(self, name)} instead.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise MedxferError(f"The 'num-threads' parameter must be at least 1. Got {self.num_threads} instead.")
+        if self.label_names is not None:
+            names = list(self.label_names)
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup or len(names) < 2 or any(not str(n).strip() for n in names):
+                raise MedxferError("The 'label-names' parameter must be at least two distinct, non-empty names. "
+                                   f"Got {','.join(map(str, names))!r} instead" + (f" ('{dup[0]}' twice)." if dup else "."))
         if self.epochs is not None and self.epochs < 1:
             raise MedxferError(f"The 'epochs' parameter must be at least 1. Got {self.epochs} instead.")
         if self.image_size is not None and not 8 <= self.image_size <= 2048:
@@ -128,7 +144,7 @@ class TrainConfig:
         """The settings a resumed run must share with its checkpoint (not reporting or caching options)."""
         d = self.to_dict()
         for key in ("out", "resume", "report", "num_threads", "no_cache", "cache_dir", "bootstrap", "threshold",
-                    "calibrate", "extra"):
+                    "calibrate", "extra", "overwrite", "keep_paths"):
             d.pop(key, None)
         return d
 
@@ -144,13 +160,16 @@ class TrainConfig:
 
 def config_from_dict(d: dict) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = [k for k in d if k not in names]
+    unknown = [k for k in d if k not in names and k != "allow_duplicates"]
     if unknown:
         k = unknown[0]
         raise MedxferError(f"unknown config key '{k}'.{did_you_mean(k, names)} Allowed keys: {', '.join(sorted(names))}.")
     if "data" not in d:
         raise MedxferError("the config has no 'data' key: say where the images are.")
     d = dict(d)
+    if "allow_duplicates" in d:  # before --duplicates: allow or refuse
+        allow = d.pop("allow_duplicates")
+        d.setdefault("duplicates", "allow" if allow else "refuse")
     if d.get("label_names") is not None:
         d["label_names"] = tuple(d["label_names"])
     return TrainConfig(**d)

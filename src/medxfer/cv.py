@@ -127,7 +127,7 @@ def cross_validate(cfg, folds: int, out: str | Path, log=print, train_fn=None) -
         runs.write_csv(split_file, pd.DataFrame({"sample_id": ids, "split": fold_split(fold, i, folds)}))
         log(f"fold {i + 1}/{folds}: test on part {i}, validate on part {(i + 1) % folds}")
         fold_dir = out / f"fold_{i}"
-        resume = cfg.resume and (fold_dir / runs.CHECKPOINT).exists()  # --resume: go on where a fold stopped
+        resume = cfg.resume and runs.checkpoint_path(fold_dir).exists()  # --resume: go on where a fold stopped
         result = train_fn(cfg.replace(split_file=str(split_file), out=str(fold_dir), resume=resume))
         m = result["metrics"]
         per_fold.append({"fold": i, "run_dir": str(result.get("run_dir", out / f"fold_{i}")),

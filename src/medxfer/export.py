@@ -35,7 +35,7 @@ PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
 FORMATS = ("onnx", "torchscript")
 META_KEYS = ("arch", "source", "labels", "image_size", "data_chans", "in_chans", "mean", "std", "grey_mode",
-             "read", "temperature", "threshold", "positive_label", "strategy", "input")
+             "read", "temperature", "threshold", "positive_label", "strategy", "input", "weights_sha256")
 
 
 def physical_cores() -> int:
@@ -247,9 +247,14 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
 
     if fmt not in FORMATS:
         raise MedxferError(f"The 'format' parameter must be one of {list(FORMATS)}. Got '{fmt}' instead.")
+    from medxfer import runs
+
     run_dir = Path(run_dir)
     model, meta = load_run_model(run_dir)
-    out = Path(out) if out else run_dir / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    if not meta.get("weights_sha256"):  # a run from before the hash was recorded
+        meta = {**meta, "weights_sha256": runs.sha256_file(run_dir / "model.safetensors")}
+    default = run_dir / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    out = Path(out) if out else default
     images, where = path_images(check_data, meta) if check_data else run_test_images(run_dir, meta, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -283,7 +288,27 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                 f"the {fmt} model does not match PyTorch on {where}: max probability difference "
                 f"{report['max_prob_diff']:.2e} (tolerance {tol:g}; logits {report['max_logit_diff']:.2e}). "
                 f"Nothing was written. Report this with the run's model.json.")
+        digest = runs.sha256_file(tmp)
         _publish(tmp, out)
+    except OSError as e:
+        raise runs.write_error(out, e) from None
     finally:
         tmp.unlink(missing_ok=True)
+    report["sha256"] = digest
+    if out.resolve() == default.resolve():  # model.json records what the run's export is, to check it on load
+        key = "onnx_sha256" if fmt == "onnx" else "torchscript_sha256"
+        recorded = runs.read_json(run_dir / "model.json", "model.json")
+        runs.write_json(run_dir / "model.json", {**recorded, key: digest})
     return report
+
+
+def check_onnx_matches_run(runner: "OnnxRunner", meta: dict, onnx_path: Path) -> None:
+    """Refuse an ONNX file made from other weights than the run's (a stale export), or damaged."""
+    from medxfer import runs
+
+    made_from = runner.metadata.get("weights_sha256")
+    if made_from is None or made_from != meta.get("weights_sha256"):
+        raise MedxferError(f"'{onnx_path}' was exported from other weights than the run's model.safetensors (the run "
+                           "was trained again after the export, or the file comes from another run). Run 'medxfer "
+                           f"export {onnx_path.parent}' again.")
+    runs.verify_file(onnx_path, meta.get("onnx_sha256"), "ONNX export")

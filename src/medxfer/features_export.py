@@ -27,12 +27,13 @@ from medxfer.errors import MedxferError
 
 
 def _run_config(run_dir: Path, data: str | None):
-    import yaml
 
     from medxfer.config import TrainConfig, config_from_dict
 
     cfg_path = run_dir / "config.yaml"
-    raw = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    from medxfer.runs import read_yaml
+
+    raw = read_yaml(cfg_path, "config.yaml") if cfg_path.exists() else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     d = {k: v for k, v in (raw or {}).items() if k in names}
     if data is not None:
@@ -103,7 +104,7 @@ def export_features(out: str | Path, run_dir: str | Path | None = None, source: 
     t0 = time.perf_counter()
     model, cfg, size, key, meta, what = load_feature_model(run_dir, source, weights, data, image_size, seed,
                                                             cache_dir, no_cache)
-    manifest, images, skipped, read = prepare_data(cfg, size, log)
+    manifest, images, skipped, read, _ = prepare_data(cfg, size, log)
     if model is None:  # a source: built as linear-probe training builds it, so the feature cache is shared
         from medxfer.models.adapt import build_model
 

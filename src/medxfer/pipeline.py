@@ -9,6 +9,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -21,7 +22,7 @@ import torch
 from medxfer import runs
 from medxfer.config import TrainConfig
 from medxfer.data.loading import load_images
-from medxfer.data.manifest import Manifest, check_classes
+from medxfer.data.manifest import Manifest, check_classes, check_split_classes
 from medxfer.data.sources import load_manifest
 from medxfer.data.splits import assign_splits
 from medxfer.data.transforms import Augment
@@ -42,11 +43,12 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(cfg: TrainConfig, size: int, log=print):
-    """Manifest with splits + decoded uint8 images aligned with its rows, and the skipped files."""
+    """Manifest with splits + decoded uint8 images aligned with its rows, the skipped samples and the
+    duplicates table (see :func:`medxfer.data.duplicates.handle_duplicates`)."""
     from medxfer.data.readers import ReadOptions
 
     manifest = load_manifest(cfg.data, label_names=list(cfg.label_names) if cfg.label_names else None,
-                             labels_csv=cfg.labels_csv)
+                             labels_csv=cfg.labels_csv, on_unlabelled=cfg.on_unlabelled)
     check_classes(manifest)
     if cfg.split_file:
         from medxfer.cv import apply_split_file
@@ -60,20 +62,21 @@ def prepare_data(cfg: TrainConfig, size: int, log=print):
         from medxfer.data.cache import DecodeCache, default_cache_dir
 
         cache = DecodeCache(cfg.cache_dir or default_cache_dir())
+        cache.check_writable()
     loaded = load_images(manifest, size, read, cache, cfg.on_bad_file)
     if loaded.skipped:
-        log(f"skipped {len(loaded.skipped)} unreadable files (listed in skipped.csv)")
+        log(f"skipped {len(loaded.skipped)} unreadable samples (listed in skipped.csv)")
     manifest = manifest.subset(loaded.keep)
-    from medxfer.data.duplicates import check_duplicates
+    from medxfer.data.duplicates import handle_duplicates
 
-    check_duplicates(manifest, loaded.images, allow=cfg.allow_duplicates, log=log)
+    keep, duplicates = handle_duplicates(manifest, loaded.images, cfg.duplicates, log=log)
+    manifest, images = manifest.subset(keep), loaded.images[torch.from_numpy(keep)]
     if cfg.label_fraction < 1:
-        manifest, images = _label_fraction(manifest, loaded.images, cfg.label_fraction, cfg.seed)
-    else:
-        images = loaded.images
+        manifest, images = _label_fraction(manifest, images, cfg.label_fraction, cfg.seed)
+    check_split_classes(manifest, log)
     for note in manifest.notes:
         log(note)
-    return manifest, images, loaded.skipped, read
+    return manifest, images, loaded.skipped, read, duplicates
 
 
 def _label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):
@@ -104,22 +107,40 @@ def positive_index(labels: list[str], positive_label: str | None) -> int | None:
 def train(cfg: TrainConfig, log=print, progress=None) -> dict:
     """Run one training job end to end; rank 0 writes the run directory. Returns metrics and paths."""
     ctx = init_distributed()
+    _check_resume(cfg)
+    rd = runs.RunDirectory(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
     try:
-        return _train(cfg, ctx, log if ctx.is_main else (lambda *a, **k: None), progress if ctx.is_main else None)
+        if ctx.is_main:  # checked before any work: a run is never lost to an unwritable --out
+            rd.__enter__()
+        return _train(cfg, ctx, rd, log if ctx.is_main else (lambda *a, **k: None), progress if ctx.is_main else None)
+    except BaseException:
+        rd.abandon()
+        raise
     finally:
+        rd.release()
         cleanup(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
+def data_fingerprint(manifest: Manifest, images: torch.Tensor) -> str:
+    """sha256 of what training sees: sample ids, labels, splits and the decoded pixels. A resume onto
+    other data (changed labels, files, splits) is refused by comparing it with the checkpoint's."""
+    from medxfer.engine.features import content_hash
+
+    t = manifest.table
+    rows = pd.DataFrame({"id": t["sample_id"].astype(str), "label": t["label"], "split": t["split"].astype(str)})
+    blob = rows.to_csv(index=False) + "|".join(manifest.labels) + content_hash(images)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, rd: runs.RunDirectory, log, progress) -> dict:
     t_start = time.perf_counter()
-    checkpoint = Path(cfg.out) / runs.CHECKPOINT
-    _check_resume(cfg, checkpoint)
+    checkpoint = rd.checkpoint
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     spec = resolve_source(cfg.source, cfg.weights)
     size = cfg.image_size or spec.input_size
-    manifest, images, skipped, read = prepare_data(cfg, size, log)
+    manifest, images, skipped, read, duplicates = prepare_data(cfg, size, log)
     labels, t = manifest.labels, manifest.table
     pos = positive_index(labels, cfg.positive_label)
     data_chans = images.shape[1]
@@ -142,8 +163,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
                            warmup_epochs=cfg.warmup_epochs, patience=cfg.patience_for(n_train, ctx.world),
                            ema_epochs=cfg.ema_epochs, class_weights=weights,
                            precision=precision, seed=cfg.seed, on_epoch=progress)
+    if ctx.is_main:  # weights, best weights, two optimiser moments, the exported copies
+        rd.check_space(6 * sum(p.numel() * p.element_size() for p in model.parameters()) + rd.MIN_FREE)
     settings.checkpoint, settings.resume = checkpoint, cfg.resume
-    settings.signature = {**cfg.training_signature(), "epochs": epochs, "n_train": n_train, "world": ctx.world}
+    settings.signature = {**cfg.training_signature(), "epochs": epochs, "n_train": n_train, "world": ctx.world,
+                          "data_fingerprint": data_fingerprint(manifest, images)}
     groups = param_groups(model, cfg.strategy, cfg.resolved_lr, unfreeze=cfg.unfreeze,
                           backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
     if cfg.compile:
@@ -183,25 +207,26 @@ def _train(cfg: TrainConfig, ctx: DistContext, log, progress) -> dict:
     if ctx.is_main:
         result.max_epochs, result.patience = settings.epochs, settings.patience
         out.update(_finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped,
-                           size, read, t_start, log))
-        checkpoint.unlink(missing_ok=True)  # the run directory is complete: nothing left to resume
+                           duplicates, size, read, t_start, log, rd.staging))
+        rd.commit()  # OUT becomes the new complete run in one step; the checkpoint goes with the staging folder
     return out
 
 
-def _check_resume(cfg: TrainConfig, checkpoint: Path) -> None:
-    """--resume needs a checkpoint (only loops that train by epochs write one); a fresh run must not erase one."""
+def _check_resume(cfg: TrainConfig) -> None:
+    """--resume continues an epoch loop; linear-probe with the logistic head has none."""
     uses_loop = cfg.strategy != "linear-probe" or cfg.head == "linear"
     if cfg.resume and not uses_loop:
         raise MedxferError("--resume continues an epoch loop; linear-probe with the logistic head has none (it "
                            "takes seconds): run it again without --resume.")
-    if not cfg.resume and checkpoint.exists():
-        raise MedxferError(f"'{cfg.out}' holds the checkpoint of an unfinished run ({checkpoint}): pass --resume to "
-                           "continue it, or delete that file (or choose another --out) to start again.")
 
 
 def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) -> tuple[dict, bool]:
     t0 = time.perf_counter()
     cache = feature_cache_dir(cfg)
+    if cache is not None:
+        from medxfer.data.cache import DecodeCache
+
+        DecodeCache(cache).check_writable()
     key = source_key_parts(spec, info, size, read, cfg.seed)
     kw = dict(cache_dir=cache, precision=precision, device=ctx.device)
     all_feats, hit = extract_features(model, images, key, **kw)
@@ -218,8 +243,8 @@ def _features(model, images, cfg, spec, info, read, size, precision, ctx, part) 
     return out, hit
 
 
-def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped, size, read,
-            t_start, log) -> dict:
+def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos, result, skipped, duplicates,
+            size, read, t_start, log, run_dir: Path) -> dict:
     """Calibrate and choose the threshold on validation, evaluate val and test, write the run directory."""
     from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
     from medxfer.evaluation.metrics import evaluate
@@ -250,8 +275,6 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
                     "processes": int(os.environ.get("WORLD_SIZE", "1"))})
     if hasattr(result, "extract_seconds"):
         metrics["feature_seconds"] = round(result.extract_seconds, 3)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"arch": spec.arch.split(".")[0], "source": spec.name, "labels": labels, "in_chans": info["in_chans"],
             "data_chans": model.data_chans, "image_size": size, "mean": model.mean.flatten().tolist(),
             "std": model.std.flatten().tolist(), "grey_mode": info["grey_mode"], "read": read.key(),
@@ -267,7 +290,7 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
                                 "data": {"origin": manifest.origin, "labels": labels, "counts": manifest.counts(),
                                          "notes": manifest.notes},
                                 "torch": torch.__version__}})
-    runs.write_weights(run_dir / "model.safetensors", model.state_dict())
+    meta["weights_sha256"] = runs.write_weights(run_dir / "model.safetensors", model.state_dict())
     runs.write_json(run_dir / "model.json", meta)
     runs.write_yaml(run_dir / "config.yaml", config)
     runs.write_json(run_dir / "metrics.json", metrics)
@@ -282,12 +305,22 @@ def _finish(cfg, model, spec, info, manifest, images, eval_inputs, part, y, pos,
         rows.append(pd.concat([sub[["split", "sample_id", "label"] + split_cols[3:]], df], axis=1))
     runs.write_csv(run_dir / "predictions.csv", pd.concat(rows, ignore_index=True))
     if skipped:
-        runs.write_csv(run_dir / "skipped.csv", pd.DataFrame(skipped, columns=["file", "reason"]))
+        runs.write_csv(run_dir / "skipped.csv", pd.DataFrame([(s.sample_id, s.reason) for s in skipped],
+                                                             columns=["sample_id", "reason"]))
+    if len(duplicates):
+        runs.write_csv(run_dir / "duplicates.csv", duplicates)
+    if cfg.keep_paths:
+        paths = [(sid, p) for sid, p in zip(t["sample_id"], t["path"])] if "path" in t else []
+        paths += [(s.sample_id, s.path) for s in skipped]
+        runs.write_csv(run_dir / "paths.csv", pd.DataFrame(paths, columns=["sample_id", "path"]))
+        log("paths.csv maps sample ids to files: it can hold patient names; keep it with the data, do not share it")
     if cfg.report:
         from medxfer.evaluation.report import write_report
 
         try:
             write_report(run_dir, test_images=images[part["test"]], log=log)
+        except MedxferError as e:
+            log(f"report not written ({e}); retry with 'medxfer report {cfg.out}'")
         except Exception as e:  # noqa: BLE001 - the run is written; a failed report must not lose it
-            log(f"report not written ({type(e).__name__}: {e}); retry with 'medxfer report {run_dir}'")
-    return {"metrics": metrics, "run_dir": str(run_dir)}
+            log(f"report not written ({type(e).__name__}: {e}); retry with 'medxfer report {cfg.out}'")
+    return {"metrics": metrics, "run_dir": str(cfg.out)}

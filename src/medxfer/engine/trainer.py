@@ -247,6 +247,10 @@ def load_train_checkpoint(path: Path | None, signature: dict) -> dict:
     ck = runs.read_checkpoint(path, CHECKPOINT_FORMAT, "training")
     saved = ck.get("signature", {})
     changed = runs.changed_settings(saved, signature)
+    if "data_fingerprint" in changed:
+        raise MedxferError(f"cannot resume from '{path}': the data changed since the checkpoint was written (sample "
+                           "ids, labels, splits or pixels differ). Resume on the same data, or start again without "
+                           "--resume (with --overwrite if OUT holds a finished run).")
     if changed:
         key = changed[0]
         raise MedxferError(f"cannot resume from '{path}': '{key}' was {saved.get(key)!r} and is "

@@ -145,12 +145,12 @@ def load_test_images(run: dict, data: str | None = None):
     if data is not None:
         d["data"] = str(data)
     # training checked duplicates and made the split; here images are only looked up by sample_id
-    d.update({k: v for k, v in (("allow_duplicates", True), ("split_file", None)) if k in known})
+    d.update({k: v for k, v in (("duplicates", "allow"), ("split_file", None)) if k in known})
     if not Path(d["data"]).exists():
         raise MedxferError(f"the run's data '{d['data']}' is not there (config.yaml paths are relative to where "
                            "'medxfer train' ran). Run the report from there, pass --data PATH, or --no-gradcam.")
     cfg = config_from_dict(d)
-    manifest, images, _, _ = prepare_data(cfg, int(run["config"]["image_size"]), log=lambda *a, **k: None)
+    manifest, images, *_ = prepare_data(cfg, int(run["config"]["image_size"]), log=lambda *a, **k: None)
     row = {sid: i for i, sid in enumerate(manifest.table["sample_id"].astype(str))}
     test_ids = run["predictions"].query("split == 'test'")["sample_id"].astype(str)
     missing = [s for s in test_ids if s not in row]

@@ -11,7 +11,6 @@ export and Grad-CAM can never forget them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -140,9 +139,19 @@ def load_run_model(run_dir: str | Path) -> tuple[MedxferNet, dict]:
             f"'{run_dir}' is not a finished run directory (needs model.json and model.safetensors). "
             "Train one with 'medxfer train ... --out DIR'."
         )
-    meta = json.loads(meta_path.read_text())
+    from medxfer import runs
+
+    meta = runs.read_json(meta_path, "model.json")
+    if not isinstance(meta, dict) or any(k not in meta for k in ("arch", "labels", "in_chans", "mean", "std")):
+        raise MedxferError(f"'{meta_path}' is damaged: it lacks the model's architecture, labels or input contract. "
+                           "Train the run again.")
+    runs.verify_file(weights_path, meta.get("weights_sha256"), "run")
     net = timm.create_model(meta["arch"], pretrained=False, num_classes=len(meta["labels"]),
                             in_chans=meta["in_chans"])
     model = MedxferNet(net, meta["mean"], meta["std"], meta["data_chans"])
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except Exception as e:  # noqa: BLE001 - safetensors / shape errors: a damaged or foreign file
+        raise MedxferError(f"'{weights_path}' cannot be loaded into the run's model ({type(e).__name__}): it is damaged "
+                           "or from another run. Train the run again.") from None
     return model.eval(), meta

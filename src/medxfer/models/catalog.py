@@ -16,7 +16,6 @@ A source is one of:
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +93,9 @@ def read_source_dir(path: Path) -> SourceSpec:
             f"'{path}' is not a source directory (no source.json). Make one with 'medxfer pretrain', "
             "or name a bundled source (see 'medxfer sources')."
         )
-    meta = json.loads(meta_file.read_text())
+    from medxfer.runs import read_json
+
+    meta = read_json(meta_file, "source.json")
     return SourceSpec(
         name=meta.get("name", path.name),
         arch=meta["arch"],

@@ -13,7 +13,6 @@ it), written to ``OUT/run``; its backbone becomes ``OUT/model.safetensors`` and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medxfer import runs
@@ -31,7 +30,7 @@ def pretrain_supervised(data: str, out: str | Path, *, arch: str | None = None, 
 
     ``init``: a source to start from (a bundled name or a source directory); without it the
     architecture ``arch`` starts from random weights. The run checkpoints every epoch
-    (``OUT/run/checkpoint.pt``); ``resume`` continues it from there with the same settings, or, when
+    (``OUT/run.partial/checkpoint.pt``); ``resume`` continues it from there with the same settings, or, when
     ``OUT/run`` already finished, only writes the source directory from it.
     """
     from medxfer.config import TrainConfig
@@ -52,13 +51,13 @@ def pretrain_supervised(data: str, out: str | Path, *, arch: str | None = None, 
     else:
         spec = resolve_source(arch, "none")
         source, weights, strategy = arch, "none", "scratch"
-    interrupted = (run_dir / runs.CHECKPOINT).exists()
-    finished = (run_dir / "model.json").exists() and (run_dir / "metrics.json").exists() and not interrupted
+    interrupted = runs.checkpoint_path(run_dir).exists()
+    finished = runs.is_finished(run_dir) and not interrupted
     if resume and finished:
         log(f"{run_dir} is a finished run: writing the source directory from it")
     else:
         if resume and not interrupted:
-            raise MedxferError(f"nothing to resume in '{out}': no checkpoint ({run_dir / runs.CHECKPOINT}) and no "
+            raise MedxferError(f"nothing to resume in '{out}': no checkpoint ({runs.checkpoint_path(run_dir)}) and no "
                                "finished run. Run without --resume to start.")
         if not resume:
             check_out_dir(out, resume=False)
@@ -73,16 +72,15 @@ def pretrain_supervised(data: str, out: str | Path, *, arch: str | None = None, 
 def source_from_run(run_dir: str | Path, out: str | Path, *, method: str = "supervised", init: str | None = None,
                     name: str | None = None, description: str | None = None) -> dict:
     """Turn a finished ``medxfer train`` run directory into a source directory (backbone only)."""
-    import yaml
     from safetensors.torch import load_file
 
     run_dir, out = Path(run_dir), Path(out)
     for f in ("model.json", "model.safetensors", "metrics.json", "config.yaml"):
         if not (run_dir / f).exists():
             raise MedxferError(f"'{run_dir}' is not a finished run directory (no {f}).")
-    model = json.loads((run_dir / "model.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model = runs.read_json(run_dir / "model.json", "model.json")
+    metrics = runs.read_json(run_dir / "metrics.json", "metrics.json")
+    config = runs.read_yaml(run_dir / "config.yaml", "config.yaml")
     state = load_file(str(run_dir / "model.safetensors"))
     net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     backbone = backbone_state_dict(model["arch"], model["in_chans"], net)
