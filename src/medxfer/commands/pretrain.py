@@ -36,9 +36,10 @@ def supervised(
     augment: str = typer.Option("light", help="none | light | strong."),
     name: Optional[str] = typer.Option(None, help="Source name (default: the directory's name)."),
     num_threads: Optional[int] = typer.Option(None),
-    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Keep images that appear in two splits."),
+    duplicates: str = typer.Option("drop-from-train", help="Images in two splits: drop-from-train | refuse | allow."),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Same as --duplicates allow."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch "
-                                "(OUT/run/checkpoint.pt), with the same options."),
+                                "(OUT/run.partial/checkpoint.pt), with the same options."),
 ):
     """Train a source model on a labelled source domain; keep its backbone as a source."""
     from medxfer.cli import EpochProgress, _split_list
@@ -49,7 +50,7 @@ def supervised(
         meta = pretrain_supervised(data, out, arch=arch, init=init, image_size=image_size, epochs=epochs, lr=lr,
                                    batch_size=batch_size, seed=seed, label_names=_split_list(label_names),
                                    augment=augment, name=name, num_threads=num_threads, resume=resume, log=_log,
-                                   progress=bar, **({"allow_duplicates": True} if allow_duplicates else {}))
+                                   progress=bar, duplicates="allow" if allow_duplicates else duplicates)
     _done(meta, out)
 
 

@@ -246,7 +246,14 @@ def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None,
     data_html = _table(["split", *labels, "images"] + (["patients"] if has_pat else []), rows)
     data_html += f"<p>Source of the images: <code>{_esc(res.get('data', {}).get('origin', cfg.get('data')))}</code>."
     if run["skipped"] is not None:
-        data_html += f" {len(run['skipped'])} unreadable files were skipped (skipped.csv)."
+        data_html += f" {len(run['skipped'])} unreadable samples were skipped (skipped.csv)."
+    dup = run.get("duplicates")
+    if dup is not None and len(dup):
+        dropped = int((dup["action"] != "kept").sum())
+        data_html += (f" {dup['group'].nunique()} groups of identical images spanned two splits: "
+                      + (f"{dropped} copies were dropped from train/val, val and test kept as given"
+                         if dropped else "all copies were kept (--duplicates allow): test metrics may be optimistic")
+                      + " (duplicates.csv).")
     data_html += "</p>" + "".join(f"<p class='muted'>{_esc(n)}</p>" for n in res.get("data", {}).get("notes", []))
     sections.append(("data", "Data", data_html))
 
