@@ -170,8 +170,8 @@ class PILReader(Reader):
         except BadFileError:
             raise
         except bomb:
-            raise BadFileError(path, f"image is above the limit of {MAX_PIXELS} pixels "
-                               "(possible decompression bomb)") from None
+            raise BadFileError(path, f"image is above the limit of {MAX_PIXELS} pixels (possible decompression "
+                               "bomb; set MEDXFER_MAX_PIXELS to allow larger images)") from None
         except UnidentifiedImageError:
             raise BadFileError(path, "not a readable image (corrupt or wrong suffix)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:
