@@ -10,8 +10,14 @@ from hypothesis.extra.numpy import arrays
 from sklearn.metrics import log_loss
 
 from medxfer.errors import MedxferError
-from medxfer.evaluation import (apply_temperature, choose_threshold, expected_calibration_error,
-                                fit_temperature, parse_threshold_rule, reliability_curve)
+from medxfer.evaluation import (
+    apply_temperature,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    parse_threshold_rule,
+    reliability_curve,
+)
 
 RULE_MESSAGE = ("The threshold rule must be youden, sensitivity=S, specificity=S or a number in "
                 "(0, 1). Got '{}' instead.")

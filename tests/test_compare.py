@@ -11,27 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medxfer import cli
 from medxfer.cli import main
-from medxfer.compare import parse_fractions, parse_seeds, parse_strategies
+from medxfer.comparison import parse_fractions, parse_seeds, parse_strategies
 from medxfer.errors import MedxferError
 from medxfer.evaluation.stats import delong_test, summarize
+from tests.conftest import fake_run
 
 BREAST = Path(__file__).resolve().parents[1] / "src" / "medxfer" / "datasets" / "breastmnist_28.npz"
 STRATS = ["linear-probe", "scratch"]
 SEEDS = [0, 1]
-
-
-def _ensure_registered():
-    """The command is registered by medxfer.commands.COMMAND_MODULES; register it here if not yet listed."""
-    names = {c.name or (c.callback.__name__ if c.callback else None) for c in cli.app.registered_commands}
-    if "compare" not in names:
-        from medxfer.commands import compare as cmd
-
-        cmd.register(cli.app)
-
-
-_ensure_registered()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +80,7 @@ def test_runs_and_summaries_match_metrics(comparison):
     assert st["source"] == "test_resnet" and st["image_size"] == 32 and st["positive_label"] == "malignant"
     assert st["label_fractions"] == [0.25, 1.0]
     assert st["split"] == "made by medxfer with split seed 3"
-    assert st["epochs"] == {s: 1 for s in STRATS}
+    assert st["epochs"] == {"linear-probe": None, "scratch": 1}  # the logistic head has no epochs
     assert st["n_test"] == json.loads((out / "scratch" / "seed0" / "metrics.json").read_text())["test"]["n"]
 
 
@@ -105,7 +93,7 @@ def test_every_run_used_the_same_split(comparison):
     import yaml
 
     cfgs = [yaml.safe_load((out / s / f"seed{k}" / "config.yaml").read_text()) for s in STRATS for k in SEEDS]
-    assert {c["split_seed"] for c in cfgs} == {3} and sorted({c["seed"] for c in cfgs}) == SEEDS
+    assert {c["data"]["split_seed"] for c in cfgs} == {3} and sorted({c["optim"]["seed"] for c in cfgs}) == SEEDS
     # label-fraction runs: fewer train images, the same val and test images
     evals = splits[0][splits[0]["split"] != "train"].reset_index(drop=True)
     for s in STRATS:
@@ -158,14 +146,14 @@ def test_learning_curve(comparison):
 def test_html_is_self_contained(comparison):
     out, res = comparison
     page = (out / "comparison.html").read_text()
-    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page and "<script src" not in page and "<link" not in page
     images = re.findall(r"src=['\"]data:image/png;base64,([A-Za-z0-9+/=]+)['\"]", page)
     assert len(images) == 2  # AUC per strategy + learning curve
     for img in images:
         assert base64.b64decode(img, validate=True).startswith(b"\x89PNG\r\n\x1a\n")
     assert len(re.findall(r"<img ", page)) == 2
     for s in STRATS:
-        assert f"<td>{s}</td>" in page
+        assert f"<td>{s}</td>" in page or f"<td class=num>{s}</td>" in page or f">{s}</td>" in page
     m = res["strategies"]["scratch"]["test_auc"]
     assert f"{m['mean']:.3f} ± {m['sd']:.3f}" in page
     import html
@@ -206,7 +194,8 @@ def test_resume_retrains_when_config_differs(tmp_path, unsplit_npz, capsys):
     assert "retraining" in err and "epochs" in err
     assert metrics.stat().st_mtime_ns != first
     res = json.loads((out / "comparison.json").read_text())
-    assert res["settings"]["epochs"] == {"linear-probe": 2}
+    assert res["settings"]["train_config"]["optim"]["epochs"] == 2
+    assert res["settings"]["epochs"] == {"linear-probe": None}  # the logistic head has no epochs
     assert res["paired_test"]["skipped"].startswith("no 'scratch' baseline")
 
 
@@ -246,13 +235,13 @@ def _fake_runs(scores_per_seed, y, positive="malignant"):
     for k, p in enumerate(scores_per_seed):
         pred = pd.DataFrame({"split": "test", "sample_id": ids, "label": labels, f"prob_{positive}": p,
                              "prob_benign": 1 - p})
-        runs.append({"dir": f"run{k}", "predictions": pred,
-                     "metrics": {"test": {"positive_label": positive, "auc": 0.5}, "val": {"auc": 0.5}}})
+        runs.append(fake_run(f"run{k}", {"test": {"positive_label": positive, "auc": 0.5}, "val": {"auc": 0.5}},
+                             predictions=pred, labels=("benign", positive)))
     return runs
 
 
 def test_paired_test_words():
-    from medxfer.compare import paired_test
+    from medxfer.comparison import paired_test
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 60)
@@ -274,7 +263,7 @@ def test_paired_test_words():
     assert pt["conclusion"].startswith("no significant difference between full and scratch") and not pt["significant"]
     # no scratch baseline, or a multi-class task: skipped with a reason
     assert "skipped" in paired_test({"full": by["full"]}, summ, 50)
-    multi = {s: [{**r, "metrics": {"test": {"auc": 0.7}}} for r in rs] for s, rs in by.items()}
+    multi = {s: [fake_run(r.dir, {"test": {"auc": 0.7}}, predictions=r.predictions) for r in rs] for s, rs in by.items()}
     assert "two-class" in paired_test(multi, summ, 50)["skipped"]
 
 
@@ -307,12 +296,13 @@ def test_several_sources_in_one_table(tmp_path, unsplit_npz, capsys):
                     rows[2]: out / "scratch" / "seed0"}
     import yaml
 
-    assert [yaml.safe_load((dirs[r] / "config.yaml").read_text())["source"] for r in rows] == [str(a), str(b), str(a)]
+    assert [yaml.safe_load((dirs[r] / "config.yaml").read_text())["model"]["source"] for r in rows] == \
+        [str(a), str(b), str(a)]
     preds = [pd.read_csv(dirs[r] / "predictions.csv") for r in rows[:2]]
     assert not np.allclose(preds[0]["prob_malignant"], preds[1]["prob_malignant"])  # two sources, two models
     assert res["paired_test"]["b"] == "scratch" and res["paired_test"]["a"] in rows[:2]
-    printed = capsys.readouterr().out
-    assert "linear-probe [src_b]" in printed and "src_a, " in printed
+    printed = capsys.readouterr().out  # the table holds the rows whole; paths stay out of its title
+    assert "linear-probe [src_b]" in printed and "linear-probe [src_a]" in printed
     assert main([*argv, "--sources", f"{a},{b}", "--source", str(a)]) == 2
     assert "not both" in capsys.readouterr().err
     assert main([*argv, "--sources", f"{a},{a}"]) == 2

@@ -1,4 +1,4 @@
-"""Cross-validation: split files, grouped stratified folds, per-fold runs and the mean +- sd summary."""
+"""Cross-validation: splits handed over as data, grouped stratified folds, per-fold runs and the mean +- sd."""
 
 from __future__ import annotations
 
@@ -11,19 +11,12 @@ from PIL import Image
 
 import medxfer.cli as cli
 from medxfer.config import TrainConfig
-from medxfer.cv import apply_split_file, cross_validate, fold_split, make_folds, summarize_folds
-from medxfer.data.privacy import hash_id
+from medxfer.crossval import cross_validate, fold_split, make_folds, summarize_folds
+from medxfer.data.prepare import apply_splits
 from medxfer.data.sources import load_manifest
 from medxfer.errors import MedxferError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cv_command():
-    """Until 'cv' is in medxfer.commands.COMMAND_MODULES, register it here."""
-    if not any(c.name == "cv" for c in cli.app.registered_commands):
-        from medxfer.commands.cv import register
-
-        register(cli.app)
+from medxfer.privacy import hash_id
+from tests.conftest import fake_run
 
 
 @pytest.fixture
@@ -41,36 +34,26 @@ def patient_csv(tmp_path):
     return tmp_path / "m.csv"
 
 
-def write_split_file(path, ids, splits):
-    pd.DataFrame({"sample_id": ids, "split": splits}).to_csv(path, index=False)
-    return path
-
-
-def test_apply_split_file_replaces_given_splits(patient_csv, tmp_path):
+def test_apply_splits_replaces_given_splits(patient_csv):
     m = load_manifest(patient_csv)
     ids = m.table["sample_id"].tolist()
     roles = (["train", "val", "test"] * len(ids))[: len(ids)]
-    out = apply_split_file(m, write_split_file(tmp_path / "s.csv", ids[::-1], roles[::-1]))
+    out = apply_splits(m, dict(zip(ids[::-1], roles[::-1])))
     assert out.table["split"].tolist() == roles and m.table is not out.table
-    assert out.notes[-1].startswith("splits from split file")
+    assert out.notes[-1].startswith("splits from")
 
 
-def test_apply_split_file_refuses_partial_stale_or_bad_files(patient_csv, tmp_path):
+def test_apply_splits_refuses_partial_stale_or_bad_splits(patient_csv):
     m = load_manifest(patient_csv)
     ids = m.table["sample_id"].tolist()
     cases = {
-        "missing": (write_split_file(tmp_path / "a.csv", ids[1:], ["train"] * (len(ids) - 1)), "has no split for 1 of"),
-        "stale": (write_split_file(tmp_path / "b.csv", ids + ["other.png"], ["train"] * (len(ids) + 1)),
-                  "lists 1 samples that are not in the data"),
-        "value": (write_split_file(tmp_path / "c.csv", ids, ["training"] * len(ids)), "not allowed"),
-        "dup": (write_split_file(tmp_path / "d.csv", ids + ids[:1], ["train"] * (len(ids) + 1)), "more than once"),
+        "missing": (dict.fromkeys(ids[1:], "train"), "give no split for 1 of"),
+        "stale": ({**dict.fromkeys(ids, "train"), "other.png": "train"}, "list 1 samples that are not in the data"),
+        "value": (dict.fromkeys(ids, "training"), "not allowed"),
     }
-    (tmp_path / "e.csv").write_text("id,fold\n1,2\n")
-    cases["columns"] = (tmp_path / "e.csv", "needs sample_id,split")
-    cases["absent"] = (tmp_path / "nope.csv", "does not exist")
-    for name, (path, text) in cases.items():
+    for name, (splits, text) in cases.items():
         with pytest.raises(MedxferError, match=text):
-            apply_split_file(m, path)
+            apply_splits(m, splits)
 
 
 def test_fold_roles_each_sample_tested_and_validated_once():
@@ -91,17 +74,17 @@ def test_make_folds_errors(patient_csv):
 def test_cross_validate_folds_never_split_a_patient(patient_csv, tmp_path):
     seen = []
 
-    def fake_train(cfg):
-        m = apply_split_file(load_manifest(cfg.data), cfg.split_file)
+    def fake_train(cfg, splits):
+        m = apply_splits(load_manifest(cfg.data.path), splits)
         seen.append(m.table.set_index("sample_id")["split"])
         assert (m.table.groupby("patient_id")["split"].nunique() == 1).all()
         auc = 0.7 + 0.1 * len(seen)
-        return {"run_dir": cfg.out, "metrics": {"best_epoch": 1, "train_seconds": 1.0, "val": {},
-                                                "test": {"auc": auc, "auc_ci": [0.5, 0.9], "n": 10,
-                                                         "argmax": {"f1": 0.5}, "threshold": None}}}
+        return fake_run(cfg.runtime.out, {"best_epoch": 1, "train_seconds": 1.0, "val": {},
+                                          "test": {"auc": auc, "auc_ci": [0.5, 0.9], "n": 10,
+                                                   "argmax": {"f1": 0.5}, "threshold": None}})
 
-    report = cross_validate(TrainConfig(data=str(patient_csv), strategy="full"), 4, tmp_path / "cv",
-                            log=lambda m: None, train_fn=fake_train)
+    report = cross_validate(TrainConfig.create(data=str(patient_csv), strategy="full"), 4, tmp_path / "cv",
+                            train_fn=fake_train)
     roles = pd.concat(seen, axis=1)
     assert ((roles == "test").sum(axis=1) == 1).all() and ((roles == "val").sum(axis=1) == 1).all()
     s = report["summary"]
@@ -155,7 +138,7 @@ def test_cv_cli_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("args, text", [
     (["--folds", "1"], "at least 2"),
     (["--bogus-option", "3"], "No such option"),
-    (["--devices", "2"], "--devices must be 1"),
+    (["--devices", "2"], "No such option: --devices"),
     (["--strategy", "ful"], "Did you mean 'full'"),
 ])
 def test_cv_cli_errors_one_line(tmp_path, capsys, args, text):

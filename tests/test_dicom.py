@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from medxfer.data.dicom import dicom_folder_manifest  # noqa: E402
-from medxfer.data.privacy import DEFAULT_SALT, hash_id  # noqa: E402
 from medxfer.data.readers import ReadOptions, read_image  # noqa: E402
 from medxfer.errors import BadFileError, MedxferError  # noqa: E402
+from medxfer.privacy import DEFAULT_SALT, hash_id  # noqa: E402
 
 SECRET_NAME = "Zyxwvut^Qwertyuiop"
 SECRET_ID = "PID-XQ-998877"
@@ -243,7 +243,7 @@ def test_unlabelled_files_error_names_count_and_files(dicom_folder, tmp_path):
     with pytest.raises(MedxferError) as info:
         dicom_folder_manifest(dicom_folder, csv)
     message = str(info.value)
-    from medxfer.data.privacy import sample_id
+    from medxfer.privacy import sample_id
 
     # pseudonymous ids, never the file names (they can hold patient names)
     assert message.startswith("2 DICOM files") and sample_id("a/IM2") in message and sample_id("b/3.dcm") in message

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 import medxfer.data.readers  # noqa: E402
 from medxfer.cli import main  # noqa: E402
-from medxfer.data.privacy import hash_id, sample_id  # noqa: E402
+from medxfer.privacy import hash_id, sample_id  # noqa: E402
 
 N_PATIENTS, PER_PATIENT = 10, 3
 RAW_ID = "MRN-DOE-{:03d}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import BREAST, PNEUMONIA
 from PIL import Image
 
 from medxfer.data.duplicates import check_duplicates, find_cross_split_duplicates
@@ -12,8 +13,7 @@ from medxfer.data.loading import load_images
 from medxfer.data.manifest import Manifest
 from medxfer.data.sources import load_manifest
 from medxfer.errors import MedxferError
-
-from conftest import BREAST, PNEUMONIA
+from tests.test_resume import log_lines
 
 
 def _manifest(splits, labels=None, **cols):
@@ -56,8 +56,8 @@ def test_refused_with_one_line_message_unless_allowed():
     assert str(info.value) == ("2 images appear in more than one split (first: s0 (train) = s1 (test)). "
                                "Remove the copies, or pass --duplicates drop-from-train (keeps val and test, drops "
                                "the copies from train) or --duplicates allow.")
-    logged = []
-    groups = check_duplicates(m, imgs, allow=True, log=logged.append)
+    with log_lines() as logged:
+        groups = check_duplicates(m, imgs, allow=True)
     assert len(groups) == 1 and len(logged) == 1 and "2 images appear in more than one split" in logged[0]
 
 
@@ -86,7 +86,7 @@ def test_files_same_bytes_vs_same_pixels(tmp_path):
                  ).to_csv(tmp_path / "m.csv", index=False)
     m = load_manifest(tmp_path / "m.csv")
     imgs = load_images(m, 16).images
-    from medxfer.data.privacy import sample_id
+    from medxfer.privacy import sample_id
 
     groups = {g["sample_ids"][0]: g for g in find_cross_split_duplicates(m, imgs)}
     a, b = sample_id("a.png"), sample_id("b_resaved.png")

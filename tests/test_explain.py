@@ -13,9 +13,10 @@ from medxfer.errors import MedxferError
 
 @pytest.fixture(scope="module")
 def squares_model(squares_run):
-    from medxfer.models.adapt import load_run_model
+    from medxfer.runs import Run
 
-    return load_run_model(squares_run)
+    run = Run.load(squares_run)
+    return run.load_model(), run.model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def squares_test(squares_npz):
 
 
 def test_maps_have_the_image_shape_and_range(squares_model, squares_test):
-    from medxfer.explain import explain_images
+    from medxfer.evaluation.gradcam import explain_images
 
     model, meta = squares_model
     x, _ = squares_test
@@ -41,7 +42,7 @@ def test_maps_have_the_image_shape_and_range(squares_model, squares_test):
 
 def test_gradcam_finds_the_square(squares_model, squares_test):
     """The class is decided by a bright square's quadrant; the map's mass must concentrate there."""
-    from medxfer.explain import explain_images
+    from medxfer.evaluation.gradcam import explain_images
 
     model, meta = squares_model
     x, y = squares_test
@@ -56,7 +57,7 @@ def test_gradcam_finds_the_square(squares_model, squares_test):
 def test_default_layer_is_the_last_stage_unless_too_coarse():
     import timm
 
-    from medxfer.explain import default_layer
+    from medxfer.evaluation.gradcam import default_layer
 
     resnet = timm.create_model("test_resnet", pretrained=False)
     assert default_layer(resnet) == "layer4" == default_layer(resnet, 224)
@@ -67,7 +68,7 @@ def test_default_layer_is_the_last_stage_unless_too_coarse():
 
 
 def test_unknown_layer_and_class(squares_model, squares_test):
-    from medxfer.explain import explain_images, resolve_layer
+    from medxfer.evaluation.gradcam import explain_images, resolve_layer
 
     model, meta = squares_model
     assert resolve_layer(model, "net.layer3")[0] == "layer3"
@@ -78,7 +79,7 @@ def test_unknown_layer_and_class(squares_model, squares_test):
 
 
 def test_overlay_is_rgb_in_unit_range():
-    from medxfer.explain import overlay
+    from medxfer.evaluation.gradcam import overlay
 
     img = np.full((1, 16, 16), 128, np.uint8)
     out = overlay(img, np.linspace(0, 1, 256).reshape(16, 16))
@@ -97,7 +98,7 @@ def test_explain_cli_writes_one_png_per_input(squares_run, squares_test, tmp_pat
     np.savez(npz, test_images=x[5:7, 0].numpy())
     out = tmp_path / "cams"
     assert cli_main(["explain", str(squares_run), str(folder), str(single), str(npz), "--out", str(out)]) == 0
-    from medxfer.data.privacy import sample_id
+    from medxfer.privacy import sample_id
 
     pngs = sorted(p.name for p in out.glob("*.png"))  # named by pseudonymous id: file names can hold patient names
     files = [str(folder / f"case{i}.png") for i in range(3)] + [str(single)]
@@ -121,7 +122,7 @@ def test_explain_cli_errors(squares_run, tmp_path, capsys):
 
 
 def test_maps_from_float_and_grey_2d():
-    from medxfer.explain import _as_float
+    from medxfer.evaluation.gradcam import _as_float
 
     assert _as_float(torch.zeros(2, 8, 8, dtype=torch.uint8)).shape == (2, 1, 8, 8)
     with pytest.raises(MedxferError, match="shape"):

@@ -29,7 +29,7 @@ def exported(tmp_path_factory, tiny_run):
 def test_export_writes_onnx_with_contract(exported):
     import json
 
-    from medxfer.export import read_onnx_metadata
+    from medxfer.engine.inference import read_onnx_metadata
 
     path = exported / "model.onnx"
     assert path.is_file() and path.stat().st_size > 10_000
@@ -45,14 +45,17 @@ def test_export_writes_onnx_with_contract(exported):
 def test_parity_and_dynamic_batch(exported):
     import torch
 
-    from medxfer.export import OnnxRunner, run_test_images
-    from medxfer.models.adapt import load_run_model
+    from medxfer.engine.inference import OnnxRunner
+    from medxfer.export import run_test_images
+    from medxfer.runs import Run
 
-    model, meta = load_run_model(exported)
-    images, where = run_test_images(exported, meta)
+    run = Run.load(exported)
+    model = run.load_model()
+    images, where = run_test_images(run)
     assert "test images" in where and len(images) == 40
     runner = OnnxRunner(exported / "model.onnx")
-    assert runner.metadata["labels"] == meta["labels"]
+    assert runner.metadata["labels"] == run.model.labels
+    assert runner.metadata["weights_sha256"] == run.model.weights_sha256  # tied to the weights it was made from
     for n in (1, 7):
         x = images[:n].float().div(255)
         with torch.no_grad():

@@ -58,8 +58,8 @@ def test_features_from_source_uses_cache(small_npz, tmp_path, capsys):
     assert first.shape[0] == 200
 
 
-def test_features_needs_run_or_source(small_npz, tmp_path, capsys):
-    assert main(["features", "--data", str(small_npz), "--out", str(tmp_path / "f.npz")]) == 2
-    assert "run directory or --source" in capsys.readouterr().err
+def test_features_needs_data_and_one_model(tiny_run, small_npz, tmp_path, capsys):
     assert main(["features", "--source", "test_resnet", "--weights", "none", "--out", str(tmp_path / "f.npz")]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["features", str(tiny_run), "--source", "test_resnet", "--out", str(tmp_path / "f.npz")]) == 2
+    assert "the run's own model" in capsys.readouterr().err

@@ -2,14 +2,22 @@
 
 import json
 import math
-import time
+
 
 import numpy as np
 import pytest
 from scipy.stats import norm
-from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score,
-                             brier_score_loss, confusion_matrix, f1_score, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from medxfer.errors import MedxferError
 from medxfer.evaluation import bootstrap_weights, evaluate
@@ -226,13 +234,11 @@ def test_bootstrap_ci_coverage_binormal():
     assert 0.88 <= hits / trials <= 0.99, hits / trials
 
 
-def test_bootstrap_speed_2000_resamples_1000_images():
+def test_bootstrap_2000_patient_resamples_1000_images():
+    """Every resample is used (its speed is measured in bench/bench_bootstrap.py, not here)."""
     y, p = binary_data(0, n=1000)
-    evaluate(y[:50], p[:50], LABELS2, n_bootstrap=10)  # warm imports
-    t0 = time.perf_counter()
     r = evaluate(y, p, LABELS2, n_bootstrap=2000, groups=np.arange(1000) // 2)
-    assert time.perf_counter() - t0 < 2.0
-    assert r["n_bootstrap_used"] == 2000
+    assert r["n_bootstrap_used"] == 2000 and r["auc_ci"][0] < r["auc"] < r["auc_ci"][1]
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -28,7 +28,8 @@ def test_run_directory_stands_alone(tiny_run):
     cm = np.array(metrics["test"]["confusion_matrix"])
     assert cm.sum() == metrics["test"]["n"] == 40
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    assert config["strategy"] == "full" and config["seed"] == 0 and config["image_size"] == 32
+    assert config["optim"]["strategy"] == "full" and config["optim"]["seed"] == 0
+    assert config["model"]["image_size"] == 32 and config["resolved"]["image_size"] == 32
     assert config["resolved"]["input"]["grey_mode"] == "sum" and config["resolved"]["input"]["model_channels"] == 1
     preds = pd.read_csv(tiny_run / "predictions.csv")
     assert set(preds["split"]) == {"val", "test"}
@@ -94,7 +95,8 @@ def test_made_split_is_stratified_and_recorded(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--data", "nowhere.npz"], "does not exist"),
-    (["train", "--data", "{npz}", "--strategy", "fine-tune"], "unknown strategy 'fine-tune'"),
+    (["train", "--data", "{npz}", "--strategy", "fine-tune"], "'strategy' parameter must be one of"),
+    (["train", "--data", "{npz}", "--strategy", "ful"], "Did you mean 'full'"),
     (["train", "--data", "{npz}", "--source", "resnet50x"], "unknown source 'resnet50x'"),
     (["train", "--data", "{npz}", "--threshold", "sens=0.9"], "threshold rule"),
     (["train", "--data", "{npz}", "--positive-label", "cancer", "--source", "test_resnet", "--weights", "none"],
@@ -127,3 +129,40 @@ def test_demo_runs_the_three_strategies_and_prints_the_table(tmp_path, capsys):
         assert strategy in text and (tmp_path / strategy / "metrics.json").is_file()
     config = yaml.safe_load((tmp_path / "scratch" / "config.yaml").read_text())
     assert config["resolved"]["source"]["weights_sha256"] is None  # scratch really is random init
+
+
+def test_a_run_replays_from_its_own_config(tiny_run, small_npz, tmp_path):
+    """`medxfer train --config RUN/config.yaml --out RUN2` reproduces the run: same split, same test metrics."""
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(tiny_run / "config.yaml"), "--out", str(again)]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text())["test"] for d in (tiny_run, again))
+    for key in ("auc", "auc_ci", "balanced_accuracy", "sensitivity", "specificity", "confusion_matrix", "brier"):
+        assert a[key] == b[key], key
+    pd.testing.assert_frame_equal(pd.read_csv(tiny_run / "split.csv"), pd.read_csv(again / "split.csv"))
+    # options on the command line override the file
+    other = tmp_path / "other"
+    assert main(["train", "--config", str(tiny_run / "config.yaml"), "--out", str(other), "--seed", "3"]) == 0
+    assert yaml.safe_load((other / "config.yaml").read_text())["optim"]["seed"] == 3
+
+
+def test_config_file_unknown_key_did_you_mean(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("data:\n  path: x.npz\noptim:\n  strategyy: full\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown config key 'optim.strategyy'" in capsys.readouterr().err
+    (tmp_path / "d.yaml").write_text("data: x.npz\nepochs_max: 3\nlearning_rate: 0.1\n")  # a flat, older file
+    assert main(["train", "--config", str(tmp_path / "d.yaml")]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_help_shows_real_defaults_grouped(capsys):
+    from medxfer.cli import main as cli
+
+    assert cli(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for panel in ("Data", "Source model", "Training", "Evaluation", "Run"):
+        assert panel in text, panel
+    assert "efficientnet_lite0.in1k" in text and "drop-from-train" in text and "youden" in text
+    for command in ("cv", "compare"):  # the train options they accept are listed in their own help
+        assert cli([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "--label-names" in text and "--image-size" in text and "--backbone-lr-mult" in text

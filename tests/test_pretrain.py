@@ -10,16 +10,18 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import BREAST, subset_npz
 from safetensors.torch import load_file
 
-from conftest import BREAST, subset_npz
+from medxfer import files, runs
+from medxfer.cli import main as cli_main_
 from medxfer.errors import MedxferError
+from medxfer.files import sha256_file
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import list_sources, read_source_dir, resolve_source
-from medxfer.models.weights import sha256_file
 from medxfer.pretrain import SSLAugment, SSLConfig, pretrain_ssl
-from medxfer.pretrain import common
-from medxfer.pretrain.common import CHECKPOINT, load_checkpoint, save_checkpoint, write_source_dir
+from medxfer.pretrain.common import write_source_dir
+from tests.test_resume import stop_after
 
 SOURCE_KEYS = {"name", "arch", "mean", "std", "input_size", "in_chans", "domain", "description", "method",
                "trained_on", "created"}
@@ -28,21 +30,15 @@ TRAINED_ON_KEYS = {"data", "labels", "counts", "image_size", "epochs", "seed", "
 
 @pytest.fixture(scope="module")
 def cli_main():
-    """``medxfer.cli.main`` with the pretrain commands registered (a no-op once COMMAND_MODULES lists them)."""
-    from medxfer import cli
-    from medxfer.commands import pretrain
-
-    if not any(g.name == "pretrain" for g in cli.app.registered_groups):
-        pretrain.register(cli.app)
-    return cli.main
+    return cli_main_
 
 
 @pytest.fixture(scope="module")
 def sup_source(tmp_path_factory, small_npz, cli_main):
     """A supervised source from random init (test_resnet, grey, 32 px, 1 epoch), made through the CLI."""
     out = tmp_path_factory.mktemp("sources") / "sup_resnet"
-    code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--arch", "test_resnet", "--out", str(out),
-                     "--image-size", "32", "--epochs", "1", "--label-names", "malignant,benign"])
+    code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none",
+                     "--out", str(out), "--image-size", "32", "--epochs", "1", "--label-names", "malignant,benign"])
     assert code == 0
     return out
 
@@ -105,16 +101,19 @@ def test_train_from_own_source_loads_its_backbone(sup_source, small_npz, tmp_pat
 
 def test_supervised_from_another_source_and_arch_mismatch(sup_source, small_npz, tmp_path, cli_main, capsys):
     out = tmp_path / "chained"
-    assert cli_main(["pretrain", "supervised", "--data", str(small_npz), "--init", str(sup_source), "--out", str(out),
+    assert cli_main(["pretrain", "supervised", "--data", str(small_npz), "--source", str(sup_source), "--out", str(out),
                      "--image-size", "32", "--epochs", "1"]) == 0
     meta = json.loads((out / "source.json").read_text())
     assert meta["init"]["weights_sha256"] == sha256_file(sup_source / "model.safetensors")
     assert meta["trained_on"]["strategy"] == "full"
     assert _changed(load_file(str(sup_source / "model.safetensors")), load_file(str(out / "model.safetensors")))
-    code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--init", str(sup_source), "--arch",
-                     "test_efficientnet", "--out", str(tmp_path / "x")])
-    assert code == 2 and "does not match the architecture" in capsys.readouterr().err
+    code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--init", str(sup_source),
+                     "--out", str(tmp_path / "x")])
+    assert code == 2 and "--init was renamed: start from a source with --source" in capsys.readouterr().err
     code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--arch", "test_resnet", "--out", str(out)])
+    assert code == 2 and "--source test_resnet --weights none" in capsys.readouterr().err
+    code = cli_main(["pretrain", "supervised", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none",
+                     "--out", str(out)])
     assert code == 2 and "already a source directory" in capsys.readouterr().err
 
 
@@ -130,8 +129,8 @@ def test_grey_source_into_rgb_target(sup_source):
 @pytest.mark.parametrize("method", ["simclr", "byol", "dino"])
 def test_ssl_methods_train_and_make_a_source(method, eff_source, ssl_npz, tmp_path):
     out = tmp_path / method
-    meta = pretrain_ssl(SSLConfig(data=str(ssl_npz), out=str(out), method=method, init=str(eff_source),
-                                  image_size=32, epochs=1, batch_size=16, seed=0), log=lambda *a: None)
+    meta = pretrain_ssl(SSLConfig.create(data=str(ssl_npz), out=str(out), method=method, source=str(eff_source),
+                                         image_size=32, epochs=1, batch_size=16, seed=0))
     assert SOURCE_KEYS <= set(meta) and TRAINED_ON_KEYS <= set(meta["trained_on"])
     t = meta["trained_on"]
     assert math.isfinite(t["metrics"]["loss_first_epoch"])
@@ -146,8 +145,8 @@ def test_ssl_needs_no_labels(tmp_path, cli_main, capsys):
     x = np.load(BREAST)
     np.savez(tmp_path / "unlabelled.npz", images=x["train_images"][:64])
     out = tmp_path / "src"
-    assert cli_main(["pretrain", "ssl", "--data", str(tmp_path / "unlabelled.npz"), "--arch", "test_resnet",
-                     "--method", "simclr", "--out", str(out), "--image-size", "32", "--epochs", "1",
+    assert cli_main(["pretrain", "ssl", "--data", str(tmp_path / "unlabelled.npz"), "--source", "test_resnet",
+                     "--weights", "none", "--method", "simclr", "--out", str(out), "--image-size", "32", "--epochs", "1",
                      "--batch-size", "32"]) == 0
     meta = json.loads((out / "source.json").read_text())
     assert meta["trained_on"]["labels"] == "none" and meta["trained_on"]["counts"] == {"images": 64}
@@ -157,61 +156,57 @@ def test_ssl_needs_no_labels(tmp_path, cli_main, capsys):
 
 
 def test_resume_continues_from_the_last_epoch(eff_source, ssl_npz, tmp_path):
-    base = dict(data=str(ssl_npz), method="simclr", init=str(eff_source), image_size=32, epochs=2, batch_size=16)
-    quiet = lambda *a: None  # noqa: E731
-    pretrain_ssl(SSLConfig(out=str(tmp_path / "straight"), **base), log=quiet)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(record):
-        if record["epoch"] == 1:
-            raise Stop  # the process dies after epoch 1 was checkpointed
-
+    base = dict(data=str(ssl_npz), method="simclr", source=str(eff_source), image_size=32, epochs=2, batch_size=16)
+    pretrain_ssl(SSLConfig.create(out=str(tmp_path / "straight"), **base))
     cut = tmp_path / "cut"
-    with pytest.raises(Stop):
-        pretrain_ssl(SSLConfig(out=str(cut), **base), log=quiet, progress=stop_after_1)
-    ckpt = torch.load(cut / CHECKPOINT, map_location="cpu", weights_only=True)  # plain tensors/numbers only
-    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and not (cut / "source.json").exists()
+    with stop_after(1):  # the process dies after epoch 1 was checkpointed
+        pretrain_ssl(SSLConfig.create(out=str(cut), **base))
+    ckpt = torch.load(runs.checkpoint_path(cut), map_location="cpu", weights_only=True)  # plain tensors/numbers only
+    assert ckpt["loop"]["epoch"] == 1 and len(ckpt["loop"]["history"]) == 1 and not (cut / "source.json").exists()
     with pytest.raises(MedxferError, match="--resume"):
-        pretrain_ssl(SSLConfig(out=str(cut), **base), log=quiet)
+        pretrain_ssl(SSLConfig.create(out=str(cut), **base))
     with pytest.raises(MedxferError, match="'batch_size' was 16"):
-        pretrain_ssl(SSLConfig(out=str(cut), **{**base, "batch_size": 8}, resume=True), log=quiet)
-    seen = []
-    meta = pretrain_ssl(SSLConfig(out=str(cut), resume=True, **base), log=quiet, progress=seen.append)
-    assert [r["epoch"] for r in seen] == [2] and meta["trained_on"]["epochs"] == 2
+        pretrain_ssl(SSLConfig.create(out=str(cut), **{**base, "batch_size": 8}, resume=True))
+    with stop_after(2):  # keep the epoch-2 checkpoint to grow the run from
+        pretrain_ssl(SSLConfig.create(out=str(cut), resume=True, **base))
+    at_2 = torch.load(runs.checkpoint_path(cut), map_location="cpu", weights_only=True)["loop"]
+    assert [r["epoch"] for r in at_2["history"]] == [1, 2]  # epoch 2 ran once, after the resume
+    meta = pretrain_ssl(SSLConfig.create(out=str(cut), resume=True, **base))
+    assert meta["trained_on"]["epochs"] == 2
     after = load_file(str(cut / "model.safetensors"))
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
     for k in after:  # the resumed run ends where the uninterrupted one ends
         torch.testing.assert_close(after[k], straight[k], atol=1e-4, rtol=1e-4)
-    # 2 epochs done, resume to 3: --epochs may grow; epoch 3 trains on from the epoch-2 checkpoint
-    at_2 = load_checkpoint(cut / CHECKPOINT)["model"]
-    meta = pretrain_ssl(SSLConfig(out=str(cut), resume=True, **{**base, "epochs": 3}), log=quiet)
+    assert not runs.staging_dir(cut).exists()  # a finished source keeps no checkpoint
+    # --epochs may grow: from the epoch-2 checkpoint, epoch 3 trains on
+    files.write_checkpoint(runs.checkpoint_path(cut), {"signature": SSLConfig.create(**base).signature(),
+                                                       "loop": at_2}, "medxfer-loop-checkpoint/2")
+    (cut / "source.json").unlink()
+    meta = pretrain_ssl(SSLConfig.create(out=str(cut), resume=True, **{**base, "epochs": 3}))
     assert meta["trained_on"]["epochs"] == 3 and len(meta["trained_on"]["metrics"]["history"]) == 3
-    assert load_checkpoint(cut / CHECKPOINT)["epoch"] == 3
     at_3 = load_file(str(cut / "model.safetensors"))
-    assert _changed({k: at_2["backbone.net." + k] for k in at_3}, at_3)
-    torch.testing.assert_close(at_2["backbone.net.conv_stem.weight"], after["conv_stem.weight"])
+    assert _changed({k: at_2["step_state"]["model"]["backbone.net." + k] for k in at_3}, at_3)
+    torch.testing.assert_close(at_2["step_state"]["model"]["backbone.net.conv_stem.weight"], after["conv_stem.weight"])
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / CHECKPOINT
-    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}})
+    path, fmt = tmp_path / "checkpoint.pt", "test/1"
+    files.write_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}}, fmt)
 
     def dies_half_way(obj, f, *a, **k):
         f.write(b"\x80\x02 half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.torch, "save", dies_half_way)
+    monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}})
+        files.write_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}}, fmt)
     monkeypatch.undo()
-    ckpt = load_checkpoint(path)
+    ckpt = files.read_checkpoint(path, fmt, "test")
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no half-written file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no half-written file left behind
     path.write_bytes(b"garbage")
     with pytest.raises(MedxferError, match="cannot read checkpoint"):
-        load_checkpoint(path)
+        files.read_checkpoint(path, fmt, "test")
 
 
 def test_two_views_are_grey_safe_and_seeded():
@@ -228,20 +223,19 @@ def test_two_views_are_grey_safe_and_seeded():
 
 def test_ssl_refuses_bad_settings(tmp_path):
     with pytest.raises(MedxferError, match="'method' parameter"):
-        SSLConfig(data="x", out="y", method="mae", arch="test_resnet")
+        SSLConfig.create(data="x", out="y", method="mae")
     with pytest.raises(MedxferError, match="test split"):
-        SSLConfig(data="x", out="y", arch="test_resnet", splits=("train", "test"))
+        SSLConfig.create(data="x", out="y", splits="train,test")
     with pytest.raises(MedxferError, match="'splits' parameter"):
-        SSLConfig(data="x", out="y", arch="test_resnet", splits=("train", "tset"))
-    with pytest.raises(MedxferError, match="--arch NAME"):
-        SSLConfig(data="x", out="y")
+        SSLConfig.create(data="x", out="y", splits="train,tset")
     with pytest.raises(MedxferError, match="nothing to resume"):
-        pretrain_ssl(SSLConfig(data="x", out=str(tmp_path), arch="test_resnet", resume=True))
+        pretrain_ssl(SSLConfig.create(data="x", out=str(tmp_path), source="test_resnet", weights="none", resume=True))
 
 
 def test_ssl_on_the_train_split_only(ssl_npz, tmp_path, cli_main):
     out = tmp_path / "train_only"
-    assert cli_main(["pretrain", "ssl", "--data", str(ssl_npz), "--arch", "test_resnet", "--out", str(out),
-                     "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--splits", "train"]) == 0
+    assert cli_main(["pretrain", "ssl", "--data", str(ssl_npz), "--source", "test_resnet", "--weights", "none",
+                     "--out", str(out), "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--splits",
+                     "train"]) == 0
     t = json.loads((out / "source.json").read_text())["trained_on"]
     assert t["splits_used"] == ["train"] and t["counts"] == {"train": 48}

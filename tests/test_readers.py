@@ -142,7 +142,7 @@ def test_bad_file_error_message_format(tmp_path):
     (tmp_path / "e.dcm").write_bytes(b"")
     with pytest.raises(BadFileError) as info:
         read_image(tmp_path / "e.dcm")
-    from medxfer.data.privacy import sample_id
+    from medxfer.privacy import sample_id
 
     msg = str(info.value)  # names the sample by a pseudonymous id: file names can hold patient names
     assert msg.startswith(f"cannot read sample {sample_id(str(tmp_path / 'e.dcm'))}: empty file.") and "e.dcm" not in msg

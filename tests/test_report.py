@@ -147,8 +147,8 @@ def test_report_cli_and_missing_data(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    data = cfg["data"]
-    cfg["data"] = str(tmp_path / "moved.npz")
+    data = cfg["data"]["path"]
+    cfg["data"]["path"] = str(tmp_path / "moved.npz")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert cli_main(["report", str(run)]) == 0  # the report is written; the gallery says why it is missing
     text = (run / "report.html").read_text()

@@ -3,6 +3,7 @@ uninterrupted one ends; the same for supervised pretraining."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from medxfer import runs
 from medxfer.cli import main
 from medxfer.config import TrainConfig
+from medxfer.engine.handlers import Checkpoint
 from medxfer.pipeline import train
 
 ARGS = ["--source", "test_resnet", "--weights", "none", "--strategy", "full", "--epochs", "3", "--image-size", "32",
@@ -23,27 +25,58 @@ class Stop(Exception):
     pass
 
 
+@contextlib.contextmanager
 def stop_after(n):
-    def hook(record):
+    """Inside this block, a training loop dies once epoch ``n`` is checkpointed (like a killed process):
+    the Checkpoint handler raises Stop right after writing that epoch."""
+    original = Checkpoint.on_epoch_end
+
+    def on_epoch_end(self, loop, record):
+        original(self, loop, record)
         if record["epoch"] == n:
-            raise Stop  # the process dies once epoch n is checkpointed
-    return hook
+            raise Stop
+
+    Checkpoint.on_epoch_end = on_epoch_end
+    try:
+        with pytest.raises(Stop):
+            yield
+    finally:
+        Checkpoint.on_epoch_end = original
 
 
-def quiet(*a, **k):
-    return None
+@contextlib.contextmanager
+def log_lines():
+    """The messages medxfer logs inside the block."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("medxfer"), Keep()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_train_resumes_where_it_stopped(small_npz, tmp_path, capsys):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(straight)]) == 0
     assert not runs.checkpoint_path(straight).exists()  # a finished run keeps no checkpoint
-    cfg = TrainConfig(data=str(small_npz), out=str(cut), source="test_resnet", weights="none", strategy="full",
-                      epochs=3, image_size=32, bootstrap=20, report=False, label_names=("malignant", "benign"), seed=1)
-    with pytest.raises(Stop):
-        train(cfg, log=quiet, progress=stop_after(2))
+    cfg = TrainConfig.create(data=str(small_npz), out=str(cut), source="test_resnet", weights="none", strategy="full",
+                             epochs=3, image_size=32, bootstrap=20, report=False, label_names=("malignant", "benign"),
+                             seed=1)
+    with stop_after(2):
+        train(cfg)
     ckpt = torch.load(runs.checkpoint_path(cut), map_location="cpu", weights_only=True)  # plain data only
-    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and not (cut / "metrics.json").exists()
+    assert ckpt["loop"]["epoch"] == 2 and len(ckpt["loop"]["history"]) == 2 and not (cut / "metrics.json").exists()
     capsys.readouterr()
 
     assert main(["train", "--data", str(small_npz), *ARGS, "--out", str(cut)]) == 2  # would erase the checkpoint
@@ -77,13 +110,14 @@ def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
     from medxfer.pretrain.supervised import pretrain_supervised
 
     out = tmp_path / "src"
-    opts = dict(arch="test_resnet", image_size=32, epochs=2, label_names=("malignant", "benign"), bootstrap=20,
-                report=False)
-    with pytest.raises(Stop):
-        pretrain_supervised(str(small_npz), out, log=quiet, progress=stop_after(1), **opts)
+    cfg = TrainConfig.create(data=str(small_npz), out=str(out), source="test_resnet", weights="none", image_size=32,
+                             epochs=2, label_names=("malignant", "benign"), bootstrap=20, report=False)
+    with stop_after(1):
+        pretrain_supervised(cfg)
     assert runs.checkpoint_path(out / "run").exists() and not (out / "source.json").exists()
-    argv = ["pretrain", "supervised", "--data", str(small_npz), "--arch", "test_resnet", "--image-size", "32",
-            "--epochs", "2", "--label-names", "malignant,benign", "--out", str(out)]
+    argv = ["pretrain", "supervised", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none",
+            "--image-size", "32", "--epochs", "2", "--label-names", "malignant,benign", "--bootstrap", "20",
+            "--no-report", "--out", str(out)]
     capsys.readouterr()
     assert main(argv) == 2 and "--resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
@@ -93,15 +127,14 @@ def test_pretrain_supervised_resumes(small_npz, tmp_path, capsys):
 
 
 def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
-    from medxfer.compare import compare
+    from medxfer.comparison import compare
 
-    base = TrainConfig(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
-                       bootstrap=20, report=False, label_names=("malignant", "benign"))
-    with pytest.raises(Stop):
-        compare(base, ["scratch"], [0], tmp_path, log=quiet,
-                train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
-    logged = []
-    res = compare(base, ["scratch"], [0], tmp_path, log=logged.append)
+    base = TrainConfig.create(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
+                              bootstrap=20, report=False, label_names=("malignant", "benign"))
+    with stop_after(1):
+        compare(base, ["scratch"], [0], tmp_path)
+    with log_lines() as logged:
+        res = compare(base, ["scratch"], [0], tmp_path)
     assert any("resuming an interrupted run" in m for m in logged)
     run = tmp_path / "scratch" / "seed0"
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2] and not runs.checkpoint_path(run).exists()
@@ -109,12 +142,10 @@ def test_compare_resumes_an_interrupted_run(small_npz, tmp_path):
 
     # an interrupted run of another configuration, or --retrain: its checkpoint is discarded, not resumed
     for changed, retrain in ((base.replace(lr=0.05), False), (base, True)):
-        with pytest.raises(Stop):
-            compare(changed, ["scratch"], [0], tmp_path / "other", log=quiet, resume=not retrain,
-                    train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
-        logged = []
-        compare(changed if retrain else base, ["scratch"], [0], tmp_path / "other", log=logged.append,
-                resume=not retrain)
+        with stop_after(1):
+            compare(changed, ["scratch"], [0], tmp_path / "other", resume=not retrain)
+        with log_lines() as logged:
+            compare(changed if retrain else base, ["scratch"], [0], tmp_path / "other", resume=not retrain)
         assert any("discarding an interrupted run's checkpoint" in m for m in logged)
         assert pd.read_csv(tmp_path / "other" / "scratch" / "seed0" / "history.csv")["epoch"].tolist() == [1, 2]
         (tmp_path / "other" / "scratch" / "seed0" / "metrics.json").unlink()  # the next round starts unfinished
@@ -139,22 +170,22 @@ def test_source_from_a_run_with_default_epochs(tiny_run, tmp_path):
 
 
 def test_cv_resume_continues_the_interrupted_fold(small_npz, tmp_path):
-    from medxfer.cv import cross_validate
+    from medxfer.crossval import cross_validate
 
-    base = TrainConfig(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
-                       bootstrap=20, report=False, label_names=("malignant", "benign"), strategy="full")
-    with pytest.raises(Stop):
-        cross_validate(base, 3, tmp_path, log=quiet, train_fn=lambda cfg: train(cfg, log=quiet, progress=stop_after(1)))
+    base = TrainConfig.create(data=str(small_npz), source="test_resnet", weights="none", epochs=2, image_size=32,
+                              bootstrap=20, report=False, label_names=("malignant", "benign"), strategy="full")
+    with stop_after(1):
+        cross_validate(base, 3, tmp_path)
     assert runs.checkpoint_path(tmp_path / "fold_0").exists()
     with pytest.raises(Exception, match="--resume"):  # without --resume the checkpoint is not overwritten
-        cross_validate(base, 3, tmp_path, log=quiet)
+        cross_validate(base, 3, tmp_path)
     seen = []
 
-    def record(cfg):
-        seen.append((Path(cfg.out).name, cfg.resume))
-        return train(cfg, log=quiet)
+    def record(cfg, splits):
+        seen.append((Path(cfg.runtime.out).name, cfg.runtime.resume))
+        return train(cfg, splits=splits)
 
-    report = cross_validate(base.replace(resume=True), 3, tmp_path, log=quiet, train_fn=record)
+    report = cross_validate(base.replace(resume=True), 3, tmp_path, train_fn=record)
     assert seen == [("fold_0", True), ("fold_1", False), ("fold_2", False)]  # only the interrupted fold resumes
     assert pd.read_csv(tmp_path / "fold_0" / "history.csv")["epoch"].tolist() == [1, 2]
     assert len(report["per_fold"]) == 3

@@ -9,8 +9,8 @@ from PIL import Image
 
 from medxfer.cli import main
 from medxfer.data.loading import load_images
-from medxfer.data.privacy import hash_id, sample_id
 from medxfer.data.sources import load_manifest
+from medxfer.privacy import hash_id, sample_id
 
 TRAIN = ["--source", "test_resnet", "--weights", "none", "--epochs", "1", "--image-size", "16"]
 
@@ -124,7 +124,7 @@ def test_unknown_source_did_you_mean(class_folders, capsys):
 
 def test_unknown_strategy_exit_2(class_folders, capsys):
     code, err = run_cli(capsys, "--data", str(class_folders), *TRAIN, "--strategy", "fine-tune")
-    assert_one_line(code, err, "unknown strategy 'fine-tune'", "linear-probe, partial, full, scratch")
+    assert_one_line(code, err, "'strategy' parameter must be one of", "'linear-probe', 'partial', 'full', 'scratch'")
 
 
 def test_missing_path_exit_2(tmp_path, capsys):

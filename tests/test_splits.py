@@ -8,10 +8,10 @@ import pytest
 
 from medxfer.cli import main
 from medxfer.data.manifest import Manifest
-from medxfer.data.privacy import hash_id
 from medxfer.data.sources import load_manifest
 from medxfer.data.splits import assign_splits, kfold
 from medxfer.errors import MedxferError
+from medxfer.privacy import hash_id
 
 RAW = "MRN-SMITH-{:04d}"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medxfer.engine.optim import build_optimizer, layer_groups, param_groups
 from medxfer.engine.trainer import FitSettings, fit
 from medxfer.errors import MedxferError
 from medxfer.models import build_model, resolve_source
-from medxfer.strategies import layer_groups, param_groups
 
 
 @pytest.fixture
@@ -83,15 +83,29 @@ def test_ema_changes_the_kept_weights():
 
 
 def test_default_epochs_and_patience_scale_with_the_train_set():
-    from medxfer.config import MAX_AUTO_EPOCHS, MIN_PATIENCE_STEPS, MIN_STEPS, TrainConfig
+    from medxfer.config import TrainConfig
+    from medxfer.strategies import MAX_AUTO_EPOCHS, MIN_PATIENCE_STEPS, STRATEGIES
 
-    cfg = TrainConfig(data="x", strategy="full", batch_size=64)
+    cfg = TrainConfig.create(data="x", strategy="full", batch_size=64)
     assert cfg.epochs_for(64 * 100) == 10                     # large data: the default
-    assert cfg.epochs_for(64 * 10) == MIN_STEPS["full"] // 10  # small data: enough optimiser steps
+    assert cfg.epochs_for(64 * 10) == STRATEGIES["full"].min_steps // 10  # small data: enough optimiser steps
     assert cfg.epochs_for(47) == MAX_AUTO_EPOCHS              # one step per epoch: capped
     assert cfg.replace(epochs=3).epochs_for(47) == 3          # given epochs are kept
     assert cfg.patience_for(64 * 100) == 10
     assert cfg.patience_for(47) == MIN_PATIENCE_STEPS         # one step per epoch: wait that many steps
     assert cfg.patience_for(64 * 2, world=2) == MIN_PATIENCE_STEPS
     with pytest.raises(MedxferError, match="patience"):
-        TrainConfig(data="x", patience=0)
+        TrainConfig.create(data="x", patience=0)
+
+
+def test_no_weight_decay_on_biases_and_norm_weights(model):
+    """timm's rule: 1-D parameters (biases, norm weights) are not decayed; kernels are."""
+    groups = param_groups(model, "full", 1e-2)
+    opt = build_optimizer(model, groups, weight_decay=0.05)
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_id[id(named["net.fc.bias"])] == 0.0 and by_id[id(named["net.fc.weight"])] == 0.05
+    norms = [p for n, p in named.items() if p.ndim == 1]
+    assert norms and all(by_id[id(p)] == 0.0 for p in norms)
+    lrs = {g["lr"] for g in opt.param_groups}
+    assert lrs == {1e-2, 1e-3}  # the head at lr, the backbone at lr x 0.1: kept through the split

@@ -1,188 +1,405 @@
-"""Run configuration: one frozen dataclass, saved resolved as ``config.yaml`` in the run directory.
+"""Run configuration: every option declared once, as a field of a frozen dataclass, with its type,
+default, help and allowed values. The command line (train, cv, compare, pretrain, features) is
+generated from these fields; config.yaml is their nested dict.
 
 Usage::
 
-    cfg = TrainConfig(data="data/breastmnist_28.npz", strategy="full", epochs=10)
-    cfg = load_config("run/config.yaml")          # unknown keys -> "did you mean"
+    cfg = TrainConfig.create(data="data/breastmnist_28.npz", strategy="full", epochs=10)   # flat names
+    cfg.optim.lr, cfg.data.path, cfg.model.source
+    cfg = cfg.replace(seed=2, out="runs/b")                    # flat names again
+    cfg = TrainConfig.load("runs/b/config.yaml")               # nested or flat; unknown keys -> did you mean
+
+Flat names are the command-line names without dashes (``--label-names`` -> ``label_names``;
+``--data`` -> ``data``); each belongs to one group: data, model, optim, evaluation, runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from medxfer.data.intensity import parse_frame, parse_intensity, parse_slice, parse_window
 from medxfer.errors import MedxferError, did_you_mean
+from medxfer.strategies import MIN_PATIENCE_STEPS, get_strategy, help_text
+from medxfer.strategies import NAMES as STRATEGY_NAMES
 
-STRATEGIES = ("linear-probe", "partial", "full", "scratch")
-DEFAULT_EPOCHS = {"linear-probe": 100, "partial": 10, "full": 10, "scratch": 20}
-# Small data sets get more epochs: at least this many optimiser steps (capped at MAX_AUTO_EPOCHS)
-MIN_STEPS = {"linear-probe": 0, "partial": 600, "full": 600, "scratch": 1200}
-MAX_AUTO_EPOCHS = 60
-# Early stopping waits at least this many optimiser steps without improvement: on a tiny train set
-# (one step per epoch) 10 epochs of patience would stop a run before it has learned anything
-MIN_PATIENCE_STEPS = 60
-# full: head 1e-2, backbone 1e-3 (x backbone_lr_mult 0.1), chosen on validation AUC over head 1e-3
-# (backbone 1e-4): BreastMNIST 3 seeds 0.917 vs 0.895, PneumoniaMNIST 0.996 vs 0.988 (64 px)
-DEFAULT_LR = {"linear-probe": 1e-3, "partial": 1e-3, "full": 1e-2, "scratch": 2e-3}
+#: the augmentation presets (medxfer.data.transforms.PRESETS; listed here so options stay free of torch)
+AUGMENT_PRESETS = ("none", "light", "strong")
+
+
+def option(default, help: str, *, flag: str | None = None, choices=None, show: str | None = None,
+           low=None, high=None, low_open: bool = False, hidden: bool = False, factory=None):
+    """A field of an options dataclass: its default and what ``--help`` says about it.
+
+    ``flag``: the command-line name (default ``--field-name``); ``choices``: allowed values (a
+    ``Literal`` annotation gives them too); ``show``: how ``--help`` shows a default of None (``"the
+    source's"``); ``low``/``high``: bounds, inclusive unless ``low_open``; ``hidden``: not on the command
+    line (set by the program, e.g. the number of processes under torchrun).
+    """
+    meta = dict(help=help, flag=flag, choices=choices, show=show, low=low, high=high, low_open=low_open,
+                hidden=hidden)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Options:
+    """Shared behaviour of the option groups: type and range checks on construction."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta, flag = f.metadata, cli_name(f)
+            if value is None:
+                continue
+            choices = meta.get("choices") or _literal(hints[f.name])
+            if choices and value not in choices:
+                raise MedxferError(f"The '{flag[2:]}' parameter must be one of {list(choices)}. Got {value!r} instead."
+                                   f"{did_you_mean(str(value), [str(c) for c in choices])}")
+            low, high = meta.get("low"), meta.get("high")
+            if low is not None and (value < low or (meta.get("low_open") and value == low)):
+                bound = f"above {low}" if meta.get("low_open") else f"at least {low}"
+                raise MedxferError(f"The '{flag[2:]}' parameter must be {bound}"
+                                   + (f" and at most {high}" if high is not None else "") + f". Got {value} instead.")
+            if high is not None and value > high:
+                raise MedxferError(f"The '{flag[2:]}' parameter must be at most {high}. Got {value} instead.")
+
+
+def _literal(hint) -> tuple | None:
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def cli_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def flat_name(f: dataclasses.Field) -> str:
+    return cli_name(f)[2:].replace("-", "_")
+
+
+# --------------------------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class DataOptions(Options):
+    """Data: where the images and labels are, how they are split and read."""
+
+    path: str | None = option(None, "Images: a MedMNIST-style .npz, a folder of class folders (optionally under "
+                              "train/val/test), a CSV/Parquet manifest (path,label[,patient_id,split]) or a DICOM "
+                              "folder (with --labels).", flag="--data")
+    labels: str | None = option(None, "Labels CSV for a DICOM folder, keyed by path, SOPInstanceUID, PatientID or "
+                                "StudyInstanceUID (optional split, patient_id columns).")
+    label_names: tuple[str, ...] | None = option(None, "Comma-separated class names in label-index order "
+                                                 "(e.g. malignant,benign).", show="the labels as found")
+    positive_label: str | None = option(None, "Two-class tasks: the positive class (sensitivity, threshold).",
+                                        show="the second class")
+    split_by: str = option("auto", "Keep each group's images in one split: auto (patient_id when present), none, "
+                           "or a manifest COLUMN.")
+    split_seed: int | None = option(None, "Seed of the stratified 70/15/15 split medxfer makes when the data has "
+                                    "none.", show="--seed", low=0)
+    duplicates: Literal["drop-from-train", "refuse", "allow"] = option(
+        "drop-from-train", "Identical images in two splits: drop the copies from train (and from val when the copy "
+        "is in test), refuse, or allow (warns). Listed in duplicates.csv.")
+    on_bad_file: Literal["error", "skip"] = option("error", "An unreadable sample: stop naming it, or skip it and "
+                                                   "list it in skipped.csv.")
+    on_unlabelled: Literal["error", "skip"] = option("error", "DICOM folder: files that --labels does not label: "
+                                                     "stop, or skip them.")
+    label_fraction: float = option(1.0, "Train on this stratified fraction of the train labels (val and test "
+                                   "untouched).", low=0.0, high=1.0, low_open=True)
+    keep_paths: bool = option(False, "Write paths.csv mapping sample ids to files (file names can hold patient "
+                              "names: keep it private).")
+    window: str = option("auto", "Intensity window: auto (DICOM VOI LUT / window, else --intensity), none, C,W, "
+                         "or lung | soft-tissue | bone | brain | mediastinum (CT, in HU).")
+    frame: str = option("middle", "Multi-frame DICOM, multi-page TIFF, 4-D NIfTI: middle or an index.")
+    slice: str = option("middle", "Volumes as 2-D: middle | 'index N' | mip | orthogonal (three mid-planes as "
+                        "channels).")
+    intensity: str = option("auto", "Scaling per image when no window applies: auto (uint8 / 255, else min-max), "
+                            "minmax, or percentiles pA-pB such as p0.5-p99.5.")
+    cache_dir: str | None = option(None, "Folder of the decode and feature caches.",
+                                   show="$MEDXFER_CACHE_DIR or ~/.cache/medxfer")
+    no_cache: bool = option(False, "Do not cache decoded images and features on disk.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label_names is not None:
+            names = [str(n).strip() for n in self.label_names]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup or len(names) < 2 or not all(names):
+                raise MedxferError("The 'label-names' parameter must be at least two distinct, non-empty names. Got "
+                                   f"{','.join(map(str, self.label_names))!r} instead"
+                                   + (f" ('{dup[0]}' twice)." if dup else "."))
+        parse_window(self.window), parse_frame(self.frame), parse_slice(self.slice), parse_intensity(self.intensity)
+
+    def read_key(self) -> dict:
+        """The reader options (window, frame, slice, intensity) as stored in model.json."""
+        return {"window": self.window, "frame": self.frame, "slice": self.slice, "intensity": self.intensity}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: str = "runs/run"
-    source: str = "efficientnet_lite0.in1k"
-    weights: str | None = None
-    strategy: str = "full"
-    unfreeze: int = 1
-    image_size: int | None = None        # None: the source's input size
-    epochs: int | None = None            # None: per-strategy default
-    batch_size: int = 64
-    lr: float | None = None              # head learning rate; None: per-strategy default
-    backbone_lr_mult: float = 0.1
-    layer_decay: float | None = None
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    patience: int = 10
-    ema_epochs: float = 0.0              # > 0: keep an EMA of the weights over about this many epochs
-    class_weights: str = "none"          # none | balanced
-    augment: str = "light"               # none | light | strong
-    head: str = "logistic"               # linear-probe head: logistic (sklearn, C chosen on val) | linear (AdamW)
-    feature_augment: int = 0             # linear-probe: K cached augmented views of the train set
-    grey_mode: str = "sum"               # sum | replicate
-    label_names: tuple[str, ...] | None = None
-    positive_label: str | None = None
-    seed: int = 0
-    split_seed: int | None = None        # seed of the split when medxfer makes one (default: seed)
-    split_file: str | None = None        # CSV sample_id,split that overrides the splits (used by cv)
-    duplicates: str = "drop-from-train"  # drop-from-train | refuse | allow (images found in two splits)
-    split_by: str | None = "auto"
-    precision: str = "auto"              # auto | bf16 | fp16 | fp32
-    compile: bool = False
-    devices: int = 1
-    num_threads: int | None = None
-    on_bad_file: str = "error"           # error | skip
-    labels_csv: str | None = None
-    window: str = "auto"
-    frame: str = "middle"
-    slice: str = "middle"
-    intensity: str = "auto"
-    cache_dir: str | None = None
-    no_cache: bool = False
-    threshold: str = "youden"
-    calibrate: str = "temperature"       # temperature | none
-    bootstrap: int = 2000
-    report: bool = True
-    label_fraction: float = 1.0
-    resume: bool = False                 # continue from OUT.partial/checkpoint.pt (written after every epoch)
-    overwrite: bool = False              # replace a finished run in OUT (only once the new one is complete)
-    keep_paths: bool = False             # write paths.csv (sample id -> file); file names can hold patient names
-    on_unlabelled: str = "error"         # DICOM folder files without a label: error | skip
-    extra: dict = field(default_factory=dict)
+class ModelOptions(Options):
+    """The source model and the target's input."""
+
+    source: str = option("efficientnet_lite0.in1k", "Source model: a name from 'medxfer sources', a timm "
+                         "architecture (with --weights), or a directory made by 'medxfer pretrain'.")
+    weights: str | None = option(None, "Weights for a timm architecture: a FILE (.safetensors/.pth, read without "
+                                 "running code), hub (online) or none (random init).", show="the source's own")
+    image_size: int | None = option(None, "Input size in pixels (images are resized to it).", show="the source's",
+                                    low=8, high=2048)
+    grey_mode: Literal["sum", "replicate"] = option("sum", "Grey images into an RGB source: sum the stem's RGB "
+                                                    "weights into one channel, or replicate grey to 3 channels.")
+
+
+@dataclass(frozen=True)
+class OptimOptions(Options):
+    """How the target model is trained."""
+
+    strategy: str = option("full", "What trains. " + help_text() + ".", choices=STRATEGY_NAMES)
+    unfreeze: int = option(1, "partial: how many of the last stages train.", low=1)
+    epochs: int | None = option(None, "Maximum epochs (early stopping may end sooner).",
+                                show="the strategy's, raised on small data to at least 600 steps (1200 scratch), "
+                                     "at most 60", low=1)
+    batch_size: int = option(64, "Images per optimiser step (per process under DDP).", low=1)
+    lr: float | None = option(None, "Learning rate of the new head.", show="the strategy's: 1e-2 full, 1e-3 "
+                              "partial and linear-probe, 2e-3 scratch", low=0.0, low_open=True)
+    backbone_lr_mult: float = option(0.1, "full/partial: backbone learning rate = lr x this.", low=0.0,
+                                     low_open=True)
+    layer_decay: float | None = option(None, "full: layer-wise learning-rate decay instead of --backbone-lr-mult "
+                                       "(each stage deeper x D).", low=0.0, high=1.0, low_open=True)
+    weight_decay: float = option(0.05, "AdamW weight decay (never on biases and norm weights).", low=0.0)
+    warmup_epochs: float = option(1.0, "Linear learning-rate warm-up, then cosine decay.", low=0.0)
+    patience: int = option(10, "Early stopping: epochs without a better validation AUC (at least 60 steps).", low=1)
+    ema_epochs: float = option(0.0, "Keep an exponential moving average of the weights over about this many "
+                               "epochs, and validate and save it (0: off).", low=0.0)
+    class_weights: Literal["none", "balanced"] = option("none", "Weight the loss by inverse class frequency.")
+    augment: str = option("light", "Augmentation preset on the training batches (no colour jitter, no flips "
+                          "unless the preset allows them).", choices=AUGMENT_PRESETS)
+    head: Literal["logistic", "linear"] = option("logistic", "linear-probe: scikit-learn logistic regression with C "
+                                                 "chosen on validation, or an AdamW-trained linear head.")
+    feature_augment: int = option(0, "linear-probe: also cache K augmented views of the train set (each costs one "
+                                  "backbone pass over it).", low=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Mixed precision (auto: bf16 on GPUs that "
+                                                                "have it, else fp32).")
+    compile: bool = option(False, "torch.compile the network.")
+    seed: int = option(0, "Seed of the training (and of the split, unless --split-seed).", low=0)
+
+
+@dataclass(frozen=True)
+class EvalOptions(Options):
+    """How the model is calibrated, thresholded and evaluated."""
+
+    threshold: str = option("youden", "Operating point chosen on validation: youden | sensitivity=S | "
+                            "specificity=S | a number in (0, 1).")
+    calibrate: Literal["temperature", "none"] = option("temperature", "Temperature scaling fitted on validation.")
+    bootstrap: int = option(2000, "Bootstrap resamples for the test CIs (patients resampled when known; 0: none).",
+                            low=0)
+    report: bool = option(True, "Write report.html (plots, Grad-CAM gallery) at the end.")
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise MedxferError(f"unknown strategy '{self.strategy}'.{did_you_mean(self.strategy, STRATEGIES)} "
-                               f"Choose one of: {', '.join(STRATEGIES)}.")
-        for name, allowed in (("class_weights", ("none", "balanced")), ("grey_mode", ("sum", "replicate")),
-                              ("precision", ("auto", "bf16", "fp16", "fp32")), ("on_bad_file", ("error", "skip")),
-                              ("calibrate", ("temperature", "none")), ("augment", ("none", "light", "strong")),
-                              ("head", ("logistic", "linear")), ("on_unlabelled", ("error", "skip")),
-                              ("duplicates", ("drop-from-train", "refuse", "allow"))):
-            if getattr(self, name) not in allowed:
-                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be one of {list(allowed)}. "
-                                   f"Got '{getattr(self, name)}' instead.")
-        for name in ("batch_size", "devices", "unfreeze", "patience"):
-            if getattr(self, name) < 1:
-                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be at least 1. "
-                                   f"Got {getattr(self, name)} instead.")
-        for name in ("bootstrap", "feature_augment"):
-            if getattr(self, name) < 0:
-                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be 0 or more. "
-                                   f"Got {getattr(self, name)} instead.")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise MedxferError(f"The 'num-threads' parameter must be at least 1. Got {self.num_threads} instead.")
-        if self.label_names is not None:
-            names = list(self.label_names)
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup or len(names) < 2 or any(not str(n).strip() for n in names):
-                raise MedxferError("The 'label-names' parameter must be at least two distinct, non-empty names. "
-                                   f"Got {','.join(map(str, names))!r} instead" + (f" ('{dup[0]}' twice)." if dup else "."))
-        if self.epochs is not None and self.epochs < 1:
-            raise MedxferError(f"The 'epochs' parameter must be at least 1. Got {self.epochs} instead.")
-        if self.image_size is not None and not 8 <= self.image_size <= 2048:
-            raise MedxferError(f"The 'image-size' parameter must be between 8 and 2048. Got {self.image_size} instead.")
-        if not 0 < self.label_fraction <= 1:
-            raise MedxferError(f"The 'label-fraction' parameter must be in (0, 1]. Got {self.label_fraction} instead.")
+        super().__post_init__()
+        parse_threshold_rule(self.threshold)
 
+
+@dataclass(frozen=True)
+class RuntimeOptions(Options):
+    """Where the run goes and how it runs."""
+
+    out: str = option("runs/run", "Run directory to write (written as OUT.partial, then moved into place).")
+    overwrite: bool = option(False, "Replace a finished run in --out (only once the new one is complete).")
+    resume: bool = option(False, "Continue an interrupted run from OUT.partial/checkpoint.pt (same options and "
+                          "data).")
+    devices: int = option(1, "Processes to launch with torchrun (DDP: one per GPU, or CPU processes).", low=1)
+    num_threads: int | None = option(None, "CPU threads for PyTorch.", show="PyTorch's", low=1)
+
+
+#: names of earlier versions -> today's
+RENAMED = {"labels_csv": "labels"}
+#: keys of earlier config.yaml files that today's runs record under 'resolved' (or no longer use)
+LEGACY = {"epochs_max", "extra", "split_file", "allow_duplicates"}
+
+
+# --------------------------------------------------------------------------------------------- configs
+class Config:
+    """A frozen dataclass of option groups (``GROUPS``: attribute -> options class), addressed by flat names."""
+
+    GROUPS: typing.ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def flat_names(cls) -> dict[str, tuple[str, str]]:
+        """flat name -> (group, field name)."""
+        return {flat_name(f): (g, f.name) for g, opts in cls.GROUPS.items() for f in dataclasses.fields(opts)}
+
+    @classmethod
+    def create(cls, **flat):
+        """A config from flat names (``data=``, ``strategy=``, ``lr=``...); the rest default."""
+        return cls().replace(**flat)
+
+    def replace(self, **flat):
+        """A copy with the given flat names changed (each routed to its group)."""
+        names, per_group = self.flat_names(), {}
+        for key, value in flat.items():
+            key = RENAMED.get(key, key)
+            if key not in names:
+                raise MedxferError(f"unknown option '{key}'.{did_you_mean(key, names)}")
+            group, name = names[key]
+            per_group.setdefault(group, {})[name] = _normalise(name, value)
+        return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **kw)
+                                            for g, kw in per_group.items()})
+
+    def flat(self) -> dict:
+        """Every option by its flat name."""
+        return {key: getattr(getattr(self, g), name) for key, (g, name) in self.flat_names().items()}
+
+    def to_dict(self) -> dict:
+        """Nested plain data (config.yaml): {group: {field: value}}."""
+        return {g: {f.name: _plain(getattr(getattr(self, g), f.name)) for f in dataclasses.fields(opts)}
+                for g, opts in self.GROUPS.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "the config"):
+        """From a nested dict (config.yaml) or a flat one (earlier runs, hand-written files).
+
+        The ``resolved`` section and keys of earlier versions are ignored; unknown keys are refused with a
+        did-you-mean."""
+        if not isinstance(d, dict):
+            raise MedxferError(f"{where} must hold a mapping of option names to values.")
+        flat: dict = {}
+        for key, value in d.items():
+            if key in cls.GROUPS and isinstance(value, dict):
+                known = {f.name: flat_name(f) for f in dataclasses.fields(cls.GROUPS[key])}
+                for name, v in value.items():
+                    if name not in known:
+                        raise MedxferError(f"unknown config key '{key}.{name}' in {where}."
+                                           f"{did_you_mean(name, known)} Allowed: {', '.join(sorted(known))}.")
+                    flat[known[name]] = v
+            elif key == "resolved" or key in LEGACY:
+                if key == "allow_duplicates" and "duplicates" not in d:
+                    flat["duplicates"] = "allow" if value else "refuse"
+            else:
+                flat[key] = value
+        names = cls.flat_names()
+        unknown = [k for k in flat if RENAMED.get(k, k) not in names]
+        if unknown:
+            k = unknown[0]
+            raise MedxferError(f"unknown config key '{k}' in {where}.{did_you_mean(k, names)} "
+                               f"Allowed keys: {', '.join(sorted(names))}.")
+        return cls.create(**flat)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a config.yaml (a run's, or hand-written; a top-level ``train:`` section is accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MedxferError(f"config file '{path}' does not exist.")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise MedxferError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from None
+        if isinstance(d, dict) and isinstance(d.get("train"), dict):
+            d = d["train"]
+        return cls.from_dict(d, f"config file '{path}'")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Everything a training run depends on, in five groups; see the module docstring."""
+
+    GROUPS: typing.ClassVar[dict[str, type]] = {"data": DataOptions, "model": ModelOptions, "optim": OptimOptions,
+                                                "evaluation": EvalOptions, "runtime": RuntimeOptions}
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    # -------------------------------------------------------------------- what the options resolve to
     @property
-    def resolved_epochs(self) -> int:
-        """Epochs as given, else the strategy's default (see :meth:`epochs_for` for the data-aware rule)."""
-        return self.epochs or DEFAULT_EPOCHS[self.strategy]
-
-    def epochs_for(self, n_train: int, world: int = 1) -> int:
-        """Epochs as given; else the strategy's default, raised so that small data sets still get
-        ``MIN_STEPS`` optimiser steps (early stopping on validation AUC ends runs that stop improving)."""
-        if self.epochs:
-            return self.epochs
-        steps = max(1, -(-n_train // (self.batch_size * world)))
-        wanted = -(-MIN_STEPS[self.strategy] // steps)
-        return max(DEFAULT_EPOCHS[self.strategy], min(MAX_AUTO_EPOCHS, wanted))
-
-    def patience_for(self, n_train: int, world: int = 1) -> int:
-        """``patience`` epochs, raised so that early stopping waits at least ``MIN_PATIENCE_STEPS`` steps."""
-        steps = max(1, -(-n_train // (self.batch_size * world)))
-        return max(self.patience, -(-MIN_PATIENCE_STEPS // steps))
+    def strategy(self):
+        return get_strategy(self.optim.strategy)
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr or DEFAULT_LR[self.strategy]
+        return self.optim.lr or self.strategy.default_lr
+
+    def epochs_for(self, n_train: int, world: int = 1) -> int:
+        """``--epochs`` as given, else the strategy's data-aware default."""
+        return self.optim.epochs or self.strategy.epochs_for(n_train, self.optim.batch_size, world)
+
+    def patience_for(self, n_train: int, world: int = 1) -> int:
+        """``--patience`` epochs, raised so that early stopping waits at least 60 optimiser steps."""
+        steps = max(1, -(-n_train // (self.optim.batch_size * world)))
+        return max(self.optim.patience, -(-MIN_PATIENCE_STEPS // steps))
+
+    @property
+    def split_seed(self) -> int:
+        return self.optim.seed if self.data.split_seed is None else self.data.split_seed
 
     def training_signature(self) -> dict:
-        """The settings a resumed run must share with its checkpoint (not reporting or caching options)."""
+        """What a resumed run must share with its checkpoint: the data, model and optim groups."""
         d = self.to_dict()
-        for key in ("out", "resume", "report", "num_threads", "no_cache", "cache_dir", "bootstrap", "threshold",
-                    "calibrate", "extra", "overwrite", "keep_paths"):
-            d.pop(key, None)
-        return d
-
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if d["label_names"] is not None:
-            d["label_names"] = list(d["label_names"])
-        return d
+        for key in ("keep_paths", "cache_dir", "no_cache"):
+            d["data"].pop(key)
+        return {"data": d["data"], "model": d["model"], "optim": d["optim"]}
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = [k for k in d if k not in names and k != "allow_duplicates"]
-    if unknown:
-        k = unknown[0]
-        raise MedxferError(f"unknown config key '{k}'.{did_you_mean(k, names)} Allowed keys: {', '.join(sorted(names))}.")
-    if "data" not in d:
-        raise MedxferError("the config has no 'data' key: say where the images are.")
-    d = dict(d)
-    if "allow_duplicates" in d:  # before --duplicates: allow or refuse
-        allow = d.pop("allow_duplicates")
-        d.setdefault("duplicates", "allow" if allow else "refuse")
-    if d.get("label_names") is not None:
-        d["label_names"] = tuple(d["label_names"])
-    return TrainConfig(**d)
+GROUPS = TrainConfig.GROUPS
+FLAT = TrainConfig.flat_names()
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise MedxferError(f"config file '{path}' does not exist.")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MedxferError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from e
-    if not isinstance(d, dict):
-        raise MedxferError(f"config file '{path}' must hold a mapping of keys to values.")
-    return config_from_dict(d.get("train", d))
+def _normalise(name: str, value):
+    if name == "label_names" and value is not None:
+        if isinstance(value, str):
+            value = [s for s in (p.strip() for p in value.split(",")) if s]
+        return tuple(str(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+_RULE_ERROR = ("The threshold rule must be youden, sensitivity=S, specificity=S or a number in "
+               "(0, 1). Got {!r} instead.")
+
+
+def parse_threshold_rule(text) -> str | float:
+    """Validate a threshold rule; return "youden", "argmax", "sensitivity=S", "specificity=S"
+    (S in (0, 1]) or a float in (0, 1). Anything else raises MedxferError."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) or hasattr(text, "dtype"):
+        value = float(text)
+        if 0 < value < 1:
+            return value
+        raise MedxferError(_RULE_ERROR.format(str(text)))
+    if not isinstance(text, str):
+        raise MedxferError(_RULE_ERROR.format(str(text)))
+    rule = text.strip().lower().replace(" ", "")
+    if rule in ("youden", "argmax"):
+        return rule
+    for name in ("sensitivity", "specificity"):
+        if rule.startswith(name + "="):
+            try:
+                s = float(rule[len(name) + 1:])
+            except ValueError:
+                break
+            if 0 < s <= 1:
+                return f"{name}={s}"
+            break
+    else:
+        try:
+            value = float(rule)
+        except ValueError:
+            value = math.nan
+        if 0 < value < 1:
+            return value
+    raise MedxferError(_RULE_ERROR.format(text))

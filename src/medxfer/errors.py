@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from medxfer.privacy import sample_id
+
 
 class MedxferError(Exception):
     """A user-facing error: one clear line that names the thing, what is allowed and what to do."""
@@ -28,8 +30,6 @@ class BadFileError(MedxferError):
     """
 
     def __init__(self, path, reason: str, sample: str | None = None, where: str | None = None):
-        from medxfer.data.privacy import sample_id
-
         self.path = str(path)
         self.reason = _without(reason, self.path)
         self.sample = sample or sample_id(self.path)

@@ -1,17 +1,25 @@
-"""The run directory: written atomically, read back alone.
+"""The run directory: written atomically, read back alone as one typed record.
 
 Layout::
 
-    config.yaml        resolved configuration (data, split, seed, source, weights hash, strategy, preprocessing)
-    model.json         what rebuilds the model: architecture, labels, channels, mean/std, size, temperature, threshold
+    config.yaml        the options (TrainConfig, nested) and what they resolved to (``resolved:``)
+    model.json         what rebuilds the model (ModelMeta): architecture, labels, channels, mean/std, size,
+                       temperature, threshold, task, SHA-256 of the weights and of any export
     model.safetensors  trained weights
     metrics.json       {"val": {...}, "test": {...}, "train_seconds": ...}
     history.csv        one row per epoch
     predictions.csv    split, sample_id, label, prob_<class>... (val and test, calibrated)
     split.csv          sample_id, split, label (the split used)
-    skipped.csv        sample_id, reason (only with --on-bad-file skip and skipped files)
+    train.log          what the run said while it ran
+    skipped.csv        sample_id, reason (only with --on-bad-file skip and skipped samples)
     duplicates.csv     images found in more than one split and what was done with them
     paths.csv          sample_id -> file (only with --keep-paths: file names can hold patient names)
+
+Usage::
+
+    run = Run.load("runs/breast")          # refuses an unfinished or damaged run with one line
+    run.config.optim.strategy, run.model.labels, run.metrics["test"]["auc"], run.predictions
+    is_finished("runs/breast")             # the one definition of a finished run
 
 A run is written into ``OUT.partial/`` (the epoch loop's ``checkpoint.pt`` lives there while it is
 unfinished, for ``--resume``) and moved into place when complete: ``OUT`` is always either the
@@ -22,146 +30,25 @@ folders). An exclusive lock on ``OUT`` stops two runs from writing it at once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
-import hashlib
-import json
 import os
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
+import torch
 
+from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
+from medxfer.files import fsync_dir, read_json, read_yaml, sha256_file, verify_file, write_error
+from medxfer.models.adapt import load_weights, target_model
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write then rename: a reader never sees half a file. A full disk or a folder that cannot be
-    written is one clear MedxferError naming the file, not a traceback."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_error(path: Path, e: OSError) -> "MedxferError":
-    """A user-facing error for a failed write (disk full, read-only, a file where a folder should be)."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
-           errno.ENOTDIR: "a file stands where a folder is needed", errno.EISDIR: "it is a folder"}
-    reason = why.get(e.errno, e.strerror or type(e).__name__)
-    return MedxferError(f"cannot write '{path}' ({reason}). Free space or choose another location; nothing "
-                        "finished was changed.")
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes, streamed (weights, exports, data files: one definition)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def write_yaml(path: Path, obj) -> None:
-    plain = json.loads(json.dumps(obj, default=_jsonable))  # numpy / torch scalars -> plain values
-    write_text(path, yaml.safe_dump(plain, sort_keys=False))
-
-
-def write_csv(path: Path, df: pd.DataFrame) -> None:
-    write_text(path, df.to_csv(index=False))
-
-
-def write_weights(path: Path, state_dict: dict) -> str:
-    """Write a safetensors file atomically; returns its sha256 (recorded in model.json)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return sha256_file(path)
-
-
-def write_checkpoint(path: Path, payload: dict, fmt: str) -> None:
-    """torch.save of tensors, numbers and strings only (so ``weights_only=True`` reads it), tagged with
-    ``fmt``; written then renamed, so an interrupted write leaves the previous checkpoint as it was."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": fmt, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def read_checkpoint(path: Path | None, fmt: str, kind: str) -> dict:
-    """A checkpoint written by :func:`write_checkpoint` with format ``fmt``; never runs code from the file."""
-    import torch
-
-    if path is None or not Path(path).is_file():
-        raise MedxferError(f"nothing to resume: '{path}' does not exist (it is written after the first epoch). "
-                           "Run without --resume to start.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
-        raise MedxferError(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and start again "
-                           "without --resume.") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise MedxferError(f"'{path}' is not a medxfer {kind} checkpoint.")
-    return ckpt
-
-
-def changed_settings(saved: dict, now: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's recorded settings and the current ones (sorted)."""
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-
-
-def _jsonable(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
-
-
 #: what a finished run directory always holds (one definition for every command)
 FINISHED_FILES = ("config.yaml", "model.json", "model.safetensors", "metrics.json", "predictions.csv", "split.csv")
+TABLES = ("history", "predictions", "split", "skipped", "duplicates")
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -170,58 +57,118 @@ def is_finished(run_dir: str | Path) -> bool:
     return run_dir.is_dir() and all((run_dir / n).is_file() for n in FINISHED_FILES)
 
 
-def read_json(path: Path, what: str = "file"):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MedxferError(f"'{path}' does not exist.") from None
-    except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise MedxferError(f"'{path}' is damaged ({type(e).__name__}): not a readable {what}. Train the run again, or "
-                           "restore the file from a copy.") from None
+@dataclass(frozen=True)
+class ModelMeta:
+    """model.json: what rebuilds the model and applies it exactly as training did."""
+
+    arch: str
+    labels: list[str]
+    in_chans: int
+    data_chans: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    source: str = ""
+    grey_mode: str = "sum"
+    read: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    threshold: float | None = None
+    positive_label: str | None = None
+    strategy: str = ""
+    input: str = "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"
+    weights_sha256: str | None = None
+    onnx_sha256: str | None = None
+    torchscript_sha256: str | None = None
+    extra: dict = field(default_factory=dict)    # keys of later versions, kept as they are
+
+    @property
+    def positive_index(self) -> int | None:
+        if len(self.labels) == 2 and self.positive_label in self.labels:
+            return self.labels.index(self.positive_label)
+        return None
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model.json") -> ModelMeta:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        needed = ("arch", "labels", "in_chans", "data_chans", "image_size", "mean", "std")
+        if not isinstance(d, dict) or any(k not in d for k in needed):
+            raise MedxferError(f"'{where}' is damaged: it lacks the model's architecture, labels or input contract. "
+                               "Train the run again.")
+        known = {k: v for k, v in d.items() if k in names}
+        known["temperature"] = float(known.get("temperature") or 1.0)
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    def replace(self, **kw) -> ModelMeta:
+        return dataclasses.replace(self, **kw)
 
 
-def read_yaml(path: Path, what: str = "file"):
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise MedxferError(f"'{path}' does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise MedxferError(f"'{path}' is damaged ({type(e).__name__}): not a readable {what}. Train the run again, or "
-                           "restore the file from a copy.") from None
+@dataclass
+class Run:
+    """A finished run directory, read back: options, model metadata, metrics and tables."""
 
+    dir: Path
+    config: TrainConfig
+    resolved: dict
+    model: ModelMeta
+    metrics: dict
+    history: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None
+    split: pd.DataFrame | None = None
+    skipped: pd.DataFrame | None = None
+    duplicates: pd.DataFrame | None = None
 
-def verify_file(path: Path, expected: str | None, what: str) -> None:
-    """Refuse a file whose sha256 differs from the one recorded when it was written."""
-    if expected is None:
-        return
-    if not Path(path).is_file():
-        raise MedxferError(f"'{path}' is missing from the run; train it again.")
-    if sha256_file(path) != expected:
-        raise MedxferError(f"'{path}' is damaged or was replaced: its SHA-256 differs from the one recorded in "
-                           f"model.json when the {what} was written. Train the run again (or restore the file).")
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Run:
+        """Read ``run_dir``; an unfinished, damaged or foreign folder is one clear MedxferError."""
+        run_dir = Path(run_dir)
+        if not is_finished(run_dir):
+            missing = [n for n in FINISHED_FILES if not (run_dir / n).is_file()]
+            partial = " (an unfinished run: see OUT.partial and --resume)" if (
+                run_dir.with_name(run_dir.name + ".partial").is_dir()) else ""
+            raise MedxferError(f"'{run_dir}' is not a finished run directory (missing {', '.join(missing)}){partial}. "
+                               "Train one with 'medxfer train ... --out DIR'.")
+        raw = read_yaml(run_dir / "config.yaml", "config.yaml") or {}
+        if not isinstance(raw, dict):
+            raise MedxferError(f"'{run_dir / 'config.yaml'}' is damaged: not a mapping. Train the run again.")
+        run = cls(dir=run_dir, config=TrainConfig.from_dict(raw, f"'{run_dir / 'config.yaml'}'"),
+                  resolved=raw.get("resolved") or {},
+                  model=ModelMeta.from_dict(read_json(run_dir / "model.json", "model.json"), str(run_dir / "model.json")),
+                  metrics=read_json(run_dir / "metrics.json", "metrics.json"))
+        for name in TABLES:
+            f = run_dir / f"{name}.csv"
+            try:
+                table = pd.read_csv(f, dtype={"sample_id": str, "label": str}) if f.exists() else None
+            except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+                raise MedxferError(f"'{f}' is damaged ({type(e).__name__}); train the run again.") from None
+            setattr(run, name, table)
+        return run
 
+    def verify_weights(self) -> None:
+        """Refuse weights whose SHA-256 differs from the one recorded when they were written."""
+        verify_file(self.dir / "model.safetensors", self.model.weights_sha256, "run")
 
-def read_run(run_dir: str | Path) -> dict:
-    """Everything a command needs from a finished run: config, model meta, metrics, tables."""
-    run_dir = Path(run_dir)
-    needed = ["config.yaml", "model.json", "model.safetensors", "metrics.json"]
-    missing = [n for n in needed if not (run_dir / n).exists()]
-    if missing:
-        raise MedxferError(f"'{run_dir}' is not a finished run directory (missing {', '.join(missing)}). "
-                           "Train one with 'medxfer train ... --out DIR'.")
-    out = {
-        "dir": run_dir,
-        "config": read_yaml(run_dir / "config.yaml", "config.yaml"),
-        "model": read_json(run_dir / "model.json", "model.json"),
-        "metrics": read_json(run_dir / "metrics.json", "metrics.json"),
-    }
-    for name in ("history", "predictions", "split", "skipped", "duplicates"):
-        f = run_dir / f"{name}.csv"
-        try:
-            out[name] = pd.read_csv(f, dtype={"sample_id": str}) if f.exists() else None
-        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise MedxferError(f"'{f}' is damaged ({type(e).__name__}); train the run again.") from None
-    return out
+    @property
+    def test_predictions(self) -> pd.DataFrame:
+        p = self.predictions
+        return p[p["split"] == "test"].reset_index(drop=True)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    def weights_digest(self) -> str:
+        return self.model.weights_sha256 or sha256_file(self.dir / "model.safetensors")
+
+    def load_model(self) -> torch.nn.Module:
+        """The trained model (eval mode), its weights checked against model.json's SHA-256."""
+        self.verify_weights()
+        m = self.model
+        model = target_model(m.arch, len(m.labels), m.in_chans, m.mean, m.std, m.data_chans)
+        return load_weights(model, self.dir / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -311,7 +258,7 @@ class RunDirectory:
     def commit(self) -> None:
         """Make ``OUT`` the new run: one atomic exchange when ``OUT`` exists (Linux), else a rename."""
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         try:
             if self.out.exists():
                 if not _exchange(self.staging, self.out):
@@ -324,7 +271,7 @@ class RunDirectory:
                 shutil.rmtree(self.staging)              # now the previous run
             else:
                 os.replace(self.staging, self.out)
-            _fsync_dir(self.out.parent)
+            fsync_dir(self.out.parent)
         except OSError as e:
             raise write_error(self.out, e) from None
 
@@ -375,14 +322,3 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,10 +7,10 @@ with one line naming the value or sample, or exit 0 with what was skipped record
 from __future__ import annotations
 
 import errno
-import zlib
 import os
 import pickle
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

@@ -165,13 +165,13 @@ def test_mistyped_split_in_dicom_labels_is_refused(tmp_path):
 
 # 6. compare chooses the strategy it tests against scratch on validation ----------------------------------
 def test_compare_chooses_best_on_validation():
-    from medxfer.compare import paired_test
+    from medxfer.comparison import paired_test
     from medxfer.evaluation.stats import summarize
     from tests.test_compare import _fake_runs
 
     y = np.array([0, 1] * 20)
     rng = np.random.default_rng(0)
-    by = {s: _fake_runs([rng.random(40)], y) for s in ("full", "linear-probe", "scratch")}
+    by = {s: _fake_runs([rng.random(40)], y) for s in ("full", "linear-probe", "scratch")}  # Run records
     summ = {"full": {"test_auc": summarize([0.95]), "val_auc": summarize([0.80])},
             "linear-probe": {"test_auc": summarize([0.85]), "val_auc": summarize([0.90])},
             "scratch": {"test_auc": summarize([0.80]), "val_auc": summarize([0.70])}}
@@ -183,15 +183,15 @@ def test_compare_chooses_best_on_validation():
 def test_resume_refuses_changed_data(small_npz, tmp_path):
     from medxfer.config import TrainConfig
     from medxfer.pipeline import train
-    from tests.test_resume import Stop, quiet, stop_after
+    from tests.test_resume import stop_after
 
     data = tmp_path / "d.npz"
     shutil.copy(small_npz, data)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(data), out=str(out), source="test_resnet", weights="none", epochs=3, image_size=32,
-                      bootstrap=0, report=False)
-    with pytest.raises(Stop):
-        train(cfg, log=quiet, progress=stop_after(1))
+    cfg = TrainConfig.create(data=str(data), out=str(out), source="test_resnet", weights="none", epochs=3,
+                             image_size=32, bootstrap=0, report=False)
+    with stop_after(1):
+        train(cfg)
     arrays = dict(np.load(data))
     for s in ("train", "val", "test"):
         arrays[f"{s}_labels"] = 1 - arrays[f"{s}_labels"]  # every label flipped

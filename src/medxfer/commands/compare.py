@@ -6,62 +6,64 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from medxfer import comparison as lib
+from medxfer.commands.base import Given, command, option_fields, out, print_wide
+from medxfer.errors import MedxferError
+
+PANEL = "Comparison"
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="compare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(compare)
-
-
-def compare(
-    ctx: typer.Context,
-    strategies: str = typer.Option("linear-probe,partial,full,scratch", help="Comma-separated strategies to compare."),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds (the split stays the same)."),
-    sources: Optional[str] = typer.Option(None, help="Comma-separated sources to transfer from, one row per strategy "
-                                          "and source (e.g. efficientnet_lite0.in1k,runs/src_pneu). Default: --source."),
-    split_seed: int = typer.Option(0, help="Seed of the train/val/test split, fixed across all runs."),
-    label_fraction: Optional[str] = typer.Option(None, help="Learning curve: comma-separated fractions of the train labels, e.g. 0.01,0.1,1.0."),
-    out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs and comparison.json/.html."),
-    retrain: bool = typer.Option(False, "--retrain", help="Retrain runs even when a finished run of the same config is there."),
-    quiet: bool = typer.Option(False, "--quiet", help="No per-run progress bars."),
-):
-    """Compare strategies over seeds on one split: mean ± sd, a paired test vs scratch, a learning curve.
-
-    Pass --data and any 'medxfer train' option (see 'medxfer train --help'); it applies to every run.
-    """
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    from medxfer import compare as lib
-    from medxfer.cli import console, make_config, out, print_wide, run_training
-    from medxfer.commands.cv import train_options
-    from medxfer.errors import MedxferError
-
-    names, seed_list = lib.parse_strategies(strategies), lib.parse_seeds(seeds)
-    fractions = lib.parse_fractions(label_fraction) if label_fraction is not None else None
-    options, config = train_options(ctx.args, command="medxfer compare")
-    for key in ("strategy", "seed", "compile"):
-        if options.pop(key, None) not in (None, False):
-            raise MedxferError(f"medxfer compare sets --{key} itself: use --strategies / --seeds instead.")
-    if options.pop("resume", False):
-        raise MedxferError("medxfer compare resumes interrupted runs and reuses finished ones by itself: leave out "
-                           "--resume (use --retrain to start every run again).")
-    source_list = lib.parse_sources(sources) if sources is not None else None
-    if source_list is not None:
-        if options.get("source") is not None:
+    @command(app, "compare", option_fields(exclude=("strategy", "seed", "split_seed", "out", "resume", "overwrite",
+                                                    "devices", "label_fraction")))
+    def compare(
+        given: Given,
+        strategies: str = typer.Option("linear-probe,partial,full,scratch", help="Comma-separated strategies.",
+                                       rich_help_panel=PANEL),
+        seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds (the split stays the same).",
+                                  rich_help_panel=PANEL),
+        sources: Optional[str] = typer.Option(None, help="Comma-separated sources, one row per strategy and source "
+                                              "(e.g. efficientnet_lite0.in1k,runs/src_pneu).", show_default="--source",
+                                              rich_help_panel=PANEL),
+        split_seed: int = typer.Option(0, help="Seed of the train/val/test split, fixed across all runs.",
+                                       rich_help_panel=PANEL),
+        label_fraction: Optional[str] = typer.Option(None, help="Learning curve: comma-separated fractions of the "
+                                                     "train labels, e.g. 0.01,0.1,1.0.", rich_help_panel=PANEL),
+        out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs and comparison.json/"
+                                     ".html.", rich_help_panel=PANEL),
+        retrain: bool = typer.Option(False, "--retrain", help="Retrain runs even when a finished run of the same "
+                                     "config is there.", rich_help_panel=PANEL),
+        config: Optional[Path] = typer.Option(None, help="A config.yaml; options given here override it.",
+                                              rich_help_panel="Run"),
+        resume: bool = typer.Option(False, "--resume", hidden=True),
+    ):
+        """Compare strategies over seeds on one split: mean ± sd, a paired test vs scratch (of the strategy best
+        on validation), a learning curve. Every 'medxfer train' option below applies to every run."""
+        if resume:
+            raise MedxferError("medxfer compare resumes interrupted runs and reuses finished ones by itself: leave out "
+                               "--resume (use --retrain to start every run again).")
+        names, seed_list = lib.parse_strategies(strategies), lib.parse_seeds(seeds)
+        fractions = lib.parse_fractions(label_fraction) if label_fraction is not None else None
+        source_list = lib.parse_sources(sources) if sources is not None else None
+        if source_list is not None and "source" in given.explicit:
             raise MedxferError("give either --source or --sources, not both.")
-        options["source"] = source_list[0]
-    cfg = make_config(config, strategy=names[0], **options)
-    log = (lambda msg: None) if quiet else (lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False))
-    result = lib.compare(cfg, names, seed_list, out_dir, split_seed=split_seed, label_fractions=fractions,
-                         train_fn=lambda c: run_training(c, quiet=quiet), log=log, resume=not retrain,
-                         sources=source_list)
+        fixed = {"strategy": names[0]} | ({"source": source_list[0]} if source_list else {})
+        result = lib.compare(given.config(config, **fixed), names, seed_list, out_dir, split_seed=split_seed,
+                             label_fractions=fractions, resume=not retrain, sources=source_list)
+        print_table(result, source_list is not None)
+        out.print(f"comparison: {out_dir / 'comparison.json'}, {out_dir / 'comparison.html'}", highlight=False)
 
+
+def print_table(result: dict, several_sources: bool) -> None:
+    """The comparison on stdout; paths stay out of the title (they would wrap with the width)."""
     st = result["settings"]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
-                  title=f"{lib.sources_text(st['source'])} on {st['data']}: test split, mean ± sd over seeds "
-                        f"{st['seeds']}")
-    table.add_column("strategy" if source_list is None else escape("strategy [source]"), no_wrap=True)
+                  title=f"test split, mean ± sd over seeds {st['seeds']}")
+    table.add_column(escape("strategy [source]") if several_sources else "strategy", no_wrap=True)
     for name in ("AUC", "bal. acc", "sens", "spec", "train s"):  # total s: in comparison.json / .html
         table.add_column(name, justify="right", no_wrap=True)
     for row in lib.table_rows(result):
@@ -69,8 +71,6 @@ def compare(
     print_wide(table, 140)  # rows like 'full [efficientnet_lite0.in1k]' need more than 80 columns
     pt = result["paired_test"] or {}
     out.print(escape(pt.get("conclusion") or pt.get("skipped") or ""), highlight=False)
-    if "learning_curve" in result:
-        for s, pts in result["learning_curve"].items():
-            cells = ", ".join(f"{f}: {lib.mean_sd(v)}" for f, v in pts.items())
-            out.print(escape(f"learning curve {s} (label fraction: test AUC) {cells}"), highlight=False)
-    out.print(f"comparison: {out_dir / 'comparison.json'}, {out_dir / 'comparison.html'}", highlight=False)
+    for s, pts in (result.get("learning_curve") or {}).items():
+        cells = ", ".join(f"{f}: {lib.mean_sd(v)}" for f, v in pts.items())
+        out.print(escape(f"learning curve {s} (label fraction: test AUC) {cells}"), highlight=False)

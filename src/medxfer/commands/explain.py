@@ -7,22 +7,23 @@ from typing import Optional
 
 import typer
 
+from medxfer.commands.base import command, out
+from medxfer.explain import explain_paths
+
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @command(app, "explain")
     def explain(
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
         inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
         out_dir: Path = typer.Option(Path("gradcam"), "--out", help="Folder for the overlay PNGs."),
-        layer: Optional[str] = typer.Option(None, help="Target layer, a name in model.net (default: the last "
-                                                       "feature stage at least 4x4 at the run's input size)."),
-        target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class (default: the "
-                                                                         "predicted class of each image)."),
+        layer: Optional[str] = typer.Option(None, help="Target layer, a name in model.net.",
+                                            show_default="the last feature stage at least 4x4 at the run's size"),
+        target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class.",
+                                                   show_default="each image's predicted class"),
     ):
-        """Grad-CAM overlays: the grey image, the jet heat map, the predicted class and its probability."""
-        from medxfer.cli import out
-        from medxfer.explain import explain_paths
-
+        """Grad-CAM overlays: the image, the jet heat map, the predicted class and its probability (files are
+        named by sample id: file names can hold patient names)."""
         paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class)
         note = "; coarse: --layer NAME takes another stage" if size and min(size) < 8 else ""
         out.print(f"{len(paths)} Grad-CAM overlays -> {out_dir} (layer {name}, {'x'.join(map(str, size))} map{note})",

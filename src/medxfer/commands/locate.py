@@ -11,19 +11,19 @@ from typing import Optional
 
 import typer
 
+from medxfer.commands.base import command, out
+from medxfer.data.sources import load_manifest
+from medxfer.errors import MedxferError
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("locate")
+    @command(app, "locate")
     def locate(
         sample_ids: list[str] = typer.Argument(..., help="Sample ids from a message, skipped.csv or predictions.csv."),
         data: str = typer.Option(..., help="The data the ids came from (npz, folder, CSV/Parquet, DICOM folder)."),
         labels: Optional[str] = typer.Option(None, "--labels", help="Labels CSV for a DICOM folder."),
     ):
         """Print the file behind each sample id (the salt must be the run's: $MEDXFER_SALT)."""
-        from medxfer.cli import out
-        from medxfer.data.sources import load_manifest
-        from medxfer.errors import MedxferError
-
         t = load_manifest(data, labels_csv=labels, on_unlabelled="skip").table
         where = dict(zip(t["sample_id"].astype(str), t["path"] if "path" in t else t["sample_id"]))
         missing = [s for s in sample_ids if s not in where]

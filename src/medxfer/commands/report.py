@@ -7,18 +7,17 @@ from typing import Optional
 
 import typer
 
+from medxfer.commands.base import command, out
+from medxfer.evaluation.report import write_report
+
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @command(app, "report")
     def report(
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
         gradcam: bool = typer.Option(True, "--gradcam/--no-gradcam", help="Grad-CAM gallery of test images."),
         data: Optional[str] = typer.Option(None, help="The run's data, when config.yaml's path does not reach it."),
     ):
         """Write RUN_DIR/report.html (one file, opens offline) and RUN_DIR/plots/*.png."""
-        from medxfer.cli import console, out
-        from medxfer.evaluation.report import write_report
-
-        path = write_report(run_dir, gradcam=gradcam, data=data,
-                            log=lambda msg: console.print(msg, markup=False, highlight=False))
+        path = write_report(run_dir, gradcam=gradcam, data=data)
         out.print(f"report: {path}", markup=False, highlight=False)

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medxfer.errors import MedxferError
+from medxfer.files import sha256_file
+
 __all__ = ["DecodeCache", "default_cache_dir", "file_digest"]
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")
-_CHUNK = 1 << 20
 _digests: dict[tuple[str, int, int], str] = {}
 _digests_lock = threading.Lock()
 
@@ -58,11 +60,7 @@ def file_digest(path: str | Path) -> str:
         known = _digests.get(memo)
     if known is not None:
         return known
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            sha.update(chunk)
-    digest = sha.hexdigest()
+    digest = sha256_file(path)
     with _digests_lock:
         _digests[memo] = digest
     return digest
@@ -93,8 +91,6 @@ class DecodeCache:
 
     def check_writable(self) -> None:
         """Refuse a cache folder that is a file or cannot be written, before any work starts."""
-        from medxfer.errors import MedxferError
-
         if self.directory.exists() and not self.directory.is_dir():
             raise MedxferError(f"--cache-dir '{self.directory}' is a file; give a folder (or --no-cache).")
         try:

@@ -11,7 +11,7 @@ Usage::
 
 Privacy: header values (PatientName, PatientID, dates, UIDs) never appear in errors, warnings or
 the returned tables: errors name the file path; patient IDs are hashed with
-:func:`medxfer.data.privacy.hash_id`.
+:func:`medxfer.privacy.hash_id`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from medxfer.data.intensity import check_pixels, parse_window, select_frame, to_unit_range
 from medxfer.errors import BadFileError, MedxferError, did_you_mean
+from medxfer.privacy import hash_id, sample_id
 
 __all__ = ["dicom_folder_manifest", "has_dicom_preamble", "read_dicom"]
 
@@ -66,6 +67,7 @@ def has_dicom_preamble(path: str | Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+# long (68 lines, 20 of docstring): the steps of PS3.4 grey-scale rendering, in order, read best in one piece
 def read_dicom(path: str | Path, opts) -> np.ndarray:
     """One DICOM file -> float32 (C, H, W) in [0, 1]; ``opts`` is a ReadOptions. The steps:
 
@@ -291,6 +293,7 @@ def _load_labels(labels_csv: Path, label_key: str):
     return table.drop_duplicates("_key").set_index("_key"), label_key
 
 
+# long (76 lines, 20 of docstring): one pass over the folder that labels, hashes and skips; split, it would pass state around
 def dicom_folder_manifest(folder: Path, labels_csv: Path | None, *, label_key: str = "auto",
                           on_unlabelled: str = "error", salt: str | None = None):
     """Label every DICOM file under ``folder`` -> ``(df, skipped_df)``.
@@ -309,8 +312,6 @@ def dicom_folder_manifest(folder: Path, labels_csv: Path | None, *, label_key: s
     naming the count and the first 3 files).
     """
     import pandas as pd
-
-    from medxfer.data.privacy import hash_id
 
     if on_unlabelled not in ("error", "skip"):
         raise MedxferError("The 'on_unlabelled' parameter must be 'error' or 'skip'. "
@@ -358,8 +359,6 @@ def dicom_folder_manifest(folder: Path, labels_csv: Path | None, *, label_key: s
                           f"under '{folder}'.", stacklevel=2)
     skipped_df = pd.DataFrame(skipped, columns=["file", "reason"])
     if skipped and on_unlabelled == "error":
-        from medxfer.data.privacy import sample_id
-
         first = ", ".join(f"{sample_id(f)} ({r})" for f, r in skipped[:3])
         how = ("add rows for them to the labels file" if labels_csv is not None
                else "put them in a sub-folder named after their label")

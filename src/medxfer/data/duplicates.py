@@ -5,7 +5,7 @@ Usage::
     from medxfer.data.duplicates import handle_duplicates, find_cross_split_duplicates
 
     groups = find_cross_split_duplicates(manifest, images_uint8)   # rows of manifest <-> images
-    keep, table = handle_duplicates(manifest, images_uint8, policy="drop-from-train", log=log)
+    keep, table = handle_duplicates(manifest, images_uint8, policy="drop-from-train")
 
 Policies (``--duplicates``): ``drop-from-train`` (default) keeps the published val and test sets as
 they are and removes the copies from train (and from val when the copy is in test); ``refuse``
@@ -27,14 +27,17 @@ groups, 18 images, train/val).
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 
+from medxfer.data.cache import file_digest
 from medxfer.errors import MedxferError, did_you_mean
 
 __all__ = ["POLICIES", "check_duplicates", "find_cross_split_duplicates", "handle_duplicates", "pixel_hashes"]
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+log = logging.getLogger(__name__)
 POLICIES = ("drop-from-train", "refuse", "allow")
 
 
@@ -94,7 +97,7 @@ def find_cross_split_duplicates(manifest, images_uint8) -> list[dict]:
     return groups
 
 
-def check_duplicates(manifest, images, allow: bool, log=print) -> list[dict]:
+def check_duplicates(manifest, images, allow: bool) -> list[dict]:
     """Refuse identical images in two splits (MedxferError) unless ``allow``; then log a warning.
 
     Returns the groups found (empty when none).
@@ -111,11 +114,11 @@ def check_duplicates(manifest, images, allow: bool, log=print) -> list[dict]:
     if not allow:
         raise MedxferError(f"{what}. Remove the copies, or pass --duplicates drop-from-train (keeps val and test, "
                            "drops the copies from train) or --duplicates allow.")
-    log(f"warning: {what}; kept because duplicates are allowed: test metrics may be optimistic")
+    log.warning("%s; kept because duplicates are allowed: test metrics may be optimistic", what)
     return groups
 
 
-def handle_duplicates(manifest, images, policy: str = "drop-from-train", log=print):
+def handle_duplicates(manifest, images, policy: str = "drop-from-train"):
     """Apply ``policy`` to the cross-split duplicates -> (bool keep mask per row, duplicates table).
 
     The table (one row per member of every group: ``group, sample_id, split, label, match, action``)
@@ -128,7 +131,7 @@ def handle_duplicates(manifest, images, policy: str = "drop-from-train", log=pri
                            f"{did_you_mean(str(policy), POLICIES)}")
     keep = np.ones(len(manifest.table), bool)
     if policy == "refuse":
-        check_duplicates(manifest, images, allow=False, log=log)
+        check_duplicates(manifest, images, allow=False)
         return keep, pd.DataFrame(columns=["group", "sample_id", "split", "label", "match", "action"])
     groups = find_cross_split_duplicates(manifest, images)
     rows = []
@@ -146,10 +149,10 @@ def handle_duplicates(manifest, images, policy: str = "drop-from-train", log=pri
         what = (f"{n} images in {len(groups)} groups appear in more than one split"
                 + (f" ({conflicts} groups with different labels)" if conflicts else ""))
         if policy == "allow":
-            log(f"warning: {what}; kept (--duplicates allow): test metrics may be optimistic (duplicates.csv)")
+            log.warning("%s; kept (--duplicates allow): test metrics may be optimistic (duplicates.csv)", what)
         else:
-            log(f"{what}: {int((~keep).sum())} copies dropped from train/val, the val and test sets kept as "
-                "published (duplicates.csv; --duplicates refuse|allow to change)")
+            log.info("%s: %d copies dropped from train/val, the val and test sets kept as published (duplicates.csv; "
+                     "--duplicates refuse|allow to change)", what, int((~keep).sum()))
     return keep, table
 
 
@@ -163,8 +166,6 @@ def _label_name(names, value) -> str:
 def _match_kind(paths, members) -> str:
     if paths is None:
         return "pixels"
-    from medxfer.data.cache import file_digest
-
     try:
         digests = {file_digest(paths[i]) for i in members}
     except OSError:

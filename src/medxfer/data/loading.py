@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medxfer import progress
 from medxfer.data.intensity import NonFinitePixels, to_unit_range, volume_to_2d
 from medxfer.data.manifest import Manifest
+from medxfer.data.readers import ReadOptions, read_image
 from medxfer.data.transforms import match_channels, resize_to_uint8
 from medxfer.errors import BadFileError, MedxferError
 
@@ -42,8 +44,7 @@ class Loaded:
     cache_hits: int = 0
 
 
-def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_file: str = "error",
-                progress=None) -> Loaded:
+def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_file: str = "error") -> Loaded:
     """Decode, bring to a common channel count, resize to ``size`` and quantise to uint8, once."""
     if on_bad_file not in ("error", "skip"):
         raise MedxferError(f"The 'on-bad-file' parameter must be 'error' or 'skip'. Got '{on_bad_file}' instead.")
@@ -52,13 +53,11 @@ def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_fil
         ids = manifest.table["sample_id"].astype(str).tolist()
         return decode_arrays(manifest.arrays, size, read, ids=ids, rows=rows, on_bad_file=on_bad_file,
                              where=manifest.origin)
-    return _from_files(manifest, size, read, cache, on_bad_file, progress)
+    return _from_files(manifest, size, read, cache, on_bad_file)
 
 
 def one_array_image(img: np.ndarray, read=None) -> np.ndarray:
     """One npz image (H,W), (H,W,3) or volume (D,H,W) -> float32 (C, H, W) in [0, 1], per image."""
-    from medxfer.data.readers import ReadOptions
-
     opts = read or ReadOptions()
     if img.ndim == 3 and img.shape[-1] == 3:
         chw = np.moveaxis(img, -1, 0)
@@ -74,8 +73,6 @@ def decode_arrays(arr: np.ndarray, size: int, read=None, *, ids=None, rows=None,
     """npz-style arrays (N,H,W), (N,H,W,3) or volumes (N,D,H,W) -> uint8 (N, C, size, size), per image.
 
     ``rows`` selects rows of ``arr``; ``ids`` names them in errors and in the skipped list."""
-    from medxfer.data.readers import ReadOptions
-
     opts = read or ReadOptions()
     rows = np.arange(len(arr)) if rows is None else np.asarray(rows)
     ids = [f"{i:06d}" for i in rows] if ids is None else ids
@@ -86,12 +83,14 @@ def decode_arrays(arr: np.ndarray, size: int, read=None, *, ids=None, rows=None,
     keep = np.ones(len(rows), bool)
     skipped: list[Skipped] = []
     out = []
+    bar = progress.task("decoding images", total=len(rows), unit="images") if len(rows) > 512 else progress.Task()
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
         if fast:  # uint8 images: /255 does not depend on the image, so whole chunks at once
             x = arr[chunk]
             x = np.moveaxis(x, -1, 1) if x.ndim == 4 else x[:, None]
             out.append(resize_to_uint8(x.astype(np.float32) / np.float32(255.0), size))
+            bar.advance(len(chunk))
             continue
         imgs = []
         for j, r in enumerate(chunk):
@@ -104,6 +103,8 @@ def decode_arrays(arr: np.ndarray, size: int, read=None, *, ids=None, rows=None,
                 skipped.append(Skipped(ids[start + j], str(e), where))
         if imgs:
             out.append(resize_to_uint8(_stack(imgs), size))
+        bar.advance(len(chunk))
+    bar.close()
     if not keep.any():
         raise MedxferError(f"no readable image in {where} ({len(skipped)} skipped).")
     return Loaded(torch.cat(out), keep, skipped)
@@ -119,14 +120,14 @@ def _stack(imgs: list[np.ndarray]) -> np.ndarray:
     return np.stack([match_channels(i, chans) for i in imgs])
 
 
-def _from_files(manifest, size, read, cache, on_bad_file, progress) -> Loaded:
-    from medxfer.data.readers import ReadOptions, read_image
-
+def _from_files(manifest, size, read, cache, on_bad_file) -> Loaded:
     read = read or ReadOptions()
     params = {"size": size, **read.key()}
     decoded, keep, skipped, hits = [], np.zeros(len(manifest.table), bool), [], 0
     ids = manifest.table["sample_id"].astype(str).tolist()
+    bar = progress.task("decoding images", total=len(ids), unit="images")
     for i, path in enumerate(manifest.table["path"]):
+        bar.advance()
         try:
             key = cache.key(path, params) if cache is not None else None
             img = cache.get(key) if cache is not None else None
@@ -144,8 +145,7 @@ def _from_files(manifest, size, read, cache, on_bad_file, progress) -> Loaded:
             continue
         decoded.append(img)
         keep[i] = True
-        if progress is not None:
-            progress(i + 1, len(manifest.table))
+    bar.close()
     if not decoded:
         raise MedxferError(f"no readable image in {manifest.origin} ({len(skipped)} skipped).")
     chans = 3 if any(d.shape[0] == 3 for d in decoded) else 1

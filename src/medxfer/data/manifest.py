@@ -9,6 +9,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 from medxfer.errors import MedxferError, did_you_mean
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +140,7 @@ def check_split_values(values: pd.Series, where: str) -> pd.Series:
     return text
 
 
-def check_split_classes(manifest: Manifest, log=None) -> None:
+def check_split_classes(manifest: Manifest) -> None:
     """After splitting (and skipping, de-duplicating, label fractions): every class has training images,
     and val and test hold at least two classes, so that the model, the threshold and the test AUC mean
     something. A multi-class val/test split missing some class is allowed with a warning (its
@@ -160,8 +162,8 @@ def check_split_classes(manifest: Manifest, log=None) -> None:
                                f"would be undefined. Give the {s} split images of every class, or let medxfer make "
                                "a stratified split (leave out the split column).")
         missing = [manifest.labels[c] for c in range(len(manifest.labels)) if counts[s][c] == 0]
-        if missing and log is not None:
-            log(f"warning: the {s} split has no images of class(es) {missing}: their {s} AUC is undefined")
+        if missing:
+            log.warning("the %s split has no images of class(es) %s: their %s AUC is undefined", s, missing, s)
 
 
 def _natural_key(s: str):

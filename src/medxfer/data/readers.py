@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medxfer.data.dicom import has_dicom_preamble, read_dicom
 from medxfer.data.intensity import (
     MAX_PIXELS,
     MAX_VOXELS,
@@ -46,7 +47,7 @@ from medxfer.data.intensity import (
     to_unit_range,
     volume_to_2d,
 )
-from medxfer.errors import BadFileError
+from medxfer.errors import BadFileError, MedxferError
 
 __all__ = [
     "MAX_PIXELS",
@@ -178,6 +179,14 @@ class PILReader(Reader):
             raise BadFileError(path, f"corrupt or truncated image: {err}") from None
         return to_unit_range(_grey_or_rgb(arr), opts)
 
+    @classmethod
+    def from_image(cls, img, opts: ReadOptions) -> np.ndarray:
+        """An in-memory PIL image through the same steps as a file: (C, H, W) float32 in [0, 1]."""
+        from PIL import ImageOps
+
+        check_pixels("<image>", img.height, img.width)
+        return to_unit_range(_grey_or_rgb(cls._to_array(ImageOps.exif_transpose(img))), opts)
+
     @staticmethod
     def _to_array(img) -> np.ndarray:
         mode = img.mode
@@ -208,8 +217,6 @@ class DicomReader(Reader):
     suffixes = (".dcm", ".dicom")
 
     def read(self, path: Path, opts: ReadOptions) -> np.ndarray:
-        from medxfer.data.dicom import read_dicom
-
         return read_dicom(path, opts)
 
 
@@ -228,8 +235,6 @@ class NiftiReader(Reader):
         try:
             import nibabel
         except ImportError:
-            from medxfer.errors import MedxferError
-
             raise MedxferError("reading NIfTI needs nibabel: pip install nibabel") from None
         try:
             img = nibabel.load(str(path))
@@ -298,8 +303,6 @@ def reader_for(path: str | Path) -> Reader:
     for reader in _READERS:
         if any(name.endswith(s) for s in reader.suffixes):
             return reader
-    from medxfer.data.dicom import has_dicom_preamble
-
     if has_dicom_preamble(path):
         return _READERS[1]
     suffix = "".join(Path(path).suffixes[-2:]) or "(none)"

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medxfer.data.dicom import dicom_folder_manifest, has_dicom_preamble
 from medxfer.data.manifest import SPLITS, Manifest, check_split_values, labels_from_values
-from medxfer.data.privacy import hash_id, sample_id
 from medxfer.errors import MedxferError
+from medxfer.privacy import hash_id, sample_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".npy"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -97,15 +98,13 @@ def is_image_file(f: Path) -> bool:
         return False
     if suffix_of(f) in IMAGE_SUFFIXES:
         return True
-    from medxfer.data.dicom import has_dicom_preamble
-
     return has_dicom_preamble(f)
 
 
 def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
     """``root/<class>/*`` or ``root/{train,val,test}/<class>/*``; class names are folder names.
 
-    Samples are named by :func:`medxfer.data.privacy.sample_id` of their path relative to ``root``
+    Samples are named by :func:`medxfer.privacy.sample_id` of their path relative to ``root``
     (file names can hold patient names). Empty class folders and non-image files are counted in the
     manifest's notes (config.yaml, the log), never dropped silently.
     """
@@ -148,7 +147,7 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
     """A CSV/Parquet with ``path,label`` and optional ``patient_id``, ``split`` (paths relative to it).
 
     Other columns are kept (for ``--split-by COLUMN`` and subgroup results). Samples are named by
-    the pseudonymous :func:`medxfer.data.privacy.sample_id` of the ``path`` value; messages name
+    the pseudonymous :func:`medxfer.privacy.sample_id` of the ``path`` value; messages name
     manifest rows by number, never by path.
     """
     try:
@@ -184,8 +183,6 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
 def from_dicom_folder(root: Path, labels_csv: Path, label_names: list[str] | None = None,
                       on_unlabelled: str = "error") -> Manifest:
     """A DICOM folder plus a labels CSV keyed by path, SOPInstanceUID, PatientID or StudyInstanceUID."""
-    from medxfer.data.dicom import dicom_folder_manifest
-
     if not labels_csv.is_file():
         raise MedxferError(f"labels file '{labels_csv}' does not exist.")
     df, skipped = dicom_folder_manifest(root, labels_csv, on_unlabelled=on_unlabelled)
@@ -200,4 +197,41 @@ def from_dicom_folder(root: Path, labels_csv: Path, label_names: list[str] | Non
     m = Manifest(table, names, f"dicom:{root}")
     if skipped is not None and len(skipped):
         m.notes.append(f"skipped {len(skipped)} DICOM files without a label")
+    return m
+
+
+def from_arrays(images, labels, *, label_names: list[str] | None = None, splits=None, patient_ids=None) -> Manifest:
+    """In-memory images (N, H, W), (N, H, W, 3) or volumes (N, D, H, W), and one label per image.
+
+    ``splits`` (train/val/test per image) and ``patient_ids`` are optional, as in a manifest; samples are
+    named ``images/<index>``."""
+    images = np.asarray(images)
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if images.ndim not in (3, 4) or y.ndim != 1 or len(y) != len(images):
+        raise MedxferError(f"in-memory data: images of shape {images.shape} and labels of shape {y.shape}; give images "
+                           "(N,H,W), (N,H,W,3) or (N,D,H,W) and N labels.")
+    idx, names = labels_from_values(pd.Series(y), label_names, "the labels given")
+    table = pd.DataFrame({"sample_id": [f"images/{i:06d}" for i in range(len(y))], "label": idx,
+                          "row": np.arange(len(y))})
+    if splits is not None:
+        table["split"] = check_split_values(pd.Series(list(splits), dtype=object), "the splits given").to_numpy()
+    if patient_ids is not None:
+        table["patient_id"] = [hash_id(str(v)) for v in patient_ids]
+    return Manifest(table, [str(n) for n in names], "arrays", arrays=images)
+
+
+def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".") -> Manifest:
+    """A DataFrame like a CSV manifest (path, label[, patient_id, split, ...]); paths relative to ``root``."""
+    import tempfile
+
+    root = Path(root).resolve()
+    with tempfile.TemporaryDirectory() as tmp:  # one reader for files and frames: the CSV rules apply as they are
+        csv = Path(tmp) / "manifest.csv"
+        frame = df.copy()
+        frame["path"] = [str((root / str(p)).resolve()) for p in frame["path"]] if "path" in frame else None
+        frame.to_csv(csv, index=False)
+        m = from_table(csv, label_names)
+    m.origin = "dataframe"
     return m

@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medxfer.data.manifest import Manifest
 from medxfer.errors import MedxferError
+from medxfer.privacy import hash_id
 
 N_PARTS = 20  # the split is made of 20 stratified (grouped) parts: 3 test, 3 val, 14 train
 
@@ -75,8 +76,6 @@ def check_leakage(manifest: Manifest, groups: np.ndarray, hashed: bool = False) 
     ``hashed``: the keys are already hashed (the sources hash ``patient_id``); they are shown as
     they are, so the user finds them in split.csv.
     """
-    from medxfer.data.privacy import hash_id
-
     t = manifest.table.assign(_g=groups)
     per = t.groupby("_g")["split"].nunique()
     leaked = per[per > 1].index.tolist()

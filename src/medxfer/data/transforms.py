@@ -35,13 +35,28 @@ def resize_to_uint8(x: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+#: RGB to grey: ITU-R BT.601 luma, the one rule for files, arrays and batches
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
 def match_channels(x: np.ndarray, chans: int) -> np.ndarray:
-    """(C, H, W) -> (chans, H, W): grey replicated to RGB, RGB to luminance (ITU-R 601)."""
+    """(C, H, W) float -> (chans, H, W): grey replicated to RGB, RGB to luma (:data:`GREY_WEIGHTS`)."""
     if x.shape[0] == chans:
         return x
     if chans == 3:
         return np.repeat(x[:1], 3, axis=0)
-    return (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3]).astype(np.float32)
+    r, g, b = GREY_WEIGHTS
+    return (r * x[0:1] + g * x[1:2] + b * x[2:3]).astype(np.float32)
+
+
+def match_channels_uint8(x: torch.Tensor, chans: int) -> torch.Tensor:
+    """uint8 batch (N, C, S, S) -> (N, chans, S, S) by the same rule as :func:`match_channels`."""
+    if x.shape[1] == chans:
+        return x
+    if chans == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    w = torch.tensor(GREY_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
 class Augment:

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medxfer.engine.trainer import as_input, autocast
+from medxfer import progress
+from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.engine.trainer import as_input, auc_of, autocast
 
 
 def content_hash(images: torch.Tensor) -> str:
@@ -36,13 +38,14 @@ def source_key_parts(spec, info: dict, size: int, read, seed: int) -> dict:
     return key
 
 
-def feature_cache_dir(cfg) -> Path | None:
-    """Features live in ``--cache-dir`` (beside the decode cache by default); None with ``--no-cache``."""
-    from medxfer.data.cache import default_cache_dir
-
-    if cfg.no_cache:
+def feature_cache_dir(cache_dir: str | None, no_cache: bool) -> Path | None:
+    """Features live in ``--cache-dir`` (beside the decode cache by default); None with ``--no-cache``.
+    The folder is checked to be writable before any work."""
+    if no_cache:
         return None
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
+    folder = Path(cache_dir) if cache_dir else default_cache_dir().parent
+    DecodeCache(folder).check_writable()
+    return folder
 
 
 def feature_key(key_parts: dict, images: torch.Tensor) -> str:
@@ -58,14 +61,16 @@ def compute_features(model, images: torch.Tensor, batch_size: int = 64, precisio
     Model and inputs both channels_last (a mixed layout converts at every convolution: 2.6x slower
     on CPU here); batch 64 measured faster than 256 on 2 CPU cores.
     """
-    model.eval().to(device, memory_format=torch.channels_last)
+    model.eval().to(device, memory_format=torch.channels_last if images.ndim == 4 else torch.contiguous_format)
     out = []
-    for i in range(0, len(images), batch_size):
-        xb = as_input(images[i:i + batch_size], device, channels_last=True)
-        if augment is not None:
-            xb = augment(xb)
-        with autocast(precision, device):
-            out.append(model.features(xb).float().cpu())
+    with progress.task("extracting features", total=len(images), unit="images") as bar:
+        for i in range(0, len(images), batch_size):
+            xb = as_input(images[i:i + batch_size], device, channels_last=True)
+            if augment is not None:
+                xb = augment(xb)
+            with autocast(precision, device):
+                out.append(model.features(xb).float().cpu())
+            bar.advance(len(xb))
     return torch.cat(out)
 
 
@@ -122,8 +127,8 @@ def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, s
         (c, clf), scores = _search_c(xt, yt, xv, yv, k, seed, class_weight)
     w = np.zeros((k, xt.shape[1]), np.float32)
     b = np.zeros(k, np.float32)
-    if k == 2 and clf.coef_.shape[0] == 1:
-        w[1], b[1] = clf.coef_[0], clf.intercept_[0]
+    if clf.coef_.shape[0] == 1:  # two classes seen: one row, for the second of them (the other stays 0)
+        w[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
     else:
         w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
     with torch.no_grad():
@@ -134,8 +139,6 @@ def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, s
 
 def _search_c(xt, yt, xv, yv, k: int, seed: int, class_weight):
     from sklearn.linear_model import LogisticRegression
-
-    from medxfer.engine.trainer import auc_of
 
     best, scores = None, {}
     for c in C_GRID:

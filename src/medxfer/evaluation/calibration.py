@@ -28,11 +28,10 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from sklearn.metrics import roc_curve
 
+from medxfer.config import parse_threshold_rule
 from medxfer.errors import MedxferError
 
 T_MIN, T_MAX = 0.05, 20.0
-_RULE_ERROR = ("The threshold rule must be youden, sensitivity=S, specificity=S or a number in "
-               "(0, 1). Got {!r} instead.")
 
 
 def _np(x, dtype=float) -> np.ndarray:
@@ -88,38 +87,6 @@ def apply_temperature(logits, T) -> np.ndarray:
     s = s - s.max(axis=1, keepdims=True)
     e = np.exp(s)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def parse_threshold_rule(text) -> str | float:
-    """Validate a threshold rule; return "youden", "argmax", "sensitivity=S", "specificity=S"
-    (S in (0, 1]) or a float in (0, 1). Anything else raises MedxferError."""
-    if isinstance(text, (int, float, np.floating, np.integer)) and not isinstance(text, bool):
-        value = float(text)
-        if 0 < value < 1:
-            return value
-        raise MedxferError(_RULE_ERROR.format(str(text)))
-    if not isinstance(text, str):
-        raise MedxferError(_RULE_ERROR.format(str(text)))
-    rule = text.strip().lower().replace(" ", "")
-    if rule in ("youden", "argmax"):
-        return rule
-    for name in ("sensitivity", "specificity"):
-        if rule.startswith(name + "="):
-            try:
-                s = float(rule[len(name) + 1:])
-            except ValueError:
-                break
-            if 0 < s <= 1:
-                return f"{name}={s}"
-            break
-    else:
-        try:
-            value = float(rule)
-        except ValueError:
-            value = math.nan
-        if 0 < value < 1:
-            return value
-    raise MedxferError(_RULE_ERROR.format(text))
 
 
 def choose_threshold(y_true, p_pos, rule, *, positive: int = 1) -> float:

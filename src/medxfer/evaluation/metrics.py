@@ -43,8 +43,7 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
 
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import expected_calibration_error
@@ -90,6 +89,13 @@ def _rates(tp, fp, fn, tn) -> dict:
         "ppv": _div(tp, tp + fp),
         "npv": _div(tn, tn + fn),
     }
+
+
+def confusion_rates(cm) -> dict:
+    """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy of a 2x2 confusion matrix
+    ``[[tn, fp], [fn, tp]]`` (None where undefined): the one definition of these rates."""
+    (tn, fp), (fn, tp) = np.asarray(cm, dtype=float)
+    return {k: _py(v) for k, v in _rates(tp, fp, fn, tn).items()}
 
 
 class RankedScores:

@@ -19,8 +19,8 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["confusion_figure", "gallery_figure", "pr_figure", "reliability_figure", "roc_figure",
-           "to_png", "training_figure"]
+__all__ = ["confusion_figure", "gallery_figure", "learning_curve_figure", "pr_figure", "reliability_figure",
+           "roc_figure", "strategies_figure", "to_png", "training_figure"]
 
 _OP_STYLE = dict(marker="o", markersize=9, markerfacecolor="none", markeredgewidth=2, linestyle="none")
 
@@ -196,4 +196,49 @@ def gallery_figure(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], columns
                     ax.text(0.5, 0.5, "no such test image", ha="center", va="center", transform=ax.transAxes, color="0.5")
             if c == 0:
                 ax.set_ylabel(title, fontsize=9)
+    return fig
+
+
+def strategies_figure(result: dict) -> Figure:
+    """Test AUC per strategy of a comparison: one point per seed, mean ± sd as a bar."""
+    strategies = list(result["strategies"])
+    fig = Figure(figsize=(1.6 + 1.4 * len(strategies), 3.6), layout="constrained")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(strategies):
+        summ = result["strategies"][s]["test_auc"]
+        vals = [v for v in summ["values"] if v is not None]
+        if summ["mean"] is not None:
+            ax.bar(i, summ["mean"], width=0.6, color="#c6dbef", edgecolor="#4a7fb0", zorder=1)
+            ax.errorbar(i, summ["mean"], yerr=summ["sd"] or 0, color="#08306b", capsize=6, lw=1.5, zorder=3)
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, color="#d94801", s=22, zorder=4,
+                   label="one seed" if i == 0 else None)
+    ax.set_xticks(range(len(strategies)), strategies)
+    lows = [v for s in strategies for v in result["strategies"][s]["test_auc"]["values"] if v is not None]
+    ax.set_ylim(max(0.0, min(lows + [0.5]) - 0.05), 1.0)
+    ax.set_ylabel("test AUC")
+    ax.set_title("Test AUC per strategy: seeds (points), mean ± sd (bar)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def learning_curve_figure(curve: dict) -> Figure:
+    """Test AUC (mean ± sd over seeds) against the fraction of train labels, one line per strategy."""
+    fig = Figure(figsize=(6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for i, (s, pts) in enumerate(curve.items()):
+        shift = 1.03 ** (i - (len(curve) - 1) / 2)  # small offsets so the error bars do not overlap
+        fs = [float(f) * shift for f in pts]
+        means = [pts[f]["mean"] if pts[f]["mean"] is not None else np.nan for f in pts]
+        ax.errorbar(fs, means, yerr=[pts[f]["sd"] or 0 for f in pts], marker="o", capsize=4, label=s)
+    ax.set_xscale("log")
+    ticks = sorted({float(f) for pts in curve.values() for f in pts})
+    ax.set_xticks(ticks, [f"{f:g}" for f in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of train labels used (log scale)")
+    ax.set_ylabel("test AUC (mean ± sd over seeds)")
+    ax.set_title("Learning curve: labelled data needed per strategy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     return fig

@@ -4,75 +4,41 @@ CSS, JS or fonts; opens offline) plus every figure as a PNG in ``RUN_DIR/plots/`
 Usage::
 
     from medxfer.evaluation.report import write_report
-    write_report("runs/breast")               # -> runs/breast/report.html
+    write_report(Run.load("runs/breast"))               # -> runs/breast/report.html
 
     medxfer report runs/breast [--no-gradcam] [--data PATH]
 
-Everything comes from the run directory (config.yaml, model.json, metrics.json, history.csv,
+Everything comes from the run record (config.yaml, model.json, metrics.json, history.csv,
 predictions.csv). Two things are recomputed: the uncalibrated probabilities for the "before"
 reliability diagram, exactly, as softmax(T log p) of the calibrated ones (the per-row constant of
 the logits cancels), and the Grad-CAM gallery, which needs the test images: rebuilt from the run's
 data with the training preprocessing (or passed as ``test_images``). Patient identifiers never
-appear: images are named by ``sample_id``; patients are only counted.
+appear: images are named by their pseudonymous ``sample_id``; patients are only counted.
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import datetime as _dt
-import html
+import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
-from medxfer import runs
+from medxfer import files
+from medxfer.data.prepare import images_of
 from medxfer.errors import MedxferError
-from medxfer.evaluation import plots
+from medxfer.evaluation import html, plots
 from medxfer.evaluation.calibration import apply_temperature, reliability_curve
+from medxfer.evaluation.gradcam import decide, default_layer, explain_images, feature_map_size, overlay
+from medxfer.evaluation.metrics import confusion_rates
+from medxfer.runs import Run
 
-__all__ = ["load_test_images", "write_report"]
+__all__ = ["write_report"]
 
 GALLERY_PER_GROUP = 4
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0 auto;max-width:1100px;
-padding:1.5em 2em;color:#1d2430;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #d8dee8;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0 1em}th,td{border:1px solid #d8dee8;padding:.25em .7em;text-align:left}
-th{background:#f1f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}figure{margin:.8em 0;display:table}
-figure img{max-width:100%;border:1px solid #e4e8ee}figcaption{display:table-caption;caption-side:bottom;
-font-size:.85em;color:#4a5568;padding-top:.3em}.note{background:#fff8e1;border-left:4px solid #f0b400;
-padding:.5em .8em;margin:.8em 0}.muted{color:#6b7585;font-size:.9em}code{background:#f1f4f8;padding:0 .25em}
-"""
-_SCRIPT = """
-window.addEventListener('load', function () {
-  var imgs = document.images, bad = 0;
-  for (var i = 0; i < imgs.length; i++) { if (!(imgs[i].complete && imgs[i].naturalWidth > 0)) { bad++; } }
-  document.body.setAttribute('data-figures', bad ? 'broken ' + bad : 'ok ' + imgs.length);
-});
-"""
-
-
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _f(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else _esc(v)
-
-
-def _ci(m: dict, key: str) -> str:
-    v, ci = m.get(key), m.get(f"{key}_ci")
-    return _f(v) + (f" <span class='muted'>({ci[0]:.3f}–{ci[1]:.3f})</span>" if ci else "")
-
-
-def _table(header: list[str] | None, rows: list[list], num_from: int = 1) -> str:
-    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td{' class=num' if j >= num_from else ''}>{c}</td>" for j, c in enumerate(r))
-                   + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
+log = logging.getLogger(__name__)
 
 
 class _Figures:
@@ -87,40 +53,43 @@ class _Figures:
         tmp = self.dir / f".{name}.png.tmp"
         tmp.write_bytes(png)
         os.replace(tmp, self.dir / f"{name}.png")
-        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        alt = re.sub(r"<[^>]+>", "", caption)
-        return (f"<figure><img src=\"{uri}\" alt=\"{_esc(alt)}\">"
-                f"<figcaption>{caption}</figcaption></figure>")
+        return html.figure(png, caption)
 
 
-def _class_arrays(pred_df, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass
+class _Test:
+    """The test split as the report needs it."""
+
+    labels: list[str]
+    y: np.ndarray
+    probs: np.ndarray
+    pred: np.ndarray
+    ids: list[str]
+    pos: int | None
+    threshold: float | None
+    temperature: float
+
+
+def _test_split(run: Run) -> _Test:
+    labels = [str(x) for x in run.model.labels]
+    test = run.test_predictions
     index = {name: i for i, name in enumerate(labels)}
-    y = np.array([index[str(v)] for v in pred_df["label"]], dtype=int)
-    probs = pred_df[[f"prob_{c}" for c in labels]].to_numpy(dtype=float)
-    return y, probs
-
-
-def _decide(probs: np.ndarray, pos: int | None, threshold: float | None) -> np.ndarray:
-    if probs.shape[1] == 2 and pos is not None and threshold is not None:
-        return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
-    return probs.argmax(1)
+    y = np.array([index[str(v)] for v in test["label"]], dtype=int)
+    probs = test[[f"prob_{c}" for c in labels]].to_numpy(dtype=float)
+    pos = run.model.positive_index if len(labels) == 2 else None
+    if len(labels) == 2 and pos is None:
+        pos = 1
+    threshold = run.metrics.get("threshold", run.model.threshold)
+    if len(labels) == 2 and threshold is None:
+        threshold = 0.5
+    meta = run.model.replace(threshold=threshold, positive_label=labels[pos] if pos is not None else None)
+    return _Test(labels, y, probs, decide(probs, meta), test["sample_id"].astype(str).tolist(), pos, threshold,
+                 float(run.metrics.get("temperature") or run.model.temperature or 1.0))
 
 
 def _uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(z) from p = softmax(z / T): log p = z / T - c, so softmax(T log p) = softmax(z)."""
     return apply_temperature(np.log(np.clip(probs, 1e-300, None)), 1.0 / temperature)
-
-
-def _binary_rates(cm) -> dict:
-    (tn, fp), (fn, tp) = np.asarray(cm)
-
-    def div(a, b):
-        return float(a / b) if b else None
-
-    sens, spec = div(tp, tp + fn), div(tn, tn + fp)
-    return {"sensitivity": sens, "specificity": spec, "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn),
-            "f1": div(2 * tp, 2 * tp + fp + fn), "accuracy": div(tp + tn, tn + fp + fn + tp),
-            "balanced_accuracy": (sens + spec) / 2 if sens is not None and spec is not None else None}
 
 
 def _confusion(y, pred, k, pos=None) -> np.ndarray:
@@ -132,249 +101,219 @@ def _confusion(y, pred, k, pos=None) -> np.ndarray:
     return cm
 
 
-def load_test_images(run: dict, data: str | None = None):
-    """The run's test images (uint8, aligned with the test rows of predictions.csv), rebuilt from
-    its data with the training preprocessing. ``data`` overrides config.yaml's data path."""
-    import dataclasses
-
-    from medxfer.config import TrainConfig, config_from_dict
-    from medxfer.pipeline import prepare_data
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    d = {k: v for k, v in run["config"].items() if k in known}
-    if data is not None:
-        d["data"] = str(data)
-    # training checked duplicates and made the split; here images are only looked up by sample_id
-    d.update({k: v for k, v in (("duplicates", "allow"), ("split_file", None)) if k in known})
-    if not Path(d["data"]).exists():
-        raise MedxferError(f"the run's data '{d['data']}' is not there (config.yaml paths are relative to where "
-                           "'medxfer train' ran). Run the report from there, pass --data PATH, or --no-gradcam.")
-    cfg = config_from_dict(d)
-    manifest, images, *_ = prepare_data(cfg, int(run["config"]["image_size"]), log=lambda *a, **k: None)
-    row = {sid: i for i, sid in enumerate(manifest.table["sample_id"].astype(str))}
-    test_ids = run["predictions"].query("split == 'test'")["sample_id"].astype(str)
-    missing = [s for s in test_ids if s not in row]
-    if missing:
-        raise MedxferError(f"the data '{d['data']}' no longer matches the run: test sample '{missing[0]}' "
-                           f"({len(missing)} in all) is not in it. Pass --data with the run's data, or --no-gradcam.")
-    return images[np.array([row[s] for s in test_ids])]
+# ------------------------------------------------------------------------------------------ sections
+def _data_section(run: Run, t: _Test) -> str:
+    data = run.resolved.get("data", {})
+    counts = data.get("counts", {})
+    has_pat = any("patients" in v for v in counts.values())
+    rows = [[html.esc(s), *(v.get("per_class", {}).get(c, 0) for c in t.labels), v.get("n", 0)]
+            + ([v.get("patients", "–")] if has_pat else []) for s, v in counts.items()]
+    out = html.table(["split", *t.labels, "images"] + (["patients"] if has_pat else []), rows)
+    out += f"<p>Source of the images: <code>{html.esc(data.get('origin', run.config.data.path))}</code>."
+    if run.skipped is not None:
+        out += f" {len(run.skipped)} unreadable samples were skipped (skipped.csv)."
+    dup = run.duplicates
+    if dup is not None and len(dup):
+        dropped = int((dup["action"] != "kept").sum())
+        out += (f" {dup['group'].nunique()} groups of identical images spanned two splits: "
+                + (f"{dropped} copies were dropped from train/val, val and test kept as given"
+                   if dropped else "all copies were kept (--duplicates allow): test metrics may be optimistic")
+                + " (duplicates.csv).")
+    return out + "</p>" + "".join(f"<p class='muted'>{html.esc(n)}</p>" for n in data.get("notes", []))
 
 
-def _gallery(run, figs, labels, y, probs, pred, ids, test_images) -> str:
-    from medxfer.explain import default_layer, explain_images, feature_map_size, overlay
-    from medxfer.models.adapt import load_run_model
+def _source_section(run: Run, t: _Test) -> str:
+    src, inp, meta, m, cfg = (run.resolved.get("source", {}), run.resolved.get("input", {}), run.model, run.metrics,
+                              run.config)
+    kv = [("source", f"{src.get('name', m.get('source'))} ({src.get('domain', '?')})"),
+          ("architecture", src.get("arch", meta.arch)), ("weights", src.get("weights")),
+          ("weights SHA-256", (src.get("weights_sha256") or "–")[:16]),
+          ("strategy", cfg.optim.strategy), ("learning rate", run.resolved.get("lr", cfg.optim.lr)),
+          ("epochs (run / best)", f"{m.get('epochs_run')} / {m.get('best_epoch')}"),
+          ("batch size / augmentation", f"{cfg.optim.batch_size} / {cfg.optim.augment}"),
+          ("input contract", f"{meta.image_size} px, {inp.get('data_channels', meta.data_chans)} data channel(s) "
+                             f"-> {inp.get('model_channels', meta.in_chans)} model channel(s) "
+                             f"({inp.get('grey_mode', meta.grey_mode)}), mean {meta.mean} std {meta.std}"),
+          ("calibration", f"temperature {t.temperature:.3f} (fitted on validation)"
+           if cfg.evaluation.calibrate != "none" else "none"),
+          ("operating point", f"{cfg.evaluation.threshold} on validation -> threshold {html.num(t.threshold)} on "
+                              f"P({t.labels[t.pos]})" if t.pos is not None else "argmax"),
+          ("train time", f"{m.get('train_seconds')} s ({m.get('train_images_per_s')} images/s)"),
+          ("seed / torch", f"{cfg.optim.seed} / {run.resolved.get('torch', '?')}")]
+    return html.table(None, [[f"<b>{html.esc(a)}</b>", html.esc(b)] for a, b in kv], 9)
 
-    if len(test_images) != len(ids):
-        raise MedxferError(f"{len(test_images)} test images were given for the {len(ids)} test rows of predictions.csv.")
-    model, meta = load_run_model(run["dir"])
+
+def _curves_section(run: Run, figs: _Figures, t: _Test) -> str:
+    if run.history is not None and len(run.history):
+        return figs("training_curves", plots.training_figure(run.history),
+                    "Training and validation loss, validation AUC per epoch; the best epoch's weights were kept.")
+    return "<p>No history.csv in this run.</p>"
+
+
+def _roc_section(run: Run, figs: _Figures, t: _Test) -> str:
+    thr = t.threshold if len(t.labels) == 2 else None
+    return ("<div class='row'>" + figs("roc", plots.roc_figure(t.y, t.probs, t.labels, t.pos, thr),
+                                       "ROC on the test split" + (f"; circle: the operating point (threshold {thr:.3g}, "
+                                                                  "chosen on validation), cross: argmax."
+                                                                  if thr is not None else ", one-vs-rest."))
+            + figs("pr", plots.pr_figure(t.y, t.probs, t.labels, t.pos, thr),
+                   "Precision-recall on the test split; dotted: prevalence (a useless model's precision).") + "</div>")
+
+
+def _confusion_section(run: Run, figs: _Figures, t: _Test) -> str:
+    k = len(t.labels)
+    if k == 2:
+        mats = [(f"threshold {t.threshold:.3g}", _confusion(t.y, t.pred, k, t.pos)),
+                ("argmax", _confusion(t.y, t.probs.argmax(1), k, t.pos))]
+        names = [t.labels[1 - t.pos], t.labels[t.pos]]
+    else:
+        mats, names = [("argmax", _confusion(t.y, t.pred, k))], t.labels
+    return figs("confusion_matrix", plots.confusion_figure(mats, names),
+                "Test split; rows: true class, columns: predicted; counts and fraction of the row.")
+
+
+def _calibration(t: _Test) -> tuple[dict, dict]:
+    return reliability_curve(t.y, _uncalibrated(t.probs, t.temperature)), reliability_curve(t.y, t.probs)
+
+
+def _calibration_section(run: Run, figs: _Figures, t: _Test) -> str:
+    before, after = _calibration(t)
+    return figs("reliability", plots.reliability_figure([("before temperature scaling", before),
+                                                         (f"after (T = {t.temperature:.3f})", after)]),
+                "Reliability on the test split before temperature scaling (softmax of the raw logits) and after "
+                f"(T = {t.temperature:.3f}, fitted on validation): accuracy of the predicted class per confidence bin "
+                "(15 bins); bars below the diagonal are over-confident.")
+
+
+def _metrics_section(run: Run, t: _Test) -> str:
+    test, val = run.metrics.get("test", {}), run.metrics.get("val", {})
+    before, after = _calibration(t)
+    ece = ["ECE (test, 15 bins)", f"{html.num(before['ece'])} before, {html.num(after['ece'])} after",
+           html.num(val.get("ece"))]
+    if len(t.labels) == 2:
+        arg = confusion_rates(_confusion(t.y, t.probs.argmax(1), 2, t.pos))
+        names = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
+                 ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy")]
+        op = html.table(["metric", f"test at threshold {t.threshold:.3g} (95% CI)", "test argmax",
+                         "validation at threshold"],
+                        [[n, html.with_ci(test, key), html.num(arg[key]), html.num(val.get(key))] for key, n in names])
+        rank = html.table(["metric", "test (95% CI)", "validation"],
+                          [[n, html.with_ci(test, key), html.num(val.get(key))] for key, n in
+                           (("auc", "AUC"), ("average_precision", "average precision"), ("brier", "Brier score"))]
+                          + [ece])
+        body = (f"<p>Positive class: <b>{html.esc(t.labels[t.pos])}</b>. Threshold rule "
+                f"<code>{html.esc(run.config.evaluation.threshold)}</code> applied on validation; the argmax column is "
+                "the 0.5 rule for comparison.</p>" + op + rank)
+    else:
+        body = html.table(["metric", "test (95% CI)", "validation"],
+                          [[n, html.with_ci(test, key), html.num(val.get(key))] for key, n in
+                           (("auc", "macro AUC (one-vs-rest)"), ("accuracy", "accuracy"),
+                            ("balanced_accuracy", "balanced accuracy"), ("f1", "macro F1"), ("brier", "Brier score"))]
+                          + [ece])
+        per_t, per_v = test.get("per_class_auc", {}), val.get("per_class_auc", {})
+        body += "<h3>Per class (one-vs-rest)</h3>" + html.table(
+            ["class", "test AUC", "validation AUC", "test images"],
+            [[html.esc(c), html.num(per_t.get(c)), html.num(per_v.get(c)), test.get("n_per_class", {}).get(c, "–")]
+             for c in t.labels])
+    if test.get("n_bootstrap"):
+        body += (f"<p class='muted'>95% percentile bootstrap intervals, {test['n_bootstrap']} resamples by "
+                 f"{html.esc(test.get('bootstrap_unit', 'image'))}; the ECE and the argmax metrics have none.</p>")
+    return body
+
+
+def _gallery_section(run: Run, figs: _Figures, t: _Test, test_images) -> str:
+    if len(test_images) != len(t.ids):
+        raise MedxferError(f"{len(test_images)} test images were given for the {len(t.ids)} test rows of "
+                           "predictions.csv.")
+    model, meta = run.load_model(), run.model
     layer, size = feature_map_size(model, meta)
     picks = {}
-    for c, name in enumerate(labels):
-        right = np.flatnonzero((y == c) & (pred == c))
-        wrong = np.flatnonzero((y == c) & (pred != c))
-        picks[c] = (right[np.argsort(-probs[right, c], kind="stable")][:GALLERY_PER_GROUP],
-                    wrong[np.argsort(probs[wrong, c], kind="stable")][:GALLERY_PER_GROUP])
+    for c in range(len(t.labels)):
+        right = np.flatnonzero((t.y == c) & (t.pred == c))
+        wrong = np.flatnonzero((t.y == c) & (t.pred != c))
+        picks[c] = (right[np.argsort(-t.probs[right, c], kind="stable")][:GALLERY_PER_GROUP],
+                    wrong[np.argsort(t.probs[wrong, c], kind="stable")][:GALLERY_PER_GROUP])
     chosen = np.unique(np.concatenate([np.concatenate(p) for p in picks.values()])).astype(int)
     maps = dict(zip(chosen.tolist(), explain_images(model, meta, test_images[chosen], layer=layer,
-                                                    target_class=pred[chosen]))) if len(chosen) else {}
+                                                    target_class=t.pred[chosen]))) if len(chosen) else {}
     imgs = np.asarray(test_images)
-    px = int(meta["image_size"])
-    coarse = (f"At {px} px the Grad-CAM layer <code>{_esc(layer)}</code> has a {size[0]}×{size[1]} map: one cell "
-              f"covers about {px // max(size[0], 1)} px" + (", so the maps are coarse and show where, not what."
-                                                             if min(size) < 8 else "."))
-    last = default_layer(model.net)
-    if layer != last:
-        _, last_size = feature_map_size(model, meta, last)
-        coarse += (f" The last stage <code>{_esc(last)}</code> gives only {last_size[0]}×{last_size[1]} at this size, "
-                   "so the last stage at least 4 cells wide is used; <code>medxfer explain RUN IMAGE --layer "
-                   f"{_esc(last)}</code> shows the last stage.")
-    parts = [f"<p class='note'>{coarse}</p>",
+    parts = [f"<p class='note'>{_coarse_note(model, meta, layer, size)}</p>",
              "<p>Maps explain the <em>predicted</em> class (red: strongest evidence). Per true class: the most "
              "confident correct predictions and the most confident mistakes (lowest probability of the true "
              "class), up to four each.</p>"]
-    for c, name in enumerate(labels):
+    for c, name in enumerate(t.labels):
         rows = []
         for kind, idx in (("correct", picks[c][0]), ("wrong", picks[c][1])):
             tiles = [(overlay(imgs[i], maps[int(i)]),
-                      f"{ids[i]}\npred {labels[pred[i]]} P={probs[i, pred[i]]:.2f}") for i in idx]
+                      f"{t.ids[i]}\npred {t.labels[t.pred[i]]} P={t.probs[i, t.pred[i]]:.2f}") for i in idx]
             rows.append((f"true {name}: {kind}", tiles))
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
         parts.append(figs(f"gradcam_{safe}", plots.gallery_figure(rows, GALLERY_PER_GROUP),
-                          f"Grad-CAM, true class <b>{_esc(name)}</b> (test split). Most confident correct: "
-                          f"{_ids(ids, picks[c][0])}; most confident wrong: {_ids(ids, picks[c][1])}."))
+                          f"Grad-CAM, true class <b>{html.esc(name)}</b> (test split). Most confident correct: "
+                          f"{_ids(t.ids, picks[c][0])}; most confident wrong: {_ids(t.ids, picks[c][1])}."))
     return "\n".join(parts)
 
 
+def _coarse_note(model, meta, layer: str, size) -> str:
+    px = int(meta.image_size)
+    note = (f"At {px} px the Grad-CAM layer <code>{html.esc(layer)}</code> has a {size[0]}×{size[1]} map: one cell "
+            f"covers about {px // max(size[0], 1)} px" + (", so the maps are coarse and show where, not what."
+                                                          if min(size) < 8 else "."))
+    last = default_layer(model.net)
+    if layer != last:
+        _, last_size = feature_map_size(model, meta, last)
+        note += (f" The last stage <code>{html.esc(last)}</code> gives only {last_size[0]}×{last_size[1]} at this "
+                 "size, so the last stage at least 4 cells wide is used; <code>medxfer explain RUN IMAGE --layer "
+                 f"{html.esc(last)}</code> shows the last stage.")
+    return note
+
+
 def _ids(ids, idx) -> str:
-    return ", ".join(f"<code>{_esc(ids[i])}</code>" for i in idx) or "none"
+    return ", ".join(f"<code>{html.esc(ids[i])}</code>" for i in idx) or "none"
 
 
-def write_report(run_dir: str | Path, *, gradcam: bool = True, test_images=None, data: str | None = None,
-                 log=None) -> Path:
+def _gallery_or_note(run: Run, figs: _Figures, t: _Test, gradcam: bool, test_images, data: str | None) -> str:
+    if not gradcam:
+        return "<p class='muted'>Grad-CAM gallery not requested (--no-gradcam).</p>"
+    try:
+        if test_images is None:
+            opts = run.config.data if data is None else dataclasses.replace(run.config.data, path=str(data))
+            if not opts.path or not Path(opts.path).exists():
+                raise MedxferError(f"the run's data '{opts.path}' is not there (config.yaml paths are relative to "
+                                   "where 'medxfer train' ran). Run the report from there, pass --data PATH, or "
+                                   "--no-gradcam.")
+            test_images = images_of(opts, run.image_size, run.config.optim.seed, t.ids)
+        return _gallery_section(run, figs, t, test_images)
+    except MedxferError as e:
+        log.warning("report: no Grad-CAM gallery (%s)", e)
+        return f"<p class='note'>No Grad-CAM gallery: {html.esc(e)}</p>"
+
+
+def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=None, data: str | None = None,
+                 title: str | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the report's path.
 
     ``test_images``: uint8 (N_test, C, S, S) aligned with the test rows of predictions.csv (what
     ``train`` holds at its end); without it the gallery rebuilds them from the run's data (``data``
     overrides its path). When the images cannot be had, the report says why in place of the gallery.
+    ``title``: the run's name (default: its folder's).
     """
-    run = runs.read_run(run_dir)
-    if run["predictions"] is None:
-        raise MedxferError(f"'{run_dir}' has no predictions.csv; re-run 'medxfer train' to make a full run.")
-    log = log or (lambda *a, **k: None)
-    run_dir = Path(run_dir)
-    cfg, meta, metrics = run["config"], run["model"], run["metrics"]
-    labels = [str(x) for x in meta["labels"]]
-    k = len(labels)
-    pos = labels.index(meta["positive_label"]) if k == 2 and meta.get("positive_label") in labels else (1 if k == 2 else None)
-    threshold = metrics.get("threshold", meta.get("threshold"))
-    if k == 2 and threshold is None:
-        threshold = 0.5
-    temperature = float(metrics.get("temperature") or meta.get("temperature") or 1.0)
-    figs = _Figures(run_dir / "plots")
-    pred_df = run["predictions"]
-    test = pred_df[pred_df["split"] == "test"].reset_index(drop=True)
-    y, probs = _class_arrays(test, labels)
-    pred = _decide(probs, pos, threshold)
-    sections = []
-
-    # data
-    res = cfg.get("resolved", {})
-    counts = res.get("data", {}).get("counts", {})
-    has_pat = any("patients" in v for v in counts.values())
-    rows = [[_esc(s), *(v.get("per_class", {}).get(c, 0) for c in labels), v.get("n", 0)]
-            + ([v.get("patients", "–")] if has_pat else []) for s, v in counts.items()]
-    data_html = _table(["split", *labels, "images"] + (["patients"] if has_pat else []), rows)
-    data_html += f"<p>Source of the images: <code>{_esc(res.get('data', {}).get('origin', cfg.get('data')))}</code>."
-    if run["skipped"] is not None:
-        data_html += f" {len(run['skipped'])} unreadable samples were skipped (skipped.csv)."
-    dup = run.get("duplicates")
-    if dup is not None and len(dup):
-        dropped = int((dup["action"] != "kept").sum())
-        data_html += (f" {dup['group'].nunique()} groups of identical images spanned two splits: "
-                      + (f"{dropped} copies were dropped from train/val, val and test kept as given"
-                         if dropped else "all copies were kept (--duplicates allow): test metrics may be optimistic")
-                      + " (duplicates.csv).")
-    data_html += "</p>" + "".join(f"<p class='muted'>{_esc(n)}</p>" for n in res.get("data", {}).get("notes", []))
-    sections.append(("data", "Data", data_html))
-
-    # source and strategy
-    src, inp = res.get("source", {}), res.get("input", {})
-    kv = [("source", f"{src.get('name', metrics.get('source'))} ({src.get('domain', '?')})"),
-          ("architecture", src.get("arch", meta.get("arch"))), ("weights", src.get("weights")),
-          ("weights SHA-256", (src.get("weights_sha256") or "–")[:16]),
-          ("strategy", cfg.get("strategy")), ("learning rate", cfg.get("lr")),
-          ("epochs (run / best)", f"{metrics.get('epochs_run', cfg.get('epochs'))} / {metrics.get('best_epoch')}"),
-          ("batch size / augmentation", f"{cfg.get('batch_size')} / {cfg.get('augment')}"),
-          ("input contract", f"{meta['image_size']} px, {inp.get('data_channels', meta.get('data_chans'))} data channel(s) "
-                             f"-> {inp.get('model_channels', meta.get('in_chans'))} model channel(s) "
-                             f"({inp.get('grey_mode', meta.get('grey_mode'))}), mean {meta.get('mean')} std {meta.get('std')}"),
-          ("calibration", f"temperature {temperature:.3f} (fitted on validation)" if cfg.get("calibrate") != "none"
-           else "none"),
-          ("operating point", f"{cfg.get('threshold')} on validation -> threshold {_f(threshold)} on "
-                              f"P({labels[pos]})" if pos is not None else "argmax"),
-          ("train time", f"{metrics.get('train_seconds')} s ({metrics.get('train_images_per_s')} images/s)"),
-          ("seed / torch", f"{cfg.get('seed')} / {res.get('torch', '?')}")]
-    sections.append(("source", "Source and strategy", _table(None, [[f"<b>{_esc(a)}</b>", _esc(b)] for a, b in kv], 9)))
-
-    # training curves
-    hist = run["history"]
-    if hist is not None and len(hist):
-        body = figs("training_curves", plots.training_figure(hist),
-                    "Training and validation loss, validation AUC per epoch; the best epoch's weights were kept.")
-    else:
-        body = "<p>No history.csv in this run.</p>"
-    sections.append(("training", "Training curves", body))
-
-    # ROC / PR
-    thr = threshold if k == 2 else None
-    body = "<div class='row'>" + figs("roc", plots.roc_figure(y, probs, labels, pos, thr),
-                "ROC on the test split" + (f"; circle: the operating point (threshold {threshold:.3g}, chosen on "
-                                            "validation), cross: argmax." if thr is not None else ", one-vs-rest."))
-    body += figs("pr", plots.pr_figure(y, probs, labels, pos, thr),
-                 "Precision-recall on the test split; dotted: prevalence (a useless model's precision).") + "</div>"
-    sections.append(("roc", "ROC and precision-recall", body))
-
-    # confusion
-    if k == 2:
-        mats = [(f"threshold {threshold:.3g}", _confusion(y, pred, k, pos)),
-                ("argmax", _confusion(y, probs.argmax(1), k, pos))]
-        cm_labels = [labels[1 - pos], labels[pos]]
-    else:
-        mats, cm_labels = [("argmax", _confusion(y, pred, k))], labels
-    sections.append(("confusion", "Confusion matrix", figs(
-        "confusion_matrix", plots.confusion_figure(mats, cm_labels),
-        "Test split; rows: true class, columns: predicted; counts and fraction of the row.")))
-
-    # calibration
-    before = reliability_curve(y, _uncalibrated(probs, temperature))
-    after = reliability_curve(y, probs)
-    body = figs("reliability", plots.reliability_figure([("before temperature scaling", before),
-                                                         (f"after (T = {temperature:.3f})", after)]),
-                "Reliability on the test split before temperature scaling (softmax of the raw logits) and after "
-                f"(T = {temperature:.3f}, fitted on validation): accuracy of the predicted class per confidence bin "
-                "(15 bins); bars below the diagonal are over-confident.")
-    sections.append(("calibration", "Calibration", body))
-
-    # metrics
-    t, v = metrics.get("test", {}), metrics.get("val", {})
-    ece = {"ece": f"{_f(before['ece'])} before, {_f(after['ece'])} after"}
-    if k == 2:
-        arg = _binary_rates(_confusion(y, probs.argmax(1), k, pos))
-        names = [("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"),
-                 ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy")]
-        op = _table(["metric", f"test at threshold {threshold:.3g} (95% CI)", "test argmax", "validation at threshold"],
-                    [[n, _ci(t, key), _f(arg[key]), _f(v.get(key))] for key, n in names])
-        rank = _table(["metric", "test (95% CI)", "validation"],
-                      [[n, _ci(t, key), _f(v.get(key))] for key, n in
-                       (("auc", "AUC"), ("average_precision", "average precision"), ("brier", "Brier score"))]
-                      + [["ECE (test, 15 bins)", ece["ece"], _f(v.get("ece"))]])
-        body = (f"<p>Positive class: <b>{_esc(labels[pos])}</b>. Threshold rule <code>{_esc(cfg.get('threshold'))}"
-                "</code> applied on validation; the argmax column is the 0.5 rule for comparison.</p>" + op + rank)
-    else:
-        body = _table(["metric", "test (95% CI)", "validation"],
-                      [[n, _ci(t, key), _f(v.get(key))] for key, n in
-                       (("auc", "macro AUC (one-vs-rest)"), ("accuracy", "accuracy"),
-                        ("balanced_accuracy", "balanced accuracy"), ("f1", "macro F1"), ("brier", "Brier score"))]
-                      + [["ECE (test, 15 bins)", ece["ece"], _f(v.get("ece"))]])
-        per_t, per_v = t.get("per_class_auc", {}), v.get("per_class_auc", {})
-        body += "<h3>Per class (one-vs-rest)</h3>" + _table(
-            ["class", "test AUC", "validation AUC", "test images"],
-            [[_esc(c), _f(per_t.get(c)), _f(per_v.get(c)), t.get("n_per_class", {}).get(c, "–")] for c in labels])
-    if t.get("n_bootstrap"):
-        body += (f"<p class='muted'>95% percentile bootstrap intervals, {t['n_bootstrap']} resamples by "
-                 f"{_esc(t.get('bootstrap_unit', 'image'))}; the ECE and the argmax metrics have none.</p>")
-    sections.append(("metrics", "Metrics", body))
-
-    # Grad-CAM
-    if gradcam:
-        try:
-            if test_images is None:
-                test_images = load_test_images(run, data)
-            body = _gallery(run, figs, labels, y, probs, pred, test["sample_id"].astype(str).tolist(),
-                            test_images)
-        except MedxferError as e:
-            log(f"report: no Grad-CAM gallery ({e})")
-            body = f"<p class='note'>No Grad-CAM gallery: {_esc(e)}</p>"
-    else:
-        body = "<p class='muted'>Grad-CAM gallery not requested (--no-gradcam).</p>"
-    sections.append(("gradcam", "Grad-CAM gallery", body))
-
-    out = run_dir / "report.html"
-    runs.write_text(out, _page(run_dir.name, cfg, metrics, labels, sections))
+    run = run if isinstance(run, Run) else Run.load(run)
+    figs, t = _Figures(run.dir / "plots"), _test_split(run)
+    sections = [("data", "Data", _data_section(run, t)),
+                ("source", "Source and strategy", _source_section(run, t)),
+                ("training", "Training curves", _curves_section(run, figs, t)),
+                ("roc", "ROC and precision-recall", _roc_section(run, figs, t)),
+                ("confusion", "Confusion matrix", _confusion_section(run, figs, t)),
+                ("calibration", "Calibration", _calibration_section(run, figs, t)),
+                ("metrics", "Metrics", _metrics_section(run, t)),
+                ("gradcam", "Grad-CAM gallery", _gallery_or_note(run, figs, t, gradcam, test_images, data))]
+    test = run.metrics.get("test", {})
+    headline = f"test AUC {html.num(test.get('auc'))}" + (
+        f" (95% CI {test['auc_ci'][0]:.3f}–{test['auc_ci'][1]:.3f})" if test.get("auc_ci") else "")
+    intro = (f"<p>{html.esc(run.config.optim.strategy)} from <b>{html.esc(run.metrics.get('source'))}</b>, classes "
+             f"{html.esc(', '.join(t.labels))}: <b>{headline}</b>. "
+             f"<span class='muted'>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</span></p>")
+    out = run.dir / "report.html"
+    files.write_text(out, html.page(f"medxfer report: {Path(title).name if title else run.dir.name}", intro, sections))
     return out
-
-
-def _page(name, cfg, metrics, labels, sections) -> str:
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    t = metrics.get("test", {})
-    headline = f"test AUC {_f(t.get('auc'))}" + (f" (95% CI {t['auc_ci'][0]:.3f}–{t['auc_ci'][1]:.3f})"
-                                                 if t.get("auc_ci") else "")
-    nav = " · ".join(f"<a href='#{sid}'>{_esc(title)}</a>" for sid, title, _ in sections)
-    body = "\n".join(f"<section id='{sid}'><h2>{_esc(title)}</h2>\n{html_}</section>" for sid, title, html_ in sections)
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>medxfer report: {_esc(name)}</title><style>{_CSS}</style></head>\n<body data-figures='pending'>\n"
-            f"<h1>medxfer report: {_esc(name)}</h1>\n<p>{_esc(cfg.get('strategy'))} from "
-            f"<b>{_esc(metrics.get('source'))}</b>, classes {_esc(', '.join(labels))}: <b>{headline}</b>. "
-            f"<span class='muted'>Written {when}.</span></p>\n<p class='muted'>{nav}</p>\n{body}\n"
-            f"<script>{_SCRIPT}</script>\n</body></html>\n")

@@ -155,3 +155,12 @@ def summarize(values) -> dict:
         "n": int(kept.size),
         "values": raw,
     }
+
+
+def mean_sd(summ: dict, digits: int = 3) -> str:
+    """``'0.912 ± 0.014'`` from a :func:`summarize` dict ('-' without values, the mean alone with one)."""
+    if summ["mean"] is None:
+        return "-"
+    if summ["sd"] is None or not math.isfinite(summ["sd"]):
+        return f"{summ['mean']:.{digits}f}"
+    return f"{summ['mean']:.{digits}f} ± {summ['sd']:.{digits}f}"

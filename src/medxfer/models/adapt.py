@@ -127,31 +127,21 @@ def _head_prefixes(net: nn.Module) -> list[str]:
     return [clf] if isinstance(clf, str) else list(clf)
 
 
-def load_run_model(run_dir: str | Path) -> tuple[MedxferNet, dict]:
-    """Rebuild the trained model from a run directory alone (``model.json`` + ``model.safetensors``)."""
+def target_model(arch: str, num_outputs: int, in_chans: int, mean, std, data_chans: int) -> MedxferNet:
+    """The target network of a trained run, with random weights (load them with :func:`load_weights`)."""
     import timm
+
+    net = timm.create_model(arch, pretrained=False, num_classes=num_outputs, in_chans=in_chans)
+    return MedxferNet(net, mean, std, data_chans)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a run's ``model.safetensors`` into ``model`` (strict); a damaged or foreign file is one line."""
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
-    if not meta_path.exists() or not weights_path.exists():
-        raise MedxferError(
-            f"'{run_dir}' is not a finished run directory (needs model.json and model.safetensors). "
-            "Train one with 'medxfer train ... --out DIR'."
-        )
-    from medxfer import runs
-
-    meta = runs.read_json(meta_path, "model.json")
-    if not isinstance(meta, dict) or any(k not in meta for k in ("arch", "labels", "in_chans", "mean", "std")):
-        raise MedxferError(f"'{meta_path}' is damaged: it lacks the model's architecture, labels or input contract. "
-                           "Train the run again.")
-    runs.verify_file(weights_path, meta.get("weights_sha256"), "run")
-    net = timm.create_model(meta["arch"], pretrained=False, num_classes=len(meta["labels"]),
-                            in_chans=meta["in_chans"])
-    model = MedxferNet(net, meta["mean"], meta["std"], meta["data_chans"])
     try:
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        model.load_state_dict(load_file(str(path)), strict=True)
     except Exception as e:  # noqa: BLE001 - safetensors / shape errors: a damaged or foreign file
-        raise MedxferError(f"'{weights_path}' cannot be loaded into the run's model ({type(e).__name__}): it is damaged "
+        raise MedxferError(f"'{path}' cannot be loaded into the run's model ({type(e).__name__}): it is damaged "
                            "or from another run. Train the run again.") from None
-    return model.eval(), meta
+    return model.eval()

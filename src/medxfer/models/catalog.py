@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medxfer.errors import MedxferError, did_you_mean
+from medxfer.files import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,8 +94,6 @@ def read_source_dir(path: Path) -> SourceSpec:
             f"'{path}' is not a source directory (no source.json). Make one with 'medxfer pretrain', "
             "or name a bundled source (see 'medxfer sources')."
         )
-    from medxfer.runs import read_json
-
     meta = read_json(meta_file, "source.json")
     return SourceSpec(
         name=meta.get("name", path.name),

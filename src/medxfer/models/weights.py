@@ -5,7 +5,6 @@ Nothing here runs code from a file: ``torch.load(weights_only=True)`` or safeten
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 from pathlib import Path
@@ -13,15 +12,8 @@ from pathlib import Path
 import torch
 
 from medxfer.errors import MedxferError
+from medxfer.files import sha256_file
 from medxfer.models.catalog import SourceSpec
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_file(spec: SourceSpec) -> Path | None:

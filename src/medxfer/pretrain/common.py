@@ -5,7 +5,7 @@ A source directory (what ``medxfer pretrain`` writes, what ``--source DIR`` read
     source.json         name, arch, mean, std, input_size, in_chans, domain, description, method,
                         trained_on {data, labels, counts, image_size, epochs, seed, metrics}, created
     model.safetensors   the timm state dict of the backbone, timm key space, classifier dropped
-    checkpoint.pt       (ssl) last completed epoch: model + optimizer + epoch + rng, for --resume
+    (OUT.partial/checkpoint.pt: the loop's last completed epoch while pretraining runs, for --resume)
 
 ``source.json`` is written last, so a directory that has it is complete.
 """
@@ -13,18 +13,30 @@ A source directory (what ``medxfer pretrain`` writes, what ``--source DIR`` read
 from __future__ import annotations
 
 import datetime as _dt
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from medxfer import runs
+from medxfer import files
+from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.data.loading import arrays_to_uint8, load_images
+from medxfer.data.manifest import Manifest
+from medxfer.data.prepare import read_options
+from medxfer.data.sources import is_image_file, load_manifest
+from medxfer.data.splits import assign_splits
 from medxfer.errors import MedxferError
+from medxfer.files import sha256_file
+from medxfer.models.catalog import resolve_source
+from medxfer.models.weights import weights_file
+from medxfer.privacy import sample_id
+from medxfer.runs import checkpoint_path, staging_dir
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "medxfer-pretrain-checkpoint/1"
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 def now() -> str:
@@ -53,18 +65,16 @@ def backbone_state_dict(arch: str, in_chans: int, state: dict[str, torch.Tensor]
 
 def write_source_dir(out: Path, arch: str, backbone: dict[str, torch.Tensor], meta: dict) -> dict:
     """Write ``model.safetensors`` then ``source.json`` (atomically each); returns the json written."""
-    from medxfer.models.weights import sha256_file
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_weights(out / "model.safetensors", backbone)
+    digest = files.write_weights(out / "model.safetensors", backbone)
     meta = {"name": meta.get("name") or out.name, "arch": arch, **{k: v for k, v in meta.items() if k != "name"},
-            "weights_sha256": sha256_file(out / "model.safetensors"),
+            "weights_sha256": digest,
             "format": "timm state dict of the backbone (timm key space, classifier dropped), safetensors",
             "created": now()}
     for key in ("mean", "std"):
         meta[key] = [float(v) for v in meta[key]]
-    runs.write_json(out / "source.json", meta)
+    files.write_json(out / "source.json", meta)
+    shutil.rmtree(staging_dir(out), ignore_errors=True)  # the finished pretraining's checkpoint folder
     return meta
 
 
@@ -72,8 +82,11 @@ def check_out_dir(out: Path, resume: bool) -> None:
     """Refuse to overwrite a finished source or an unfinished pretraining unless resuming."""
     out = Path(out)
     if resume:
+        if not checkpoint_path(out).is_file():
+            raise MedxferError(f"nothing to resume: '{checkpoint_path(out)}' does not exist (it is written after the "
+                               "first epoch). Run without --resume to start.")
         return
-    if (out / CHECKPOINT).exists():
+    if checkpoint_path(out).exists():
         raise MedxferError(f"'{out}' holds a pretraining checkpoint: pass --resume to continue it, or choose "
                            "another --out (or delete that directory).")
     if (out / "source.json").exists():
@@ -84,9 +97,6 @@ def init_record(init: str | None) -> dict | None:
     """What the pretraining started from (a source name and the sha256 of its weights file)."""
     if init is None:
         return None
-    from medxfer.models.catalog import resolve_source
-    from medxfer.models.weights import sha256_file, weights_file
-
     spec = resolve_source(init)
     f = weights_file(spec)
     return {"source": spec.name, "arch": spec.arch, "weights": spec.weights, "domain": spec.domain,
@@ -94,37 +104,21 @@ def init_record(init: str | None) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints: torch.save of tensors / numbers / strings only, so torch.load(weights_only=True) reads them
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write then rename: an interrupted write leaves the previous checkpoint as it was."""
-    runs.write_checkpoint(path, payload, CHECKPOINT_FORMAT)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return runs.read_checkpoint(path, CHECKPOINT_FORMAT, "pretraining")
-
-
-# --------------------------------------------------------------------------------------------------
 # unlabelled images for self-supervised pretraining
 
 
-def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tuple[str, ...] = ("train", "val"),
-                      split_by: str | None = "auto", read=None, cache_dir: str | None = None,
-                      no_cache: bool = False, on_bad_file: str = "error", log=print) -> tuple[torch.Tensor, dict]:
+def unlabelled_images(opts, size: int, *, seed: int = 0, splits: tuple[str, ...] = ("train", "val")
+                      ) -> tuple[torch.Tensor, dict]:
     """uint8 images (N, C, size, size) of the ``splits`` asked for, labels ignored, and a record of them.
 
     Given splits are used as given. Labelled data without splits gets the split ``medxfer train
     --seed SEED`` would make, so the test images of a later run with that seed are never seen here.
     Data with neither labels nor splits (an npz with ``images``, a flat folder) is used whole; the
     record says so.
-    """
-    from medxfer.data.loading import arrays_to_uint8, load_images
-    from medxfer.data.sources import load_manifest
-    from medxfer.data.splits import assign_splits
 
-    path = Path(data)
+    ``opts``: the data options (path, reader options, caches, what to do with bad files).
+    """
+    path, read = Path(str(opts.path)), read_options(opts)
     if not path.exists():
         raise MedxferError(f"data path '{path}' does not exist. Give an .npz file, a folder of images or a "
                            "CSV/Parquet manifest.")
@@ -135,7 +129,7 @@ def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tup
             return arrays_to_uint8(arrays, size, read), record
     try:
         manifest = load_manifest(path)
-        manifest = assign_splits(manifest, seed=seed, split_by=split_by)
+        manifest = assign_splits(manifest, seed=seed, split_by=opts.split_by)
         labelled = True
     except MedxferError as e:
         if path.is_file():
@@ -147,11 +141,10 @@ def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tup
     mask = t["split"].isin(splits).to_numpy() if given else np.ones(len(t), bool)
     manifest = manifest.subset(mask)
     cache = None
-    if manifest.arrays is None and not no_cache:
-        from medxfer.data.cache import DecodeCache, default_cache_dir
-
-        cache = DecodeCache(cache_dir or default_cache_dir())
-    loaded = load_images(manifest, size, read, cache, on_bad_file)
+    if manifest.arrays is None and not opts.no_cache:
+        cache = DecodeCache(opts.cache_dir or default_cache_dir())
+        cache.check_writable()
+    loaded = load_images(manifest, size, read, cache, opts.on_bad_file)
     kept = manifest.table[loaded.keep]
     record = {"splits_used": list(splits) if given else "all (the data defines no splits)",
               "labels": "ignored" if labelled else "none",
@@ -162,8 +155,8 @@ def unlabelled_images(data: str | Path, size: int, *, seed: int = 0, splits: tup
     if loaded.skipped:
         record["skipped"] = len(loaded.skipped)
     if not given:
-        log("the data defines no train/val/test split: every image is used for pretraining; keep these images "
-            "out of any later test set")
+        log.warning("the data defines no train/val/test split: every image is used for pretraining; keep these "
+                    "images out of any later test set")
     return loaded.images, record
 
 
@@ -199,16 +192,12 @@ def _npz_images(path: Path, splits: tuple[str, ...]):
 
 def _unlabelled_folder(root: Path, why: MedxferError):
     """Every image file under ``root`` (any depth); a top-level train/val/test folder names the split."""
-    from medxfer.data.manifest import Manifest
-    from medxfer.data.sources import IGNORED_NAMES, IMAGE_SUFFIXES, suffix_of
-
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.name not in IGNORED_NAMES
-                   and not f.name.startswith("._") and suffix_of(f) in IMAGE_SUFFIXES)
-    if not files:
+    found = sorted(f for f in root.rglob("*") if is_image_file(f))
+    if not found:
         raise MedxferError(f"folder '{root}' holds no images ({why}).")
-    rel = [f.relative_to(root) for f in files]
+    rel = [f.relative_to(root) for f in found]
     top = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
     has_splits = all(t in SPLITS for t in top)
-    table = pd.DataFrame({"sample_id": [str(r) for r in rel], "path": [str(f.resolve()) for f in files],
+    table = pd.DataFrame({"sample_id": [sample_id(r.as_posix()) for r in rel], "path": [str(f.resolve()) for f in found],
                           "label": 0, "split": top if has_splits else None})
     return Manifest(table, ["unlabelled"], f"folder:{root}")

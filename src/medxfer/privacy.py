@@ -2,7 +2,7 @@
 
 Usage::
 
-    from medxfer.data.privacy import hash_id
+    from medxfer.privacy import hash_id
 
     hash_id("PAT-0042", salt="my-project")   # 'p-3f1c9a0b2e7d'
     hash_id("PAT-0042")                      # salt from $MEDXFER_SALT, else DEFAULT_SALT

@@ -1,0 +1,119 @@
+"""Inputs to a trained model, through exactly the preprocessing the run was trained with.
+
+Usage::
+
+    for ids, x in iter_inputs(["scan1.png", "folder/", "more.npz"], size=64, chans=1, read=read):
+        ...                                           # x: uint8 (n, chans, 64, 64)
+    x = images_from_arrays(arr, size=64, chans=1, read=read)   # (H,W), (N,H,W), (N,C,H,W), (N,H,W,C), PIL
+
+Files are named by a pseudonymous id of their path as given (file names can hold patient names),
+npz rows by ``<split>/<index>`` as in a run's predictions.csv. Arrays follow the npz rule: uint8 is
+divided by 255, other types are scaled per image by the run's intensity options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medxfer.data.loading import Skipped, decode_arrays
+from medxfer.data.readers import PILReader, read_image
+from medxfer.data.sources import is_image_file
+from medxfer.data.transforms import match_channels, match_channels_uint8, resize_to_uint8
+from medxfer.errors import BadFileError, MedxferError
+from medxfer.privacy import sample_id
+
+
+def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_bad_file: str = "error",
+                skipped: list | None = None, paths: list | None = None):
+    """Image files, folders (recursive) and npz archives, in chunks: yields ``(sample_ids, uint8 images)``.
+
+    Unreadable files raise, or with ``on_bad_file="skip"`` go to ``skipped`` as :class:`Skipped`;
+    ``paths`` collects ``(sample_id, path)`` when given (for ``--keep-paths``)."""
+    if batch_size < 1:
+        raise MedxferError(f"The 'batch-size' parameter must be at least 1. Got {batch_size} instead.")
+    if on_bad_file not in ("error", "skip"):
+        raise MedxferError(f"The 'on-bad-file' parameter must be 'error' or 'skip'. Got '{on_bad_file}' instead.")
+    files = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise MedxferError(f"input '{item}' does not exist.")
+        if item.is_file() and item.suffix.lower() == ".npz":
+            for key, arr in npz_images(item):
+                prefix = key[: -len("_images")].rstrip("_") or "images"
+                for i in range(0, len(arr), batch_size):
+                    ids = [f"{prefix}/{j:06d}" for j in range(i, min(i + batch_size, len(arr)))]
+                    got = decode_arrays(arr, size, read, ids=ids, rows=np.arange(i, i + len(ids)),
+                                        on_bad_file=on_bad_file, where=f"npz '{item.name}'")
+                    if skipped is not None:
+                        skipped += got.skipped
+                    yield [s for s, kept in zip(ids, got.keep) if kept], match_channels_uint8(got.images, chans)
+        elif item.is_dir():
+            files += sorted(f for f in item.rglob("*") if is_image_file(f))
+        else:
+            files.append(item)
+    for i in range(0, len(files), batch_size):
+        chunk, ids = [], []
+        for n, f in enumerate(files[i:i + batch_size], start=i + 1):
+            sid = sample_id(str(f))
+            if paths is not None:
+                paths.append((sid, str(f)))
+            try:
+                arr = match_channels(read_image(f, read, size=size), chans)
+            except BadFileError as e:
+                if on_bad_file == "error" or skipped is None:
+                    raise e.for_sample(sid, where=f"input file #{n}; --keep-paths maps ids to files") from None
+                skipped.append(Skipped(sid, e.reason, str(f)))
+                continue
+            chunk.append(resize_to_uint8(arr[None], size)[0])
+            ids.append(sid)
+        if chunk:
+            yield ids, torch.stack(chunk)
+
+
+def npz_images(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(key, array) for every ``*images`` array of an npz; object (pickled) arrays are refused."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = [k for k in npz.files if k.endswith("images")]
+        if not keys:
+            raise MedxferError(f"npz '{path}' has no '*_images' array (keys: {npz.files}).")
+        return [(k, npz[k]) for k in keys]
+    except ValueError as e:  # object arrays need pickle, which is never allowed
+        raise MedxferError(f"npz '{path}' holds an object (pickled) array, which medxfer never loads: save the images "
+                           f"as a numeric array ({str(e).splitlines()[0][:80]}).") from None
+    except (OSError, EOFError) as e:
+        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from None
+
+
+def images_from_arrays(x, size: int, chans: int, read) -> torch.Tensor:
+    """Images in memory -> uint8 (N, chans, size, size), as ``medxfer predict`` prepares an npz.
+
+    ``x``: a PIL image or a list of them; a numpy array or torch tensor of shape (H, W), (N, H, W),
+    (N, C, H, W) or (N, H, W, C) with C in {1, 3}, uint8 or any numeric type."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        x = [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
+        imgs = [match_channels(PILReader.from_image(i, read), chans) for i in x]
+        return torch.cat([resize_to_uint8(i[None], size) for i in imgs])
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise MedxferError(f"images must be numbers (uint8 or float). Got an array of dtype {arr.dtype}.")
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 4 and arr.shape[1] in (1, 3):
+        arr = arr[:, 0] if arr.shape[1] == 1 else np.moveaxis(arr, 1, -1)
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3):
+        arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+    elif arr.ndim != 3:
+        raise MedxferError(f"images of shape {arr.shape}: give (H, W), (N, H, W), (N, C, H, W) or (N, H, W, C) with C "
+                           "1 or 3.")
+    if min(arr.shape[1:3]) < 1:
+        raise MedxferError(f"images of shape {arr.shape} are empty.")
+    return match_channels_uint8(decode_arrays(arr, size, read, where="the arrays given").images, chans)

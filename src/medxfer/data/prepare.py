@@ -1,0 +1,158 @@
+"""From data options to what training needs: a validated, split manifest and its decoded images.
+
+Usage::
+
+    prep = prepare_data(cfg.data, size=64, seed=0)           # cfg.data: the data options of a TrainConfig
+    prep.images, prep.manifest.table, prep.masks["train"], prep.y
+    prep = prepare_data(cfg.data, 64, 0, splits=fold_split)   # cv: the folds handed over as data
+    images = images_of(cfg.data, 64, 0, sample_ids)           # rebuild some samples (report, export)
+
+Steps, each refusing with one line what it cannot use: read the manifest (npz, folder, CSV/Parquet,
+DICOM folder, or an in-memory one), check the labels, apply given splits or make a stratified,
+grouped one, decode every sample once (through the decode cache), handle duplicates across splits,
+keep a label fraction, and check that every class has training images and val/test hold two classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.data.duplicates import handle_duplicates
+from medxfer.data.loading import Skipped, load_images
+from medxfer.data.manifest import SPLITS, Manifest, check_classes, check_split_classes, check_split_values
+from medxfer.data.readers import ReadOptions
+from medxfer.data.sources import load_manifest
+from medxfer.data.splits import assign_splits
+from medxfer.errors import MedxferError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A manifest with its split, and its decoded uint8 images (N, C, S, S), row for row."""
+
+    manifest: Manifest
+    images: torch.Tensor
+    skipped: list[Skipped]
+    read: ReadOptions
+    duplicates: pd.DataFrame
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.manifest.table
+
+    @property
+    def y(self) -> torch.Tensor:
+        return torch.tensor(self.table["label"].to_numpy(), dtype=torch.long)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {s: torch.from_numpy((self.table["split"] == s).to_numpy().copy()) for s in SPLITS}
+
+
+def read_options(opts) -> ReadOptions:
+    return ReadOptions(window=opts.window, frame=opts.frame, slice=opts.slice, intensity=opts.intensity)
+
+
+def load_source_manifest(opts, source: Manifest | None = None) -> Manifest:
+    """The manifest of ``opts.path`` (or the in-memory ``source``), labels checked."""
+    if source is None:
+        if not opts.path:
+            raise MedxferError("no data given: pass --data PATH (an .npz, a folder, a CSV/Parquet manifest, or a "
+                               "DICOM folder with --labels) or --config FILE.")
+        source = load_manifest(opts.path, label_names=list(opts.label_names) if opts.label_names else None,
+                               labels_csv=opts.labels, on_unlabelled=opts.on_unlabelled)
+    check_classes(source)
+    return source
+
+
+def prepare_data(opts, size: int, seed: int, *, splits: dict | pd.Series | None = None,
+                 source: Manifest | None = None, checks: bool = True) -> Prepared:
+    """See the module docstring. ``seed``: the training seed (split seed unless ``opts.split_seed``,
+    and the label-fraction draw); ``splits``: sample_id -> split, replacing the data's own."""
+    manifest = load_source_manifest(opts, source)
+    if splits is not None:
+        manifest = apply_splits(manifest, splits)
+    split_seed = seed if opts.split_seed is None else opts.split_seed
+    manifest = assign_splits(manifest, seed=split_seed, split_by=opts.split_by)
+    read = read_options(opts)
+    cache = None
+    if manifest.arrays is None and not opts.no_cache:
+        cache = DecodeCache(opts.cache_dir or default_cache_dir())
+        cache.check_writable()
+    loaded = load_images(manifest, size, read, cache, opts.on_bad_file)
+    if loaded.skipped:
+        log.warning("skipped %d unreadable samples (listed in skipped.csv)", len(loaded.skipped))
+    manifest = manifest.subset(loaded.keep)
+    keep, duplicates = handle_duplicates(manifest, loaded.images, opts.duplicates)
+    manifest, images = manifest.subset(keep), loaded.images[torch.from_numpy(keep)]
+    if opts.label_fraction < 1:
+        manifest, images = label_fraction(manifest, images, opts.label_fraction, seed)
+    if checks:
+        check_split_classes(manifest)
+        for note in manifest.notes:
+            log.info(note)
+    return Prepared(manifest, images, loaded.skipped, read, duplicates)
+
+
+def label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):
+    """Keep a stratified ``fraction`` of the train split (at least 2 per class); val/test untouched."""
+    t = manifest.table
+    rng = np.random.default_rng(seed)
+    keep = np.ones(len(t), bool)
+    for label in t["label"].unique():
+        idx = np.flatnonzero((t["split"] == "train").to_numpy() & (t["label"] == label).to_numpy())
+        n = max(2, int(round(len(idx) * fraction)))
+        keep[rng.permutation(idx)[n:]] = False
+    out = manifest.subset(keep)
+    out.notes.append(f"kept {fraction:g} of the train labels ({int((out.table['split'] == 'train').sum())} images)")
+    return out, images[torch.from_numpy(keep)]
+
+
+def apply_splits(manifest: Manifest, splits: dict | pd.Series, where: str = "the given splits") -> Manifest:
+    """The manifest with its split column replaced by ``splits`` (sample_id -> train/val/test).
+
+    Every sample must be listed and every listed sample must exist: splits made for other data are
+    refused rather than half applied."""
+    lookup = dict(splits.items()) if hasattr(splits, "items") else dict(splits)
+    check_split_values(pd.Series(list(lookup.values()), dtype=object), where)
+    ids = manifest.table["sample_id"].astype(str)
+    absent = [s for s in ids if s not in lookup]
+    if absent:
+        raise MedxferError(f"{where} give no split for {len(absent)} of the {len(ids)} samples (first: "
+                           f"'{absent[0]}'); every sample of the data needs one.")
+    extra = set(lookup) - set(ids)
+    if extra:
+        raise MedxferError(f"{where} list {len(extra)} samples that are not in the data (first: "
+                           f"'{sorted(extra)[0]}'). Were they made for other data?")
+    t = manifest.table.copy()
+    t["split"] = ids.map(lookup).to_numpy()
+    out = Manifest(t, manifest.labels, manifest.origin, manifest.arrays, list(manifest.notes))
+    out.notes.append(f"splits from {where}")
+    return out
+
+
+def images_of(opts, size: int, seed: int, sample_ids) -> torch.Tensor:
+    """The decoded images of ``sample_ids`` (in that order), prepared exactly as training prepared them
+    (the report's Grad-CAM gallery and the export's parity check rebuild a run's test images this way)."""
+    # duplicates were handled and the split checked when the run trained: here samples are only looked up
+    prep = prepare_data(dataclasses.replace(opts, duplicates="allow", label_fraction=1.0), size, seed, checks=False)
+    row = {sid: i for i, sid in enumerate(prep.table["sample_id"].astype(str))}
+    ids = [str(s) for s in sample_ids]
+    missing = [s for s in ids if s not in row]
+    if missing:
+        raise MedxferError(f"the data '{opts.path}' no longer matches the run: sample '{missing[0]}' ({len(missing)} in "
+                           "all) is not in it. Pass --data with the run's data.")
+    return prep.images[np.array([row[s] for s in ids], dtype=int)]

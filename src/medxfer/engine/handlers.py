@@ -1,0 +1,181 @@
+"""Handlers of the training loop: validation, early stopping, weight averaging, checkpoints, progress,
+logging. Each owns its state (``state_dict``), so a checkpoint carries it and a resume continues it.
+
+Usage::
+
+    handlers = [EMA(model, decay), Validate(evaluate), EarlyStopping(model, patience=10),
+                EpochLog(), ProgressBar(epochs, steps_per_epoch), Checkpoint(path, signature)]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+from torch import nn
+
+from medxfer import files, progress
+from medxfer.engine.loop import Handler, Loop
+from medxfer.errors import MedxferError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "medxfer-loop-checkpoint/2"
+
+
+class EMA(Handler):
+    """An exponential moving average of the weights (timm ``ModelEmaV3``), updated after every step;
+    validation and early stopping judge the average, and the average is what is saved."""
+
+    name = "ema"
+
+    def __init__(self, model: nn.Module, decay: float):
+        from timm.utils import ModelEmaV3
+
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ema.module
+
+    def on_batch_end(self, loop: Loop, loss: float, n: int) -> None:
+        self.ema.update(self.model, step=loop.state.step)
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+
+
+def judged_module(loop: Loop, model: nn.Module) -> nn.Module:
+    """The weights validation judges: the EMA average when one is kept, else the model."""
+    ema = loop.handler(EMA)
+    return ema.module if ema is not None else model
+
+
+class Validate(Handler):
+    """Adds validation metrics to each epoch's record: ``evaluate(module) -> {"val_loss", "val_auc", ...}``."""
+
+    def __init__(self, model: nn.Module, evaluate):
+        self.model, self.evaluate = model, evaluate
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        t0 = time.perf_counter()
+        record.update(self.evaluate(judged_module(loop, self.model)))
+        record["seconds"] += time.perf_counter() - t0
+
+
+class EarlyStopping(Handler):
+    """Keeps the weights of the best epoch by ``monitor`` (validation AUC; the loss when the AUC is
+    undefined) and stops after ``patience`` epochs without improvement; at the end the model holds the
+    best weights."""
+
+    name = "early_stopping"
+
+    def __init__(self, model: nn.Module, patience: int, monitor: str = "auc"):
+        if monitor not in ("auc", "loss"):
+            raise MedxferError(f"The 'select' parameter must be 'auc' or 'loss'. Got '{monitor}' instead.")
+        self.model, self.patience, self.monitor = model, patience, monitor
+        self.best_score, self.best_epoch, self.waited, self.best_state = -math.inf, 0, 0, None
+
+    def score(self, record: dict) -> float:
+        auc, loss = record.get("val_auc", math.nan), record.get("val_loss", math.nan)
+        if self.monitor == "auc" and not math.isnan(auc):
+            return auc
+        return -loss
+
+    def on_start(self, loop: Loop) -> None:
+        if self.waited >= self.patience:  # a resumed run that had already stopped
+            loop.state.stop = True
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        score = self.score(record)
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.waited = score, record["epoch"], 0
+            self.best_state = copy.deepcopy(judged_module(loop, self.model).state_dict())
+        else:
+            self.waited += 1
+        if self.waited >= self.patience:
+            loop.state.stop = True
+
+    def on_end(self, loop: Loop) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "waited": self.waited,
+                "best_state": self.best_state or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.waited, self.best_state = int(state["waited"]), state["best_state"] or None
+
+
+class Checkpoint(Handler):
+    """After every epoch, the loop's whole state goes to ``path`` (written then renamed; tensors,
+    numbers and strings only, so ``torch.load(weights_only=True)`` reads it back)."""
+
+    def __init__(self, path: Path, signature: dict, enabled: bool = True):
+        self.path, self.signature, self.enabled = Path(path), signature, enabled
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        if self.enabled:
+            files.write_checkpoint(self.path, {"signature": self.signature, "loop": loop.state_dict()},
+                                   CHECKPOINT_FORMAT)
+
+
+def read_loop_checkpoint(path: Path, signature: dict) -> dict:
+    """The loop state saved at ``path``; refused with one line when damaged or written for other settings
+    or other data (the signature names the first difference)."""
+    ck = files.read_checkpoint(path, CHECKPOINT_FORMAT, "training")
+    saved = ck.get("signature", {})
+    saved_flat, now_flat = files.flatten(saved), files.flatten(signature)
+    changed = files.changed_settings(saved_flat, now_flat)
+    if "data_fingerprint" in changed:
+        raise MedxferError(f"cannot resume from '{path}': the data changed since the checkpoint was written (sample "
+                           "ids, labels, splits or pixels differ). Resume on the same data, or start again without "
+                           "--resume (with --overwrite if OUT holds a finished run).")
+    if changed:
+        key = changed[0]
+        raise MedxferError(f"cannot resume from '{path}': '{key.split('.')[-1]}' was {saved_flat.get(key)!r} and is "
+                           f"{now_flat.get(key)!r} now. Resume with the run's own settings, or start again "
+                           "without --resume in a new --out.")
+    return ck["loop"]
+
+
+class EpochLog(Handler):
+    """One log line per epoch: loss, validation metrics, time."""
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        extra = "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
+                        if k.startswith("val_") and isinstance(v, float) and not math.isnan(v))
+        log.info("epoch %d/%d: train loss %.4f%s (%.1f s)", record["epoch"], loop.epochs, record["train_loss"], extra,
+                 record["seconds"])
+
+
+class ProgressBar(Handler):
+    """A progress task over all optimiser steps, with the last epoch's loss and validation AUC."""
+
+    def __init__(self, description: str, epochs: int, steps_per_epoch: int, enabled: bool = True):
+        self.description, self.total, self.enabled = description, epochs * steps_per_epoch, enabled
+        self.task = progress.Task()
+
+    def on_start(self, loop: Loop) -> None:
+        if self.enabled:
+            self.task = progress.task(self.description, total=self.total, unit="steps")
+            self.task.update(completed=loop.state.step)
+
+    def on_batch_end(self, loop: Loop, loss: float, n: int) -> None:
+        self.task.advance()
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        auc = record.get("val_auc")
+        info = f"epoch {record['epoch']}/{loop.epochs} loss {record['train_loss']:.3f}"
+        self.task.update(info=info + (f" val AUC {auc:.3f}" if isinstance(auc, float) and not math.isnan(auc) else ""))
+
+    def on_end(self, loop: Loop) -> None:
+        self.task.close()

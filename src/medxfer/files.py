@@ -1,0 +1,204 @@
+"""Files written atomically and read back with clear errors: the one place for writes, hashes and
+checkpoints.
+
+Usage::
+
+    write_json(path, obj); write_csv(path, df); digest = write_weights(path, state_dict)
+    sha256_file(path)                              # one digest for weights, exports, data files
+    write_checkpoint(path, payload, fmt); read_checkpoint(path, fmt, "training")
+    read_json(path, "model.json")                  # a damaged file is one MedxferError, not a traceback
+
+Every write goes to a temporary file in the same folder, is flushed to disk and renamed into place:
+a reader never sees half a file, and a full disk is one clear message naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from medxfer.errors import MedxferError
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write then rename: a reader never sees half a file. A full disk or a folder that cannot be
+    written is one clear MedxferError naming the file, not a traceback."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_error(path: Path, e: OSError) -> MedxferError:
+    """A user-facing error for a failed write (disk full, read-only, a file where a folder should be)."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
+           errno.ENOTDIR: "a file stands where a folder is needed", errno.EISDIR: "it is a folder"}
+    reason = why.get(e.errno, e.strerror or type(e).__name__)
+    return MedxferError(f"cannot write '{path}' ({reason}). Free space or choose another location; nothing "
+                        "finished was changed.")
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes, streamed (weights, exports, data files: one definition)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def write_yaml(path: Path, obj) -> None:
+    plain = json.loads(json.dumps(obj, default=_jsonable))  # numpy / torch scalars -> plain values
+    write_text(path, yaml.safe_dump(plain, sort_keys=False))
+
+
+def write_csv(path: Path, df: pd.DataFrame) -> None:
+    write_text(path, df.to_csv(index=False))
+
+
+def write_weights(path: Path, state_dict: dict) -> str:
+    """Write a safetensors file atomically; returns its sha256 (recorded in model.json)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return sha256_file(path)
+
+
+def write_checkpoint(path: Path, payload: dict, fmt: str) -> None:
+    """torch.save of tensors, numbers and strings only (so ``weights_only=True`` reads it), tagged with
+    ``fmt``; written then renamed, so an interrupted write leaves the previous checkpoint as it was."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": fmt, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_checkpoint(path: Path | None, fmt: str, kind: str) -> dict:
+    """A checkpoint written by :func:`write_checkpoint` with format ``fmt``; never runs code from the file."""
+    import torch
+
+    if path is None or not Path(path).is_file():
+        raise MedxferError(f"nothing to resume: '{path}' does not exist (it is written after the first epoch). "
+                           "Run without --resume to start.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise MedxferError(f"cannot read checkpoint '{path}' ({type(e).__name__}); delete it and start again "
+                           "without --resume.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise MedxferError(f"'{path}' is not a medxfer {kind} checkpoint.")
+    return ckpt
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level with dotted keys ({"optim": {"lr": 1}} -> {"optim.lr": 1})."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's recorded settings and the current ones (sorted)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
+def _jsonable(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def read_json(path: Path, what: str = "file"):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MedxferError(f"'{path}' does not exist.") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise MedxferError(f"'{path}' is damaged ({type(e).__name__}): not a readable {what}. Train the run again, or "
+                           "restore the file from a copy.") from None
+
+
+def read_yaml(path: Path, what: str = "file"):
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise MedxferError(f"'{path}' does not exist.") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise MedxferError(f"'{path}' is damaged ({type(e).__name__}): not a readable {what}. Train the run again, or "
+                           "restore the file from a copy.") from None
+
+
+def verify_file(path: Path, expected: str | None, what: str) -> None:
+    """Refuse a file whose sha256 differs from the one recorded when it was written."""
+    if expected is None:
+        return
+    if not Path(path).is_file():
+        raise MedxferError(f"'{path}' is missing from the run; train it again.")
+    if sha256_file(path) != expected:
+        raise MedxferError(f"'{path}' is damaged or was replaced: its SHA-256 differs from the one recorded in "
+                           f"model.json when the {what} was written. Train the run again (or restore the file).")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
