@@ -3,4 +3,4 @@
 ``medxfer.cli`` registers every name in :data:`COMMAND_MODULES`.
 """
 
-COMMAND_MODULES: list[str] = ["export", "features", "cv", "compare", "report", "explain", "pretrain", "locate"]
+COMMAND_MODULES: list[str] = ["export", "features", "cv", "compare", "report", "explain", "pretrain", "locate", "serve"]

@@ -1,0 +1,60 @@
+"""``medxfer serve RUN``: HTTP inference server (JSON API + a page), see :mod:`medxfer.serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medxfer.commands.base import command
+from medxfer.errors import MedxferError
+from medxfer.serve.app import ServeConfig, run
+
+
+def read_key(api_key: Optional[str], api_key_file: Optional[Path]) -> Optional[str]:
+    """The API key from --api-key or --api-key-file (first line, stripped); None when neither."""
+    if api_key is not None and api_key_file is not None:
+        raise MedxferError("pass either --api-key or --api-key-file, not both.")
+    if api_key_file is not None:
+        try:
+            text = api_key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MedxferError(f"cannot read the API key file '{api_key_file}' ({type(e).__name__}).") from None
+        key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not key:
+            raise MedxferError(f"the API key file '{api_key_file}' is empty.")
+        return key
+    if api_key is not None and not api_key.strip():
+        raise MedxferError("the API key is empty. Pass a non-empty --api-key or --api-key-file.")
+    return api_key.strip() if api_key is not None else None
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "serve")
+    def serve(
+        run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback needs an API key."),
+        port: int = typer.Option(8000),
+        engine: str = typer.Option("auto", help="onnx | torch | auto (onnx when RUN/model.onnx exists; "
+                                                "make it with 'medxfer export RUN')."),
+        workers: int = typer.Option(1, help="Server processes (each loads the model and batches on its own)."),
+        api_key: Optional[str] = typer.Option(None, help="Require this key on /v1/* (visible in 'ps': prefer "
+                                                         "--api-key-file)."),
+        api_key_file: Optional[Path] = typer.Option(None, help="File whose first line is the API key."),
+        max_upload_mb: float = typer.Option(32.0, help="Largest request body, in MB (413 above)."),
+        max_files: int = typer.Option(32, help="Most files in one request."),
+        max_batch: int = typer.Option(32, help="Most images in one model call (batched across requests)."),
+        batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more images, in ms."),
+        batching: bool = typer.Option(True, "--batching/--no-batching",
+                                      help="--no-batching: one model call per image (max batch 1)."),
+        log_level: str = typer.Option("info", help="critical | error | warning | info | debug."),
+    ):
+        """Serve a run over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
+        key = read_key(api_key, api_key_file)
+        cfg = ServeConfig(run_dir=str(run_dir), engine=engine, host=host, port=port, workers=workers, api_key=key,
+                          max_upload_mb=max_upload_mb, max_files=max_files,
+                          max_batch=max_batch if batching else 1, batch_wait_ms=batch_wait_ms if batching else 0.0,
+                          log_level=log_level.lower())
+        cfg.check()  # refuse a public host without a key before loading anything
+        run(cfg)
