@@ -136,8 +136,10 @@ def test_a_run_replays_from_its_own_config(tiny_run, small_npz, tmp_path):
     again = tmp_path / "again"
     assert main(["train", "--config", str(tiny_run / "config.yaml"), "--out", str(again)]) == 0
     a, b = (json.loads((d / "metrics.json").read_text())["test"] for d in (tiny_run, again))
-    for key in ("auc", "auc_ci", "balanced_accuracy", "sensitivity", "specificity", "confusion_matrix", "brier"):
+    for key in ("auc", "auc_ci", "balanced_accuracy", "sensitivity", "specificity", "confusion_matrix"):
         assert a[key] == b[key], key
+    # other tests in this process may set another thread count: sums then differ in the last digits
+    assert a["brier"] == pytest.approx(b["brier"], abs=1e-5)
     pd.testing.assert_frame_equal(pd.read_csv(tiny_run / "split.csv"), pd.read_csv(again / "split.csv"))
     # options on the command line override the file
     other = tmp_path / "other"

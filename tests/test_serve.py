@@ -157,7 +157,8 @@ def test_model_info(server, tiny_run):
     for k in ("auc", "auc_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "threshold"):
         assert k in test, k
     assert len(test["auc_ci"]) == 2 and test["auc_ci"][0] <= test["auc"] <= test["auc_ci"][1]
-    assert info["model_card"] is None and info["engine"] == "torch"
+    assert info["model_card"] == (tiny_run / "model_card.md").read_text() and info["engine"] == "torch"
+    assert info["model_card"].startswith(f"# Model card: {tiny_run.name}\n")
     assert info["server"]["api_key_required"] is True and KEY not in r.text
 
 

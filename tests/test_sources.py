@@ -124,7 +124,7 @@ def test_unknown_source_did_you_mean(class_folders, capsys):
 
 def test_unknown_strategy_exit_2(class_folders, capsys):
     code, err = run_cli(capsys, "--data", str(class_folders), *TRAIN, "--strategy", "fine-tune")
-    assert_one_line(code, err, "'strategy' parameter must be one of", "'linear-probe', 'partial', 'full', 'scratch'")
+    assert_one_line(code, err, "'strategy' parameter must be one of", "'linear-probe', 'partial', 'full', 'lp-ft', 'scratch'")
 
 
 def test_missing_path_exit_2(tmp_path, capsys):

@@ -72,11 +72,12 @@ def test_ema_changes_the_kept_weights():
     x = torch.randint(0, 255, (32, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     y = torch.arange(32) % 2
     kept = []
-    for ema in (0.0, 1.0):
+    for average in ("none", "ema"):
         torch.manual_seed(0)
         m = build_model(resolve_source("test_resnet", "none"), 2, data_chans=1)[0]
         result = fit(m, param_groups(m, "full", lr=1e-2), x, y, x[:8], y[:8],
-                     FitSettings(epochs=3, batch_size=8, channels_last=False, ema_epochs=ema, patience=99))
+                     FitSettings(epochs=3, batch_size=8, channels_last=False, average=average, ema_epochs=1.0,
+                                 patience=99))
         assert len(result.history) == 3
         kept.append(m.net.fc.weight.detach().clone())
     assert not torch.allclose(kept[0], kept[1])

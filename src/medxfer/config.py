@@ -29,8 +29,8 @@ from medxfer.errors import MedxferError, did_you_mean
 from medxfer.strategies import MIN_PATIENCE_STEPS, get_strategy, help_text
 from medxfer.strategies import NAMES as STRATEGY_NAMES
 
-#: the augmentation presets (medxfer.data.transforms.PRESETS; listed here so options stay free of torch)
-AUGMENT_PRESETS = ("none", "light", "strong")
+#: the augmentation presets (medxfer.data.augment.PRESETS; listed here so options stay free of torch)
+AUGMENT_PRESETS = ("none", "light", "strong", "generic", "xray", "ultrasound", "ct", "mri", "dermoscopy", "fundus")
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, show: str | None = None,
@@ -176,11 +176,18 @@ class OptimOptions(Options):
     weight_decay: float = option(0.05, "AdamW weight decay (never on biases and norm weights).", low=0.0)
     warmup_epochs: float = option(1.0, "Linear learning-rate warm-up, then cosine decay.", low=0.0)
     patience: int = option(10, "Early stopping: epochs without a better validation AUC (at least 60 steps).", low=1)
-    ema_epochs: float = option(0.0, "Keep an exponential moving average of the weights over about this many "
-                               "epochs, and validate and save it (0: off).", low=0.0)
+    select: Literal["auc", "loss"] = option("auc", "The best epoch (kept, and early stopping's measure): highest "
+                                            "validation AUC, or lowest validation loss (NLL).")
+    average: Literal["none", "ema", "swa"] = option("none", "Weight averaging: an exponential moving average "
+                                                    "(validated and saved), or SWA over the last quarter of the "
+                                                    "epochs (saved; BatchNorm statistics recomputed).")
+    ema_epochs: float = option(1.0, "--average ema: the average's horizon, in epochs.", low=0.0)
     class_weights: Literal["none", "balanced"] = option("none", "Weight the loss by inverse class frequency.")
-    augment: str = option("light", "Augmentation preset on the training batches (no colour jitter, no flips "
-                          "unless the preset allows them).", choices=AUGMENT_PRESETS)
+    augment: str = option("light", "Augmentation preset on the training batches: medical presets per modality "
+                          "(geometry, gamma/contrast, MedMNIST-C-style noise, blur, JPEG, pixelate); no flips unless "
+                          "the preset or --hflip allows them.", choices=AUGMENT_PRESETS)
+    hflip: bool | None = option(None, "Allow horizontal flips (augmentation and TTA): only where left and right do "
+                                "not matter.", show="the preset's")
     head: Literal["logistic", "linear"] = option("logistic", "linear-probe: scikit-learn logistic regression with C "
                                                  "chosen on validation, or an AdamW-trained linear head.")
     feature_augment: int = option(0, "linear-probe: also cache K augmented views of the train set (each costs one "
@@ -200,7 +207,13 @@ class EvalOptions(Options):
     calibrate: Literal["temperature", "none"] = option("temperature", "Temperature scaling fitted on validation.")
     bootstrap: int = option(2000, "Bootstrap resamples for the test CIs (patients resampled when known; 0: none).",
                             low=0)
+    tta: int = option(1, "Test-time augmentation: average the logits over N fixed views (identity, zoom, shifts; "
+                      "mirrored too with --hflip) in evaluation, predict, report, serve and the exported model.",
+                      low=1, high=12)
     report: bool = option(True, "Write report.html (plots, Grad-CAM gallery) at the end.")
+    subgroups: tuple[str, ...] | None = option(None, "Comma-separated manifest columns (e.g. sex,age_band,site): "
+                                               "AUC, sensitivity and specificity with CIs per group, flagged where "
+                                               "a group's CI excludes the overall value.", show="none")
 
     def __post_init__(self):
         super().__post_init__()
@@ -217,6 +230,12 @@ class RuntimeOptions(Options):
                           "data).")
     devices: int = option(1, "Processes to launch with torchrun (DDP: one per GPU, or CPU processes).", low=1)
     num_threads: int | None = option(None, "CPU threads for PyTorch.", show="PyTorch's", low=1)
+    track: str | None = option(None, "Log the run to an experiment tracker: options, each epoch, final metrics with "
+                               "CIs, report, model and ONNX (needs pip install 'medxfer[track]').", choices=("mlflow",),
+                               show="off")
+    tracking_uri: str | None = option(None, "Where --track logs: a folder, sqlite:///FILE or http://SERVER.",
+                                      show="$MLFLOW_TRACKING_URI or ./mlruns")
+    experiment: str = option("medxfer", "The tracker's experiment that holds the run.")
 
 
 #: names of earlier versions -> today's
@@ -282,6 +301,9 @@ class Config:
             elif key == "resolved" or key in LEGACY:
                 if key == "allow_duplicates" and "duplicates" not in d:
                     flat["duplicates"] = "allow" if value else "refuse"
+            elif key == "ema_epochs" and "average" not in d:  # before --average: ema_epochs > 0 meant an EMA
+                if value:
+                    flat.update(ema_epochs=value, average="ema")
             else:
                 flat[key] = value
         names = cls.flat_names()
@@ -354,7 +376,7 @@ FLAT = TrainConfig.flat_names()
 
 
 def _normalise(name: str, value):
-    if name == "label_names" and value is not None:
+    if name in ("label_names", "subgroups") and value is not None:
         if isinstance(value, str):
             value = [s for s in (p.strip() for p in value.split(",")) if s]
         return tuple(str(v) for v in value)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from medxfer.errors import MedxferError
-from medxfer.evaluation.gradcam import class_index, explain_images, feature_map_size, predict_classes, save_overlays
+from medxfer.evaluation.gradcam import class_index, explain_images, feature_map_size, save_overlays
 from medxfer.predict import Predictor
 
 
@@ -44,12 +44,13 @@ def explain_paths(run_dir: str | Path, inputs: list[str | Path], out_dir: str | 
     """Grad-CAM overlays for image files / folders / npz archives, named by sample id (file names can hold
     patient names); returns the PNGs, the layer used and its map size."""
     predictor = Predictor(run_dir)
-    model, meta = predictor.model, predictor.meta
+    model, meta = predictor.network, predictor.meta
     name, size = feature_map_size(model, meta, layer)
     if target_class is not None:
         target_class = class_index(meta, target_class)
     ids, images = _load_inputs(predictor, inputs)
-    probs, pred = predict_classes(model, meta, images)
+    probs = predictor.probabilities_of(images)  # as 'medxfer predict' gives them (with the run's TTA)
+    pred = predictor.decide(probs)
     maps = explain_images(model, meta, images, layer=name, target_class=target_class)
     labels = meta.labels
     shown = pred if target_class is None else np.full(len(pred), target_class)

@@ -26,9 +26,9 @@ import torch
 from medxfer import files
 from medxfer.config import TrainConfig
 from medxfer.data.manifest import Manifest
+from medxfer.data.augment import TTA, Augment, get_preset
 from medxfer.data.prepare import Prepared, prepare_data
 from medxfer.data.sources import from_arrays, from_frame
-from medxfer.data.transforms import Augment
 from medxfer.engine.dist import DistContext, cleanup, init_distributed
 from medxfer.engine.features import (
     content_hash,
@@ -44,10 +44,13 @@ from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, 
 from medxfer.errors import MedxferError
 from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
 from medxfer.evaluation.metrics import evaluate
+from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
+from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import SourceSpec, resolve_source
 from medxfer.runs import Run, RunDirectory
+from medxfer.tracking import tracking_for
 
 log = logging.getLogger("medxfer.train")
 
@@ -71,12 +74,15 @@ def data_fingerprint(manifest: Manifest, images: torch.Tensor) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def train(data=None, config: TrainConfig | None = None, *, splits: dict | None = None, **options) -> Run | None:
+def train(data=None, config: TrainConfig | None = None, *, splits: dict | None = None, handlers: list | None = None,
+          **options) -> Run | None:
     """Train one run end to end (see the module docstring).
 
     ``data``: a TrainConfig, a path (npz, folder, CSV/Parquet, DICOM folder), ``(images, labels)`` arrays
     or a DataFrame of ``path,label[,patient_id,split]``; ``options``: flat option names (``strategy=``,
-    ``epochs=``, ``out=``...) applied on top of ``config``; ``splits``: sample_id -> split (cv folds)."""
+    ``epochs=``, ``out=``...) applied on top of ``config``; ``splits``: sample_id -> split (cv folds);
+    ``handlers``: loop handlers of the caller (:mod:`medxfer.engine.handlers`), e.g. a deadline or a
+    tracker, called after each epoch's validation."""
     if isinstance(data, TrainConfig):
         config, data = data, None
     cfg = (config or TrainConfig()).replace(**options)
@@ -90,10 +96,14 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
     elif data is not None:
         raise MedxferError(f"train() takes a TrainConfig, a data path, (images, labels) or a DataFrame; got "
                            f"{type(data).__name__}.")
-    return _train_job(cfg, source, splits)
+    with tracking_for(cfg) as tracker:
+        tracker.log_config(cfg)
+        run = _train_job(cfg, source, splits, [*(handlers or []), tracker.handler])
+        tracker.log_run(run)
+    return run
 
 
-def _train_job(cfg: TrainConfig, source: Manifest | None, splits) -> Run | None:
+def _train_job(cfg: TrainConfig, source: Manifest | None, splits, handlers: list) -> Run | None:
     ctx = init_distributed()
     if cfg.runtime.resume and cfg.strategy.feature_cache and cfg.optim.head == "logistic":
         raise MedxferError("--resume continues an epoch loop; linear-probe with the logistic head has none (it "
@@ -109,7 +119,7 @@ def _train_job(cfg: TrainConfig, source: Manifest | None, splits) -> Run | None:
             quiet.addHandler(handler)
         else:
             quiet.setLevel(logging.WARNING)  # one process speaks
-        return _Job(cfg, ctx, rd, source, splits).run()
+        return _Job(cfg, ctx, rd, source, splits, handlers).run()
     except BaseException:
         rd.abandon()
         raise
@@ -129,6 +139,7 @@ class _Job:
     rd: RunDirectory
     source: Manifest | None = None
     splits: dict | None = None
+    handlers: list = dataclasses.field(default_factory=list)
 
     def run(self) -> Run | None:
         cfg, ctx = self.cfg, self.ctx
@@ -143,6 +154,7 @@ class _Job:
             if int(mask.sum()) == 0:
                 raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
         self.pos = positive_index(self.prep.labels, cfg.data.positive_label)
+        self._check_subgroups()
         seed_everything(cfg.optim.seed)
         self.model, self.info = build_model(self.spec, len(self.prep.labels), self.prep.images.shape[1],
                                             grey_mode=cfg.model.grey_mode, pretrained=cfg.strategy.pretrained)
@@ -154,11 +166,18 @@ class _Job:
                  *(int(m.sum()) for m in self.prep.masks.values()), self.size)
         result, eval_module, eval_inputs = self._fit_head() if cfg.strategy.feature_cache else self._fit_loop()
         self.model.cpu().eval()
+        if cfg.evaluation.tta > 1:  # the views are images: evaluate the whole model on them (features cannot)
+            eval_module, eval_inputs = TTA(self.model, cfg.evaluation.tta, hflip=self.hflip), self.prep.images
         if not ctx.is_main:
             return None
         self._finish(result, eval_module, eval_inputs, t_start)
         self.rd.commit()  # OUT becomes the new complete run in one step; the checkpoint goes with the staging folder
         return Run.load(cfg.runtime.out)
+
+    @property
+    def hflip(self) -> bool:
+        """Whether mirrored images are allowed (TTA views): --hflip, else the augmentation preset's rule."""
+        return bool(self.cfg.optim.hflip if self.cfg.optim.hflip is not None else get_preset(self.cfg.optim.augment).hflip)
 
     def _settings(self, n_train: int) -> FitSettings:
         cfg, y, masks = self.cfg, self.prep.y, self.prep.masks
@@ -170,20 +189,26 @@ class _Job:
                      "data_fingerprint": data_fingerprint(self.prep.manifest, self.prep.images)}
         return FitSettings(epochs=epochs, batch_size=cfg.optim.batch_size, weight_decay=cfg.optim.weight_decay,
                            warmup_epochs=cfg.optim.warmup_epochs, patience=cfg.patience_for(n_train, self.ctx.world),
-                           ema_epochs=cfg.optim.ema_epochs, class_weights=weights, precision=self.precision,
+                           average=cfg.optim.average, ema_epochs=cfg.optim.ema_epochs, select=cfg.optim.select,
+                           class_weights=weights, precision=self.precision,
                            seed=cfg.optim.seed, checkpoint=self.rd.checkpoint, resume=cfg.runtime.resume,
-                           signature=signature, progress=cfg.optim.strategy)
+                           signature=signature, progress=cfg.optim.strategy, handlers=self.handlers)
 
-    def _groups(self) -> list[dict]:
+    def _groups(self, strategy: str | None = None) -> list[dict]:
         o = self.cfg.optim
-        return param_groups(self.model, o.strategy, self.cfg.resolved_lr, unfreeze=o.unfreeze,
+        return param_groups(self.model, strategy or o.strategy, self.cfg.resolved_lr, unfreeze=o.unfreeze,
                             backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
+
+    def _augment(self, seed: int) -> Augment | None:
+        return Augment(self.cfg.optim.augment, seed=seed, hflip=self.cfg.optim.hflip) or None
 
     def _fit_loop(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
         cfg, prep, m = self.cfg, self.prep, self.prep.masks
+        if cfg.optim.strategy == "lp-ft":
+            self._linear_probe_head()
         settings = self._settings(int(m["train"].sum()))
-        settings.augment = Augment(cfg.optim.augment, seed=cfg.optim.seed * 1000 + self.ctx.rank) or None
-        groups = self._groups()
+        settings.augment = self._augment(cfg.optim.seed * 1000 + self.ctx.rank)
+        groups = self._groups("full" if cfg.optim.strategy == "lp-ft" else None)
         if cfg.optim.compile:
             self.model.net = torch.compile(self.model.net)
         result = fit(self.model, groups, prep.images[m["train"]], prep.y[m["train"]], prep.images[m["val"]],
@@ -191,6 +216,20 @@ class _Job:
         if cfg.optim.compile:
             self.model.net = self.model.net._orig_mod
         return result, self.model, prep.images
+
+    def _linear_probe_head(self) -> None:
+        """LP-FT's first stage: the head fitted (logistic regression, C on validation) on the frozen source's
+        cached features, folded to take raw features; fine-tuning then starts from it."""
+        cfg, m, y = self.cfg, self.prep.masks, self.prep.y
+        param_groups(self.model, "linear-probe", self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
+        feats = self._features()
+        mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
+        search = fit_logistic_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]], seed=cfg.optim.seed,
+                                   class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+        fold_standardization(self.model.head(), mu.to(self.ctx.device), sd.to(self.ctx.device))
+        self.feature_seconds, self.lp_search = feats["seconds"], search
+        log.info("LP-FT: head fitted on frozen features (C=%s, validation AUC %.3f); fine-tuning everything from it",
+                 search["C"], search["val_auc"])
 
     def _fit_head(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
         """Frozen backbone: features extracted once (cached), the head trained on them."""
@@ -228,7 +267,8 @@ class _Job:
         log.info("features: %s (%d per image)", "from the cache" if hit else "extracted once", all_feats.shape[1])
         out = {"train": all_feats[m["train"]], "val": all_feats[m["val"]], "all": all_feats, "views": 1}
         if cfg.optim.feature_augment > 0:
-            aug = Augment(cfg.optim.augment if cfg.optim.augment != "none" else "light", seed=cfg.optim.seed)
+            aug = Augment(cfg.optim.augment if cfg.optim.augment != "none" else "light", seed=cfg.optim.seed,
+                          hflip=cfg.optim.hflip)
             views = [extract_features(self.model, prep.images[m["train"]],
                                       {**key, "augment": cfg.optim.augment, "view": k, "seed": cfg.optim.seed},
                                       augment=aug, **kw)[0] for k in range(cfg.optim.feature_augment)]
@@ -273,25 +313,45 @@ class _Job:
                         "source": spec.name, "processes": self.ctx.world})
         if hasattr(self, "feature_seconds"):
             metrics["feature_seconds"] = round(self.feature_seconds, 3)
+        if hasattr(self, "lp_search"):
+            metrics["lp_head"] = {"C": self.lp_search["C"], "val_auc": self.lp_search["val_auc"]}
         out, labels = self.rd.staging, prep.labels
         meta = {"arch": spec.arch.split(".")[0], "source": spec.name, "labels": labels, "in_chans": info["in_chans"],
                 "data_chans": model.data_chans, "image_size": self.size, "mean": model.mean.flatten().tolist(),
                 "std": model.std.flatten().tolist(), "grey_mode": info["grey_mode"], "read": prep.read.key(),
                 "temperature": temperature, "threshold": threshold,
                 "positive_label": labels[self.pos] if self.pos is not None else None, "strategy": cfg.optim.strategy,
-                "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"}
+                "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model",
+                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip}
         meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
         files.write_json(out / "model.json", meta)
         files.write_yaml(out / "config.yaml", {**cfg.to_dict(), "resolved": self._resolved(result, meta)})
         files.write_json(out / "metrics.json", metrics)
         files.write_csv(out / "history.csv", pd.DataFrame(result.history))
         self._write_tables(out, probs)
+        if cfg.evaluation.subgroups:
+            cols = list(cfg.evaluation.subgroups)
+            write_subgroups(run := Run.load(out), run_subgroups(run, prep.table[["sample_id", *cols]], columns=cols))
+        write_model_card(Run.load(out))
         if cfg.evaluation.report:
             try:
                 write_report(Run.load(out), test_images=prep.images[prep.masks["test"]], title=cfg.runtime.out)
             except Exception as e:  # noqa: BLE001 - the run is written; a failed report must not lose it
                 log.warning("report not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e,
                             cfg.runtime.out)
+
+    def _check_subgroups(self) -> None:
+        cols = list(self.cfg.evaluation.subgroups or ())
+        if not cols:
+            return
+        if len(self.prep.labels) != 2:
+            raise MedxferError(f"--subgroups is for two-class tasks; this one has {len(self.prep.labels)} classes.")
+        have = [c for c in self.prep.table.columns if c not in ("sample_id", "label", "split", "path", "row")]
+        missing = [c for c in cols if c not in self.prep.table.columns or c in ("sample_id", "path", "row")]
+        if missing:
+            raise MedxferError(f"--subgroups: the data has no column '{missing[0]}'. Columns it has: "
+                               f"{', '.join(have) or 'none besides path and label'} (a CSV/Parquet manifest's extra "
+                               "columns).")
 
     def _resolved(self, result: FitResult, meta: dict) -> dict:
         spec, info, prep, cfg = self.spec, self.info, self.prep, self.cfg

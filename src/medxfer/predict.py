@@ -43,7 +43,8 @@ class Predictor:
         self.run_dir, self.engine, self.batch_size = Path(run_dir), engine, batch_size
         self.meta = self.run.model
         self.read = ReadOptions(**self.meta.read)
-        self.model = self.run.load_model()
+        self.network = self.run.load_model(tta=False)   # the network alone (Grad-CAM explains it)
+        self.model = self.run.load_model()              # what predicts: with the run's test-time augmentation
         self.runner = TorchRunner(self.model) if engine == "torch" else self._onnx(spinning)
 
     def _onnx(self, spinning: bool) -> OnnxRunner:

@@ -43,7 +43,9 @@ import torch
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
 from medxfer.files import fsync_dir, read_json, read_yaml, sha256_file, verify_file, write_error
+from medxfer.data.augment import TTA
 from medxfer.models.adapt import load_weights, target_model
+from medxfer.models.ensemble import EnsembleNet
 
 CHECKPOINT = "checkpoint.pt"
 #: what a finished run directory always holds (one definition for every command)
@@ -79,7 +81,18 @@ class ModelMeta:
     weights_sha256: str | None = None
     onnx_sha256: str | None = None
     torchscript_sha256: str | None = None
+    tta: int = 1                                  # test-time augmentation views (the model averages their logits)
+    tta_hflip: bool = False                       # mirrored views allowed
     extra: dict = field(default_factory=dict)    # keys of later versions, kept as they are
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.arch == "ensemble"
+
+    @property
+    def members(self) -> list[dict]:
+        """An ensemble's members: arch, labels, channels, mean/std, size, temperature, tta, weight."""
+        return list(self.extra.get("members") or [])
 
     @property
     def positive_index(self) -> int | None:
@@ -163,12 +176,28 @@ class Run:
     def weights_digest(self) -> str:
         return self.model.weights_sha256 or sha256_file(self.dir / "model.safetensors")
 
-    def load_model(self) -> torch.nn.Module:
-        """The trained model (eval mode), its weights checked against model.json's SHA-256."""
+    def load_model(self, tta: bool = True) -> torch.nn.Module:
+        """The trained model (eval mode), its weights checked against model.json's SHA-256; with the run's
+        test-time augmentation around it (``tta=False``: the bare network, e.g. for Grad-CAM)."""
         self.verify_weights()
         m = self.model
-        model = target_model(m.arch, len(m.labels), m.in_chans, m.mean, m.std, m.data_chans)
-        return load_weights(model, self.dir / "model.safetensors")
+        if m.is_ensemble:
+            net = load_weights(ensemble_net(m), self.dir / "model.safetensors")
+            for i, mm in enumerate(m.members):  # each member with its own test-time augmentation
+                if tta and mm.get("tta", 1) > 1:
+                    net.members[i] = TTA(net.members[i], mm["tta"], hflip=mm.get("tta_hflip", False))
+            return net.eval()
+        model = load_weights(target_model(m.arch, len(m.labels), m.in_chans, m.mean, m.std, m.data_chans),
+                             self.dir / "model.safetensors")
+        return TTA(model, m.tta, hflip=m.tta_hflip).eval() if tta and m.tta > 1 else model
+
+
+def ensemble_net(meta: ModelMeta) -> EnsembleNet:
+    """The network of an ensemble run from its model.json (random weights; the members bare, without TTA)."""
+    nets = [target_model(mm["arch"], len(meta.labels), mm["in_chans"], mm["mean"], mm["std"], mm["data_chans"])
+            for mm in meta.members]
+    return EnsembleNet(nets, [mm["weight"] for mm in meta.members], [mm["temperature"] for mm in meta.members],
+                       [mm["image_size"] for mm in meta.members], meta.image_size, meta.data_chans).eval()
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -189,9 +218,9 @@ class RunDirectory:
 
     MIN_FREE = 50 * 2**20
 
-    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False):
+    def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, wait: float = 0):
         self.out = Path(out)
-        self.overwrite, self.resume = overwrite, resume
+        self.overwrite, self.resume, self.wait = overwrite, resume, wait
         self.staging = self.out.with_name(self.out.name + ".partial")
         self.checkpoint = self.staging / CHECKPOINT
         self._lock = None
@@ -205,7 +234,7 @@ class RunDirectory:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(parent / f".{self.out.name}.lock"))
-            self._lock.acquire(timeout=0)
+            self._lock.acquire(timeout=self.wait)
         except Timeout:
             raise MedxferError(f"another medxfer process is writing '{self.out}' (its lock is held). Wait for it to "
                                "finish, or choose another --out.") from None

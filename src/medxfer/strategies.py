@@ -60,6 +60,10 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     # (backbone 1e-4): BreastMNIST 3 seeds 0.917 vs 0.895, PneumoniaMNIST 0.996 vs 0.988 (64 px)
     Strategy("full", True, "all", False, 1e-2, 10, 600,
              "everything: the head at --lr, the backbone at lr x --backbone-lr-mult or with --layer-decay"),
+    # LP-FT (Kumar et al., ICLR 2022): the head is fitted on the frozen features first, then everything is
+    # fine-tuned from it, so the pretrained features are not distorted by a random head's first gradients
+    Strategy("lp-ft", True, "all", False, 1e-2, 10, 600,
+             "linear probe first (logistic head on cached features), then everything fine-tuned from that head"),
     Strategy("scratch", False, "all", False, 2e-3, 20, 1200,
              "everything from random initialisation: the baseline that shows what transfer buys"),
 )}

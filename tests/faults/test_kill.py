@@ -38,7 +38,7 @@ def _state(run: Path) -> str:
     meta = json.loads((run / "model.json").read_text())
     assert runs.sha256_file(run / "model.safetensors") == meta["weights_sha256"]  # weights and model.json agree
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["seed"] == yaml.safe_load((run / "config.yaml").read_text())["seed"]  # one run's files
+    assert metrics["seed"] == yaml.safe_load((run / "config.yaml").read_text())["optim"]["seed"]  # one run's files
     return meta["weights_sha256"]
 
 

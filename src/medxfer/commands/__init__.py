@@ -3,4 +3,5 @@
 ``medxfer.cli`` registers every name in :data:`COMMAND_MODULES`.
 """
 
-COMMAND_MODULES: list[str] = ["export", "features", "cv", "compare", "report", "explain", "pretrain", "locate", "serve"]
+COMMAND_MODULES: list[str] = ["export", "features", "cv", "compare", "report", "explain", "pretrain", "locate", "serve",
+                             "ensemble", "auto", "track"]

@@ -33,7 +33,7 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 ARGV: list[str] = []     # the arguments main() was given (also when called in-process)
 PANELS = {"data": "Data", "model": "Source model", "optim": "Training", "evaluation": "Evaluation", "runtime": "Run",
-          "ssl": "Self-supervised"}
+          "ssl": "Self-supervised", "auto": "Search"}
 
 
 # ------------------------------------------------------------------------------------ logging, progress

@@ -15,6 +15,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from medxfer import files, progress
@@ -57,6 +58,43 @@ def judged_module(loop: Loop, model: nn.Module) -> nn.Module:
     return ema.module if ema is not None else model
 
 
+class SWA(Handler):
+    """Stochastic weight averaging (``torch.optim.swa_utils``): the plain average of the weights at the end of
+    every epoch from ``start`` on; at the end the model holds the average, its BatchNorm statistics
+    recomputed on ``bn_batches()`` (an iterable of input batches) when the strategy trains them."""
+
+    name = "swa"
+
+    def __init__(self, model: nn.Module, start: int, bn_batches=None):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.model, self.start, self.bn_batches = model, start, bn_batches
+        self.avg = AveragedModel(model, use_buffers=False)
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        if record["epoch"] >= self.start:
+            self.avg.update_parameters(self.model)
+            record["swa_models"] = int(self.avg.n_averaged)
+
+    def on_end(self, loop: Loop) -> None:
+        from torch.optim.swa_utils import update_bn
+
+        if int(self.avg.n_averaged) == 0:
+            return
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), self.avg.module.parameters()):
+                p.copy_(q)
+        if self.bn_batches is not None:
+            update_bn(self.bn_batches(), self.model)
+        log.info("SWA: the saved weights average %d epochs (from epoch %d)", int(self.avg.n_averaged), self.start)
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg.load_state_dict(state["avg"])
+
+
 class Validate(Handler):
     """Adds validation metrics to each epoch's record: ``evaluate(module) -> {"val_loss", "val_auc", ...}``."""
 
@@ -76,10 +114,10 @@ class EarlyStopping(Handler):
 
     name = "early_stopping"
 
-    def __init__(self, model: nn.Module, patience: int, monitor: str = "auc"):
+    def __init__(self, model: nn.Module, patience: int, monitor: str = "auc", restore: bool = True):
         if monitor not in ("auc", "loss"):
             raise MedxferError(f"The 'select' parameter must be 'auc' or 'loss'. Got '{monitor}' instead.")
-        self.model, self.patience, self.monitor = model, patience, monitor
+        self.model, self.patience, self.monitor, self.restore = model, patience, monitor, restore
         self.best_score, self.best_epoch, self.waited, self.best_state = -math.inf, 0, 0, None
 
     def score(self, record: dict) -> float:
@@ -103,7 +141,7 @@ class EarlyStopping(Handler):
             loop.state.stop = True
 
     def on_end(self, loop: Loop) -> None:
-        if self.best_state is not None:
+        if self.best_state is not None and self.restore:
             self.model.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict:
@@ -179,3 +217,16 @@ class ProgressBar(Handler):
 
     def on_end(self, loop: Loop) -> None:
         self.task.close()
+
+
+class Deadline(Handler):
+    """Ends training at ``deadline`` (a ``time.monotonic()`` value), within the batch it passes; the best
+    epoch so far is kept as usual (a time budget, e.g. ``medxfer auto``'s)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_batch_end(self, loop: Loop, loss: float, n: int) -> None:
+        if time.monotonic() > self.deadline:
+            loop.state.stop = True
+            log.info("time budget reached: training ends after this batch")

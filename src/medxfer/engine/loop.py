@@ -106,6 +106,8 @@ class Loop:
                 total, count = total + loss * n, count + n
                 for h in self.handlers:
                     h.on_batch_end(self, loss, n)
+                if self.state.stop:  # a handler ends training now (a deadline): this epoch ends here
+                    break
             seconds = time.perf_counter() - t0
             self.state.train_seconds += seconds
             self.state.seen += count * self.world

@@ -27,6 +27,7 @@ from torch import nn
 from medxfer.engine.dist import DistContext, shard
 from medxfer.engine.handlers import (
     EMA,
+    SWA,
     Checkpoint,
     EarlyStopping,
     EpochLog,
@@ -51,12 +52,14 @@ class FitSettings:
     augment: Callable | None = None        # float batch -> float batch (train only); with .gen for resume
     channels_last: bool = True
     eval_batch_size: int = 64
-    ema_epochs: float = 0.0                # > 0: validate and keep an exponential moving average of the weights
+    average: str = "none"                  # none | ema (validated and saved) | swa (the last quarter's average)
+    ema_epochs: float = 1.0                # the EMA's horizon, in epochs
     select: str = "auc"                    # the best epoch by validation AUC, or by validation loss
     checkpoint: Path | None = None         # write the loop state here after every epoch (main rank)
     resume: bool = False                   # continue from ``checkpoint``
     signature: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
     progress: str | None = None            # a progress bar with this title (main rank)
+    handlers: list = field(default_factory=list)   # the caller's handlers (they see each epoch's validation)
 
 
 @dataclass
@@ -197,6 +200,15 @@ class SupervisedStep(Step):
             aug_gen.manual_seed(self.s.seed * 1000 + self.ctx.rank + 7919 * int(self.scheduler.last_epoch))
 
 
+def _bn_batches(model: nn.Module, x: torch.Tensor, s: FitSettings, device: torch.device):
+    """For SWA: the training images as input batches, to recompute BatchNorm statistics (None when the
+    model has no trained BatchNorm: frozen layers keep their statistics)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not all(any(p.requires_grad for p in m.parameters()) for m in bns):
+        return None  # (update_bn resets every BatchNorm: frozen statistics must stay as they were)
+    return lambda: (as_input(x[i:i + s.batch_size], device, s.channels_last) for i in range(0, len(x), s.batch_size))
+
+
 def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
         y_val: torch.Tensor, s: FitSettings, ctx: DistContext = DistContext()) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch."""
@@ -213,10 +225,16 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
                 "val_auc": auc_of(y_val_np, logits.softmax(1).numpy()),
                 "lr": step.optimizer.param_groups[-1]["lr"]}
 
-    stopper = EarlyStopping(model, s.patience, s.select)
-    handlers = ([EMA(model, 1 - 1 / max(1.0, s.ema_epochs * step.steps_per_epoch))] if s.ema_epochs > 0 else []) + [
-        Validate(model, evaluate), stopper, EpochLog(),
-        ProgressBar(s.progress or "training", s.epochs, step.steps_per_epoch, enabled=ctx.is_main and bool(s.progress))]
+    swa = s.average == "swa"  # SWA keeps the average of the last epochs: no early stop, no best-epoch restore
+    stopper = EarlyStopping(model, s.epochs + 1 if swa else s.patience, s.select, restore=not swa)
+    handlers = [EMA(model, 1 - 1 / max(1.0, s.ema_epochs * step.steps_per_epoch))] if s.average == "ema" else []
+    handlers += [Validate(model, evaluate), stopper, EpochLog(),
+                 ProgressBar(s.progress or "training", s.epochs, step.steps_per_epoch,
+                             enabled=ctx.is_main and bool(s.progress))]
+    handlers += list(s.handlers)
+    if swa:
+        handlers.append(SWA(model, start=max(1, s.epochs - max(1, s.epochs // 4) + 1),
+                            bn_batches=_bn_batches(model, x_train, s, device)))
     if s.checkpoint is not None:
         handlers.append(Checkpoint(s.checkpoint, s.signature, enabled=ctx.is_main))
     loop = Loop(step, handlers, s.epochs, ctx.world)

@@ -22,6 +22,8 @@ Definitions
   AUCs (``None`` unless every class is present); ``balanced_accuracy`` is the mean recall over the
   classes present in ``y_true``; ``f1`` is the macro F1 over the classes that occur in ``y_true`` or
   the predictions; ``brier`` is the mean over images of sum_k (p_k - [y == k])^2 (range 0..2).
+* ``log_loss`` (both cases): the mean negative log-likelihood of the true class, -mean log p_y (p
+  clipped at 1e-12); the measure ``--select loss`` and ``medxfer auto`` rank by on validation.
 * ``ece`` (both cases): 15 equal-width bins on the confidence max_k p_k, right-closed
   ((0, 1/15], ...); ECE = sum_b (n_b / N) |accuracy_b - confidence_b| where accuracy_b is the
   fraction of the bin's images whose argmax class is right.
@@ -318,6 +320,7 @@ def evaluate(y_true, probs, labels: list[str], *, positive: int | None = None,
         out, boot = _multiclass(y, probs, labels)
         ci_names = MULTICLASS_CI_METRICS
     out["ece"] = _py(expected_calibration_error(y, probs, n_bins=15))
+    out["log_loss"] = _py(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
     out["n"] = int(len(y))
     counts = np.bincount(y, minlength=k)
     out["n_per_class"] = {labels[c]: int(counts[c]) for c in range(k)}

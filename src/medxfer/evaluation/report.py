@@ -33,6 +33,7 @@ from medxfer.evaluation import html, plots
 from medxfer.evaluation.calibration import apply_temperature, reliability_curve
 from medxfer.evaluation.gradcam import decide, default_layer, explain_images, feature_map_size, overlay
 from medxfer.evaluation.metrics import confusion_rates
+from medxfer.evaluation.subgroups import read_subgroups, subgroup_section
 from medxfer.runs import Run
 
 __all__ = ["write_report"]
@@ -225,7 +226,7 @@ def _gallery_section(run: Run, figs: _Figures, t: _Test, test_images) -> str:
     if len(test_images) != len(t.ids):
         raise MedxferError(f"{len(test_images)} test images were given for the {len(t.ids)} test rows of "
                            "predictions.csv.")
-    model, meta = run.load_model(), run.model
+    model, meta = run.load_model(tta=False), run.model  # Grad-CAM explains the network itself
     layer, size = feature_map_size(model, meta)
     picks = {}
     for c in range(len(t.labels)):
@@ -290,13 +291,13 @@ def _gallery_or_note(run: Run, figs: _Figures, t: _Test, gradcam: bool, test_ima
 
 
 def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=None, data: str | None = None,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, extra: list[tuple[str, str, str]] | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/plots/*.png``; returns the report's path.
 
     ``test_images``: uint8 (N_test, C, S, S) aligned with the test rows of predictions.csv (what
     ``train`` holds at its end); without it the gallery rebuilds them from the run's data (``data``
     overrides its path). When the images cannot be had, the report says why in place of the gallery.
-    ``title``: the run's name (default: its folder's).
+    ``title``: the run's name (default: its folder's); ``extra``: more sections (id, heading, HTML).
     """
     run = run if isinstance(run, Run) else Run.load(run)
     figs, t = _Figures(run.dir / "plots"), _test_split(run)
@@ -308,12 +309,18 @@ def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=Non
                 ("calibration", "Calibration", _calibration_section(run, figs, t)),
                 ("metrics", "Metrics", _metrics_section(run, t)),
                 ("gradcam", "Grad-CAM gallery", _gallery_or_note(run, figs, t, gradcam, test_images, data))]
+    if subgroups := read_subgroups(run):
+        sections.insert(7, ("subgroups", "Subgroups", subgroup_section(subgroups)))
+    sections += list(extra or [])
     test = run.metrics.get("test", {})
     headline = f"test AUC {html.num(test.get('auc'))}" + (
         f" (95% CI {test['auc_ci'][0]:.3f}–{test['auc_ci'][1]:.3f})" if test.get("auc_ci") else "")
     intro = (f"<p>{html.esc(run.config.optim.strategy)} from <b>{html.esc(run.metrics.get('source'))}</b>, classes "
              f"{html.esc(', '.join(t.labels))}: <b>{headline}</b>. "
              f"<span class='muted'>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</span></p>")
+    if (run.dir / "model_card.md").is_file():
+        intro += ("<p>Model card (intended use, data, metrics, limitations): "
+                  "<a href='model_card.md'>model_card.md</a>.</p>")
     out = run.dir / "report.html"
     files.write_text(out, html.page(f"medxfer report: {Path(title).name if title else run.dir.name}", intro, sections))
     return out

@@ -34,6 +34,7 @@ from medxfer.config import Config, DataOptions, ModelOptions, Options, RuntimeOp
 from medxfer.data.augment import gaussian_blur
 from medxfer.engine.dist import DistContext, cleanup, init_distributed, shard
 from medxfer.engine.handlers import Checkpoint, EpochLog, ProgressBar, read_loop_checkpoint
+from medxfer.tracking import tracking_for
 from medxfer.engine.loop import Loop, Step
 from medxfer.engine.optim import build_optimizer
 from medxfer.engine.trainer import autocast, resolve_precision
@@ -327,13 +328,17 @@ def pretrain_ssl(cfg: SSLConfig) -> dict:
         model.to(memory_format=torch.channels_last)   # 2-3x faster convolutions on CPU (bench: SSL section)
         step = SSLStep(model, images, cfg, ctx, resolve_precision(cfg.ssl.precision, ctx.device))
         ckpt = checkpoint_path(out)
-        loop = Loop(step, [EpochLog(), ProgressBar(f"pretrain {cfg.ssl.method}", cfg.ssl.epochs, step.steps,
-                                                   enabled=ctx.is_main),
-                           Checkpoint(ckpt, cfg.signature(), enabled=ctx.is_main)], cfg.ssl.epochs, ctx.world)
-        state = loop.run(read_loop_checkpoint(ckpt, cfg.signature()) if cfg.runtime.resume else None)
-        if not ctx.is_main:
-            return {}
-        meta = write_source(cfg, out, model.cpu(), spec, info, record, state.history, size, step)
+        with tracking_for(cfg) as tracker:
+            tracker.log_config(cfg)
+            loop = Loop(step, [EpochLog(), ProgressBar(f"pretrain {cfg.ssl.method}", cfg.ssl.epochs, step.steps,
+                                                       enabled=ctx.is_main),
+                               Checkpoint(ckpt, cfg.signature(), enabled=ctx.is_main), tracker.handler],
+                        cfg.ssl.epochs, ctx.world)
+            state = loop.run(read_loop_checkpoint(ckpt, cfg.signature()) if cfg.runtime.resume else None)
+            if not ctx.is_main:
+                return {}
+            meta = write_source(cfg, out, model.cpu(), spec, info, record, state.history, size, step)
+            tracker.log_files(sorted(p for p in out.iterdir() if p.suffix in (".json", ".safetensors")))
         ckpt.unlink(missing_ok=True)
         return meta
     finally:

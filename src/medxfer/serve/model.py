@@ -185,9 +185,9 @@ class ServedModel:
         """Grad-CAM (PyTorch model, whatever the engine) for ``classes`` (default: predicted) ->
         one RGB PNG per image: the input as the model saw it with the jet heat map on top."""
         if self._layer is None:
-            self._layer = feature_map_size(self._p.model, self.meta)[0]
+            self._layer = feature_map_size(self._p.network, self.meta)[0]
         target = None if classes is None else np.asarray(classes, dtype=np.int64)
-        maps = explain_images(self._p.model, self.meta, images, layer=self._layer, target_class=target)
+        maps = explain_images(self._p.network, self.meta, images, layer=self._layer, target_class=target)
         out = []
         for img, cam in zip(images.numpy(), maps):
             rgb = (overlay(img, cam) * 255).round().astype(np.uint8)

@@ -1,0 +1,320 @@
+"""``medxfer auto``: search strategy x source x image size x learning rate x augmentation within a time
+budget (Optuna: TPE sampler, Hyperband pruner on validation), then ensemble the best trials.
+
+Usage::
+
+    run = auto(AutoConfig.create(data="data/pneumoniamnist_28.npz", out="runs/auto", time_budget="15m"))
+    medxfer auto --data D --time-budget 15m --out DIR [--storage postgresql://...] [--resume]
+
+Layout of ``DIR``::
+
+    study.db            the Optuna study (SQLite) unless --storage names another database
+    trials/trial_<n>/   one ordinary run directory per finished trial
+    leaderboard.csv     every trial: parameters, validation log-loss and AUC, seconds, state
+    model/              the result: a normal run directory (an ensemble of the best trials, or the best
+                        trial alone), with the leaderboard in its report.html
+
+Every choice is made on validation: a trial's value is its calibrated validation log-loss (the
+validation AUC of small medical sets saturates; the log-loss still separates settings), the pruner
+compares per-epoch validation losses, and the ensemble is chosen among the top trials by validation
+log-loss (greedy Caruana selection or uniform weights, whichever validation prefers). The test split
+is evaluated once, for the final model. Several processes (machines) can work on one study at once
+with ``--storage``: Optuna's database storage hands each trial to one process; no home-made engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+
+from medxfer import files, progress
+from medxfer.config import (AUGMENT_PRESETS, Config, DataOptions, EvalOptions, ModelOptions, OptimOptions, Options,
+                            RuntimeOptions, TrainConfig, option)
+from medxfer.engine.handlers import Deadline, Handler
+from medxfer.engine.loop import Loop
+from medxfer.ensemble import build_ensemble, log_loss
+from medxfer.errors import MedxferError
+from medxfer.evaluation import html
+from medxfer.evaluation.report import write_report
+from medxfer.pipeline import train
+from medxfer.runs import Run, RunDirectory, is_finished, staging_dir
+from medxfer.strategies import NAMES as STRATEGIES, get_strategy
+
+log = logging.getLogger(__name__)
+
+
+def parse_budget(text: str) -> float:
+    """'15m' -> 900.0 seconds ('90s', '1.5h', or a plain number of seconds)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise MedxferError(f"The 'time-budget' parameter must be a duration such as 15m, 900s or 1h. Got '{text}' "
+                           "instead.")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _list(text: str, name: str, allowed=None, cast=str) -> list:
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise MedxferError(f"The '{name}' parameter must be a comma-separated list. Got '{text}' instead.")
+    for it in items:
+        if allowed is not None and it not in allowed:
+            raise MedxferError(f"The '{name}' parameter lists '{it}', not one of {list(allowed)}.")
+    try:
+        return [cast(it) for it in items]
+    except ValueError:
+        raise MedxferError(f"The '{name}' parameter must list numbers. Got '{text}' instead.") from None
+
+
+@dataclass(frozen=True)
+class AutoOptions(Options):
+    """What medxfer auto searches, and for how long."""
+
+    time_budget: str = option("15m", "Wall time for the whole search and the ensemble (e.g. 15m, 900s, 1h).")
+    strategies: str = option("linear-probe,lp-ft,full,scratch", "Strategies to search, comma-separated.")
+    sources: str | None = option(None, "Sources to search, comma-separated (bundled names, timm names with "
+                                 "--weights, or 'medxfer pretrain' directories).", show="--source")
+    image_sizes: str = option("64,96", "Input sizes to search, comma-separated.")
+    augments: str = option("light,strong", "Augmentation presets to search, comma-separated.")
+    lr_range: str = option("0.3,3", "Learning rates searched: the strategy's default times a factor in this range "
+                           "(log-uniform).")
+    max_epochs: int = option(12, "The most epochs a trial trains (the pruner stops weak trials sooner).", low=1)
+    n_trials: int | None = option(None, "Stop after this many trials (this process).", show="the budget decides",
+                                  low=1)
+    top_k: int = option(5, "The ensemble is chosen among this many best trials.", low=1)
+    storage: str | None = option(None, "Optuna storage URL shared by several processes (e.g. "
+                                 "postgresql://user@host/db).", show="sqlite:///OUT/study.db")
+    study: str | None = option(None, "Study name in the storage.", show="OUT's folder name")
+
+
+@dataclass(frozen=True)
+class AutoConfig(Config):
+    GROUPS: ClassVar[dict[str, type]] = {"data": DataOptions, "model": ModelOptions, "optim": OptimOptions,
+                                         "evaluation": EvalOptions, "runtime": RuntimeOptions, "auto": AutoOptions}
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(out="runs/auto"))
+    auto: AutoOptions = field(default_factory=AutoOptions)
+
+    def trial_config(self) -> TrainConfig:
+        """A trial's TrainConfig: these data, model, optim, evaluation and runtime options."""
+        return TrainConfig(data=self.data, model=self.model, optim=self.optim, evaluation=self.evaluation,
+                           runtime=self.runtime)
+
+    def space(self) -> dict:
+        a = self.auto
+        lo, hi = _list(a.lr_range, "lr-range", cast=float)[:2] if "," in a.lr_range else (1.0, 1.0)
+        if not 0 < lo <= hi:
+            raise MedxferError(f"The 'lr-range' parameter must be two factors 0 < low <= high. Got '{a.lr_range}'.")
+        return {"strategy": _list(a.strategies, "strategies", STRATEGIES),
+                "source": _list(a.sources or self.model.source, "sources"),
+                "image_size": _list(a.image_sizes, "image-sizes", cast=int),
+                "augment": _list(a.augments, "augments", AUGMENT_PRESETS), "lr_factor": (lo, hi)}
+
+
+class OptunaPruning(Handler):
+    """Reports each epoch's validation loss to the trial and stops a trial the pruner judges weak."""
+
+    def __init__(self, trial):
+        self.trial = trial
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        import optuna
+
+        value = record.get("val_loss")
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), step=record["epoch"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (validation loss {value:.4f})")
+
+
+def val_log_loss(run: Run) -> float:
+    """The run's calibrated validation log-loss (the search's objective)."""
+    p = run.predictions[run.predictions["split"] == "val"]
+    index = {c: i for i, c in enumerate(run.model.labels)}
+    return log_loss(p["label"].astype(str).map(index).to_numpy(int),
+                    p[[f"prob_{c}" for c in run.model.labels]].to_numpy(float))
+
+
+class _Search:
+    """One process's part of the search: suggests, trains and scores trials until the budget is spent."""
+
+    def __init__(self, cfg: AutoConfig, deadline: float, out: Path):
+        self.cfg, self.deadline, self.out, self.space = cfg, deadline, out, cfg.space()
+        self.reserve = max(5.0, 0.08 * parse_budget(cfg.auto.time_budget))  # for the ensemble and its report
+
+    def params(self, trial) -> dict:
+        sp = self.space
+        p = {"strategy": trial.suggest_categorical("strategy", sp["strategy"]),
+             "source": trial.suggest_categorical("source", sp["source"]),
+             "image_size": trial.suggest_categorical("image_size", sp["image_size"]),
+             "augment": trial.suggest_categorical("augment", sp["augment"])}
+        lo, hi = sp["lr_factor"]
+        p["lr_factor"] = trial.suggest_float("lr_factor", lo, hi, log=True) if hi > lo else lo
+        return p
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        left = self.deadline - self.reserve - time.monotonic()
+        if left < 10:
+            trial.study.stop()
+            raise optuna.TrialPruned("no time left in the budget")
+        p = self.params(trial)
+        strategy = get_strategy(p["strategy"])
+        cfg = self.cfg.trial_config().replace(
+            strategy=p["strategy"], source=p["source"], image_size=p["image_size"], augment=p["augment"],
+            lr=strategy.default_lr * p["lr_factor"], epochs=None if strategy.feature_cache else self.cfg.auto.max_epochs,
+            out=str(self.out / "trials" / f"trial_{trial.number:04d}"), overwrite=True, resume=False, report=False,
+            bootstrap=0)
+        t0 = time.monotonic()
+        try:
+            run = train(cfg, handlers=[OptunaPruning(trial), Deadline(self.deadline - self.reserve)])
+        except optuna.TrialPruned:
+            shutil.rmtree(staging_dir(cfg.runtime.out), ignore_errors=True)  # a pruned trial is not resumed
+            raise
+        value = val_log_loss(run)
+        trial.set_user_attr("run_dir", str(run.dir))
+        trial.set_user_attr("val_auc", run.metrics["val"].get("auc"))
+        trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
+        log.info("trial %d: %s from %s at %d px, %s, lr x%.2f: validation log-loss %.4f, AUC %s (%.0f s)",
+                 trial.number, p["strategy"], p["source"], p["image_size"], p["augment"], p["lr_factor"], value,
+                 _f(run.metrics["val"].get("auc")), time.monotonic() - t0)
+        return value
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _open_storage(url: str, attempts: int = 5):
+    """Optuna's RDB storage for ``url``. Processes started together race to create the tables; the loser sees
+    'already exists' and simply tries again, as the tables are there by then."""
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except ImportError:
+            raise MedxferError(f"no database driver for the study storage '{url}': for PostgreSQL, "
+                               "pip install 'psycopg[binary]'; for MySQL, pip install pymysql.") from None
+        except Exception as e:  # noqa: BLE001 - a wrong URL or an unreachable database: one clear line
+            if attempt + 1 < attempts and "already exists" in str(e):
+                time.sleep(0.5 + random.random())
+                continue
+            raise MedxferError(f"cannot open the study storage '{url}' ({type(e).__name__}: {str(e)[:160]}).") from None
+
+
+def study_for(cfg: AutoConfig, out: Path):
+    """The Optuna study: created, or joined when it exists (another process, or --resume)."""
+    import optuna
+
+    storage = cfg.auto.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    name = cfg.auto.study or out.resolve().name
+    storage = _open_storage(storage)
+    existing = optuna.study.get_all_study_names(storage)
+    joining = name in existing
+    if joining and not cfg.runtime.resume and cfg.auto.storage is None:
+        raise MedxferError(f"'{out}' already holds the study '{name}': pass --resume to continue it, or choose another "
+                           "--out.")
+    seed = cfg.optim.seed + (os.getpid() if joining else 0)  # a second process must not repeat the first's draws
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.auto.max_epochs, reduction_factor=3)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="minimize",
+                                load_if_exists=True)
+    space = {k: list(v) for k, v in cfg.space().items()}
+    saved = study.user_attrs.get("space")
+    if saved is None:
+        study.set_user_attr("space", space)
+    elif saved != space:
+        key = next(k for k in space if saved.get(k) != space[k])
+        raise MedxferError(f"the study '{name}' searches {key} {saved.get(key)}, not {space[key]}: continue it with the "
+                           "same search options, or start a new study (another --out or --study).")
+    return study
+
+
+def leaderboard(study) -> pd.DataFrame:
+    rows = []
+    for t in study.trials:
+        rows.append({"trial": t.number, "state": t.state.name, **t.params, "val_log_loss": t.value,
+                     "val_auc": t.user_attrs.get("val_auc"), "seconds": t.user_attrs.get("seconds"),
+                     "run_dir": t.user_attrs.get("run_dir")})
+    df = pd.DataFrame(rows)
+    return df.sort_values("val_log_loss", na_position="last").reset_index(drop=True) if len(df) else df
+
+
+def _progress_callback(bar, t0: float, budget: float):
+    def callback(study, trial) -> None:
+        done = [t for t in study.trials if t.value is not None]
+        best = min((t.value for t in done), default=None)
+        bar.update(completed=min(budget, time.monotonic() - t0),
+                   info=f"{len(study.trials)} trials, best validation log-loss {_f(best)}")
+    return callback
+
+
+def auto(cfg: AutoConfig) -> Run:
+    """Search within the budget, then write the ensemble of the best trials to ``OUT/model`` (see the module
+    docstring). Returns that run."""
+    out, budget = Path(cfg.runtime.out), parse_budget(cfg.auto.time_budget)
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    study = study_for(cfg, out)
+    search = _Search(cfg, t0 + budget, out)
+    with progress.task("medxfer auto", total=int(budget), unit="s") as bar:
+        study.optimize(search, n_trials=cfg.auto.n_trials, timeout=max(1.0, budget - search.reserve),
+                       callbacks=[_progress_callback(bar, t0, budget)], catch=(MedxferError,))
+    board = leaderboard(study)
+    files.write_csv(out / "leaderboard.csv", board)
+    return _final_model(cfg, out, board)
+
+
+def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
+    done = board[(board["state"] == "COMPLETE") & board["run_dir"].map(lambda d: isinstance(d, str) and
+                                                                        is_finished(d))] if len(board) else board
+    if not len(done):
+        raise MedxferError("no trial finished within the time budget: give a longer --time-budget (or fewer, "
+                           "cheaper choices: --strategies linear-probe, smaller --image-sizes).")
+    top = done.head(cfg.auto.top_k)["run_dir"].tolist()
+    if len(top) == 1:
+        log.info("one finished trial: it is the model")
+    model = out / "model"
+    if len(top) >= 2:
+        run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600)
+    else:
+        run = _copy_run(Run.load(top[0]), model)
+    section = _leaderboard_html(board, top)
+    write_report(run, extra=[("leaderboard", "Leaderboard (medxfer auto)", section)], title=str(model))
+    files.write_csv(model / "leaderboard.csv", board)
+    return Run.load(model)
+
+
+def _copy_run(run: Run, dest: Path) -> Run:
+    with RunDirectory(dest, overwrite=True, wait=600) as rd:
+        shutil.rmtree(rd.staging)
+        shutil.copytree(run.dir, rd.staging)
+        rd.commit()
+    return Run.load(dest)
+
+
+def _leaderboard_html(board: pd.DataFrame, chosen: list[str]) -> str:
+    cols = [c for c in ("trial", "state", "strategy", "source", "image_size", "augment", "lr_factor", "val_log_loss",
+                        "val_auc", "seconds") if c in board]
+    rows = [[html.esc(r["trial"]), html.esc(r["state"])] + [html.num(r[c]) if isinstance(r[c], float) else html.esc(r[c])
+                                                            for c in cols[2:]]
+            + ["yes" if r.get("run_dir") in chosen else ""] for _, r in board.iterrows()]
+    return ("<p>Every trial of the search, best validation log-loss first; the model is chosen among the marked "
+            "trials on validation (the test split was not used to choose anything).</p>"
+            + html.table(cols + ["in the candidates"], rows, 6))

@@ -1,0 +1,188 @@
+"""Ensembles as first-class runs: several runs' calibrated probabilities averaged into one run directory
+that predict, report, explain, export (one ONNX graph) and serve treat like any run.
+
+Usage::
+
+    run = build_ensemble(["runs/a", "runs/b", "runs/c"], out="runs/ens")            # members chosen on validation
+    run = build_ensemble(runs, out="runs/ens", method="uniform")                     # every run, equal weights
+    medxfer ensemble runs/a runs/b runs/c --out runs/ens [--method auto|greedy|uniform]
+
+Members must share labels, data channels, reader options and their validation and test samples (one
+split). Their weights are chosen on validation: ``greedy`` is Caruana et al.'s forward selection with
+replacement (2004) minimising the validation log-loss of the averaged probabilities; ``uniform`` weighs
+every run equally; ``auto`` keeps whichever has the lower validation log-loss. The ensemble's own
+temperature and threshold are then fitted on validation, and it is evaluated on test once, like a single
+run; its val/test probabilities come from running the ensemble network itself on the images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medxfer import files
+from medxfer.data.augment import TTA
+from medxfer.data.prepare import images_of
+from medxfer.data.transforms import match_channels_uint8
+from medxfer.engine.trainer import predict_logits
+from medxfer.errors import MedxferError
+from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
+from medxfer.evaluation.metrics import evaluate
+from medxfer.evaluation.card import write_model_card
+from medxfer.evaluation.report import write_report
+from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net
+
+METHODS = ("auto", "greedy", "uniform")
+log = logging.getLogger(__name__)
+
+
+def _check_members(runs: list[Run]) -> None:
+    if len(runs) < 2:
+        raise MedxferError(f"an ensemble needs at least 2 runs. Got {len(runs)}.")
+    first = runs[0]
+    for r in runs[1:]:
+        for what, a, b in (("labels", first.model.labels, r.model.labels),
+                           ("data channels", first.model.data_chans, r.model.data_chans),
+                           ("reader options", first.model.read, r.model.read)):
+            if a != b:
+                raise MedxferError(f"runs '{first.dir}' and '{r.dir}' differ in {what} ({a} vs {b}): an ensemble "
+                                   "averages runs of one task on one kind of input.")
+        if r.model.is_ensemble:
+            raise MedxferError(f"'{r.dir}' is an ensemble itself: give its member runs instead.")
+        for split in ("val", "test"):
+            ids = lambda run: sorted(run.predictions.loc[run.predictions["split"] == split, "sample_id"])  # noqa: E731
+            if ids(r) != ids(first):
+                raise MedxferError(f"runs '{first.dir}' and '{r.dir}' were validated or tested on different samples "
+                                   "(predictions.csv): an ensemble needs one split. Train the runs with the same "
+                                   "data and split seed.")
+
+
+def _val_probs(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as indices, calibrated probabilities) of the run's validation rows, in sample_id order."""
+    p = run.predictions[run.predictions["split"] == "val"].sort_values("sample_id")
+    index = {c: i for i, c in enumerate(run.model.labels)}
+    return p["label"].map(index).to_numpy(int), p[[f"prob_{c}" for c in run.model.labels]].to_numpy(float)
+
+
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+def greedy_weights(y: np.ndarray, member_probs: list[np.ndarray], rounds: int = 20) -> list[int]:
+    """Caruana's forward selection with replacement: start from the best member, then repeatedly add the
+    member that lowers the validation log-loss of the average most; stop when none does. -> counts."""
+    counts = [0] * len(member_probs)
+    best = int(np.argmin([log_loss(y, p) for p in member_probs]))
+    counts[best], total, current = 1, member_probs[best].copy(), log_loss(y, member_probs[best])
+    for k in range(2, rounds + 1):
+        losses = [log_loss(y, (total + p) / k) for p in member_probs]
+        i = int(np.argmin(losses))
+        if losses[i] >= current - 1e-6:
+            break
+        counts[i], total, current = counts[i] + 1, total + member_probs[i], losses[i]
+    return counts
+
+
+def choose_weights(runs: list[Run], method: str) -> tuple[list[float], dict]:
+    """Member weights chosen on validation, and a record of the choice."""
+    if method not in METHODS:
+        raise MedxferError(f"The 'method' parameter must be one of {list(METHODS)}. Got '{method}' instead.")
+    y, _ = _val_probs(runs[0])
+    probs = [_val_probs(r)[1] for r in runs]
+    uniform = [1.0] * len(runs)
+    greedy = [float(c) for c in greedy_weights(y, probs)]
+    loss = {name: log_loss(y, sum(w * p for w, p in zip(ws, probs)) / sum(ws))
+            for name, ws in (("uniform", uniform), ("greedy", greedy))}
+    chosen = method if method != "auto" else min(loss, key=loss.get)
+    return (greedy if chosen == "greedy" else uniform), {"method": chosen, "asked": method,
+                                                         "val_log_loss": loss}
+
+
+def _meta(runs: list[Run], weights: list[float], size: int) -> dict:
+    first = runs[0].model
+    members = [{"run": str(r.dir), "arch": r.model.arch, "source": r.model.source, "strategy": r.model.strategy,
+                "in_chans": r.model.in_chans, "data_chans": r.model.data_chans, "image_size": r.model.image_size,
+                "mean": r.model.mean, "std": r.model.std, "temperature": r.model.temperature, "tta": r.model.tta,
+                "tta_hflip": r.model.tta_hflip, "weight": w, "weights_sha256": r.weights_digest()}
+               for r, w in zip(runs, weights) if w > 0]
+    return {"arch": "ensemble", "source": "+".join(sorted({m["source"] for m in members})), "labels": first.labels,
+            "in_chans": first.in_chans, "data_chans": first.data_chans, "image_size": size, "mean": first.mean,
+            "std": first.std, "grey_mode": first.grey_mode, "read": first.read, "strategy": "ensemble",
+            "input": first.input, "members": members}
+
+
+def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "auto", overwrite: bool = False,
+                   bootstrap: int | None = None, report: bool = True, wait: float = 0) -> Run:
+    """Average ``run_dirs`` into the ensemble run ``out`` (see the module docstring)."""
+    runs = [Run.load(d) for d in run_dirs]
+    _check_members(runs)
+    weights, choice = choose_weights(runs, method)
+    kept = [(r, w) for r, w in zip(runs, weights) if w > 0]
+    log.info("ensemble of %d runs (%s on validation; weights %s)", len(kept), choice["method"],
+             [w for _, w in kept])
+    size = max(r.image_size for r, _ in kept)
+    meta = _meta([r for r, _ in kept], [w for _, w in kept], size)
+    net = ensemble_net(ModelMeta.from_dict(meta))
+    for i, (r, _) in enumerate(kept):  # the members' trained weights, bare (their TTA is recorded in model.json)
+        net.members[i].load_state_dict(r.load_model(tta=False).state_dict())
+    with RunDirectory(out, overwrite=overwrite, wait=wait) as rd:
+        _finish(rd.staging, net, meta, kept, choice, runs[0], size, bootstrap, report, str(out))
+        rd.commit()
+    return Run.load(out)
+
+
+def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size: int, bootstrap, report, out):
+    """Evaluate the ensemble network on the val/test images, fit temperature and threshold on val, write."""
+    cfg = first.config
+    preds = first.predictions
+    ids = {s: preds.loc[preds["split"] == s, "sample_id"].astype(str).tolist() for s in ("val", "test")}
+    seed = cfg.optim.seed
+    images = {s: match_channels_uint8(images_of(cfg.data, size, seed, ids[s]), meta["data_chans"]) for s in ids}
+    weights_sha256 = files.write_weights(staging / "model.safetensors", net.state_dict())  # bare members
+    runtime = with_members_tta(net, kept)
+    logits = {s: predict_logits(runtime, images[s]).numpy() for s in ids}
+    index = {c: i for i, c in enumerate(meta["labels"])}
+    ys = {s: preds.loc[preds["split"] == s, "label"].astype(str).map(index).to_numpy(int) for s in ids}
+    temperature = fit_temperature(logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" else 1.0
+    probs = {s: apply_temperature(logits[s], temperature) for s in ids}
+    pos = first.model.positive_index
+    threshold = choose_threshold(ys["val"], probs["val"][:, pos], cfg.evaluation.threshold, positive=pos) \
+        if pos is not None else None
+    groups = {s: preds.loc[preds["split"] == s, "patient_id"].astype(str).to_numpy() if "patient_id" in preds else None
+              for s in ids}
+    n_boot = cfg.evaluation.bootstrap if bootstrap is None else bootstrap
+    metrics = {s: evaluate(ys[s], probs[s], meta["labels"], positive=pos, threshold=threshold, groups=groups[s],
+                           n_bootstrap=n_boot if s == "test" else 0, seed=seed) for s in ids}
+    metrics.update({"temperature": temperature, "threshold": threshold, "seed": seed, "strategy": "ensemble",
+                    "source": meta["source"], "ensemble": choice, "members": len(kept), "train_seconds": round(
+                        sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)})
+    meta.update(temperature=temperature, threshold=threshold,
+                positive_label=meta["labels"][pos] if pos is not None else None)
+    meta["weights_sha256"] = weights_sha256
+    files.write_json(staging / "model.json", meta)
+    resolved = {**first.resolved, "image_size": size, "ensemble": {**choice, "members": meta["members"]}}
+    files.write_yaml(staging / "config.yaml", {**cfg.to_dict(), "resolved": resolved})
+    files.write_json(staging / "metrics.json", metrics)
+    files.write_csv(staging / "split.csv", first.split)
+    rows = []
+    for s in ("val", "test"):
+        sub = preds[preds["split"] == s][[c for c in preds.columns if not c.startswith("prob_")]].reset_index(drop=True)
+        rows.append(pd.concat([sub, pd.DataFrame(probs[s], columns=[f"prob_{c}" for c in meta["labels"]])], axis=1))
+    files.write_csv(staging / "predictions.csv", pd.concat(rows, ignore_index=True))
+    write_model_card(Run.load(staging))
+    if report:
+        try:
+            write_report(Run.load(staging), test_images=images["test"], title=out)
+        except Exception as e:  # noqa: BLE001 - the ensemble is written; a failed report must not lose it
+            log.warning("report not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e, out)
+
+
+def with_members_tta(net, kept):
+    """The ensemble with each member's test-time augmentation, as the members' predictions used it."""
+    for i, (r, _) in enumerate(kept):
+        if r.model.tta > 1:
+            net.members[i] = TTA(net.members[i], r.model.tta, hflip=r.model.tta_hflip)
+    return net.eval()

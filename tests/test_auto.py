@@ -1,0 +1,145 @@
+"""medxfer auto: a search within a time budget that ends in a normal run directory; several processes share one
+study through Optuna's database storage (SQLite here, PostgreSQL when a server can be started)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medxfer.auto import AutoConfig, auto, parse_budget
+from medxfer.cli import main
+from medxfer.errors import MedxferError
+
+pytestmark = pytest.mark.slow
+TINY = ["--source", "test_resnet", "--weights", "none", "--image-sizes", "32", "--augments", "light", "--max-epochs",
+        "1", "--bootstrap", "20", "--num-threads", "1"]
+
+
+def test_budget_parsing():
+    assert parse_budget("15m") == 900 and parse_budget("90s") == 90 and parse_budget("1.5h") == 5400
+    assert parse_budget("30") == 30
+    with pytest.raises(MedxferError, match="time-budget"):
+        parse_budget("soon")
+
+
+def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe,full", "--n-trials", "2",
+                 "--time-budget", "5m", "--out", str(out)]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 2 and set(board["state"]) <= {"COMPLETE", "PRUNED"}
+    assert board["val_log_loss"].is_monotonic_increasing or board["state"].iloc[-1] == "PRUNED"
+    model = out / "model"
+    assert (model / "model.safetensors").is_file() and "Leaderboard" in (model / "report.html").read_text()
+    assert (out / "study.db").is_file()
+    assert main(["predict", str(model), str(small_npz), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 200
+    assert "test AUC" in capsys.readouterr().out
+    # a second search into the same folder must say what to do
+    assert main(["auto", "--data", str(small_npz), *TINY, "--n-trials", "1", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe", "--n-trials", "1",
+                 "--resume", "--out", str(out)]) == 2  # another search space: said, not mixed in
+    assert "same search options" in capsys.readouterr().err
+    assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe,full", "--n-trials", "1",
+                 "--resume", "--out", str(out)]) == 0  # --resume continues the study: one more trial
+    assert len(pd.read_csv(out / "leaderboard.csv")) == 3
+
+
+def test_the_budget_is_respected(small_npz, tmp_path):
+    """With many trials allowed, the search stops on time: the whole call within the budget + 10%."""
+    cfg = AutoConfig.create(data=str(small_npz), source="test_resnet", weights="none", image_sizes="32",
+                            strategies="full,scratch", augments="light", max_epochs=30, bootstrap=20, num_threads=1,
+                            time_budget="40s", out=str(tmp_path / "auto"))
+    t0 = time.monotonic()
+    run = auto(cfg)
+    assert time.monotonic() - t0 <= 40 * 1.1
+    assert run.dir == tmp_path / "auto" / "model"
+
+
+def _search(data, out, storage, n, env):
+    cmd = [sys.executable, "-m", "medxfer", "auto", "--data", str(data), *TINY, "--strategies", "linear-probe,full",
+           "--n-trials", str(n), "--time-budget", "10m", "--storage", storage, "--study", "shared", "--out", str(out),
+           "-q"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _two_processes(small_npz, tmp_path, storage) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDXFER_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [_search(small_npz, tmp_path / "auto", storage, 2, env) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(4))  # four trials, each run once
+    dirs = [t.user_attrs.get("run_dir") for t in study.trials if t.user_attrs.get("run_dir")]
+    assert len(dirs) == len(set(dirs)) and all(Path(d).is_dir() for d in dirs)
+
+
+def test_two_processes_share_one_sqlite_study(small_npz, tmp_path):
+    _two_processes(small_npz, tmp_path, f"sqlite:///{tmp_path / 'shared.db'}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throw-away PostgreSQL server (Debian's package), or a skip saying why not."""
+    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed")
+    bindir = Path(initdb).resolve().parent
+    home = Path(tempfile.mkdtemp(prefix="medxfer-pg-"))  # outside pytest's private tmp: the server's user reads it
+    data, port = home / "pg", _free_port()
+    run_as = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]  # the server refuses to run as root
+    if run_as:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        os.chmod(home, 0o755)
+        data.mkdir()
+        shutil.chown(data, "postgres")
+    try:
+        subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "medxfer", "--auth=trust"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", f"-p {port} -k {data}", "-l",
+                        str(data / "log"), "-w", "start"], check=True, capture_output=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, KeyError, OSError) as e:
+        pytest.skip(f"could not start PostgreSQL ({type(e).__name__})")
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="medxfer", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE studies")
+        conn.close()
+        yield f"postgresql://medxfer@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True,
+                       timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_processes_share_one_postgresql_study(small_npz, tmp_path, postgres):
+    _two_processes(small_npz, tmp_path, postgres)
+    leaderboard = pd.read_csv(tmp_path / "auto" / "leaderboard.csv")
+    assert len(leaderboard) == 4
+    meta = json.loads((tmp_path / "auto" / "model" / "model.json").read_text())
+    assert meta["labels"]

@@ -1,0 +1,140 @@
+"""Issue 12's training recipes: LP-FT starts from the fitted head, EMA/SWA weights are what is saved, the
+best epoch follows --select, test-time augmentation is in evaluation, predict and the ONNX export, and an
+ensemble is a run like any other."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import medxfer
+from medxfer.cli import main
+from medxfer.engine import handlers as H
+from medxfer.engine import trainer
+
+TINY = dict(source="test_resnet", weights="none", image_size=32, bootstrap=50, report=False,
+            label_names=("malignant", "benign"), positive_label="malignant")
+
+
+def _train(small_npz, out, **kw):
+    return medxfer.train(str(small_npz), **{**TINY, **kw}, out=str(out))
+
+
+def test_lp_ft_fine_tunes_from_the_fitted_head(small_npz, tmp_path, monkeypatch):
+    seen = {}
+    original = trainer.fit
+
+    def spy(model, groups, x_train, y_train, x_val, y_val, s, ctx=trainer.DistContext()):
+        seen["head"] = {k: v.detach().clone() for k, v in model.head().state_dict().items()}
+        seen["val_auc"] = trainer.auc_of(y_val.numpy(), trainer.predict_logits(model, x_val).softmax(1).numpy())
+        return original(model, groups, x_train, y_train, x_val, y_val, s, ctx)
+
+    monkeypatch.setattr("medxfer.pipeline.fit", spy)
+    run = _train(small_npz, tmp_path / "lpft", strategy="lp-ft", epochs=1)
+    lp = run.metrics["lp_head"]
+    assert seen["head"]["weight"].abs().max() > 0.05  # not the near-zero random init of a new head (std 0.01)
+    assert seen["val_auc"] == pytest.approx(lp["val_auc"], abs=1e-6)  # the whole model starts from the fitted head
+    assert run.config.optim.strategy == "lp-ft"
+
+
+def test_ema_weights_are_the_saved_ones(small_npz, tmp_path, monkeypatch):
+    kept = {}
+    original = H.EarlyStopping.on_end
+
+    def spy(self, loop):
+        kept["best"] = {k: v.clone() for k, v in self.best_state.items()}
+        kept["ema"] = loop.handler(H.EMA) is not None
+        original(self, loop)
+
+    monkeypatch.setattr(H.EarlyStopping, "on_end", spy)
+    run = _train(small_npz, tmp_path / "ema", strategy="full", epochs=3, average="ema", ema_epochs=2)
+    saved = load_file(str(run.dir / "model.safetensors"))
+    assert kept["ema"]
+    for k, v in kept["best"].items():  # the best epoch's EMA weights, as judged on validation
+        torch.testing.assert_close(saved[k], v.cpu())
+
+
+def test_swa_weights_are_the_saved_ones(small_npz, tmp_path, monkeypatch):
+    kept = {}
+    original = H.SWA.on_end
+
+    def spy(self, loop):
+        kept["avg"] = {n: p.detach().clone() for n, p in self.avg.module.named_parameters()}
+        kept["n"] = int(self.avg.n_averaged)
+        original(self, loop)
+
+    monkeypatch.setattr(H.SWA, "on_end", spy)
+    run = _train(small_npz, tmp_path / "swa", strategy="full", epochs=4, average="swa")
+    saved = load_file(str(run.dir / "model.safetensors"))
+    assert kept["n"] == 1  # the last quarter of 4 epochs
+    for k, v in kept["avg"].items():
+        torch.testing.assert_close(saved[k], v.cpu())
+    assert json.loads((run.dir / "metrics.json").read_text())["epochs_run"] == 4  # no early stop under SWA
+
+
+def test_select_loss_keeps_the_lowest_validation_loss(small_npz, tmp_path):
+    run = _train(small_npz, tmp_path / "sel", strategy="full", epochs=4, select="loss")
+    hist = pd.read_csv(run.dir / "history.csv")
+    assert run.metrics["best_epoch"] == int(hist.loc[hist["val_loss"].idxmin(), "epoch"])
+
+
+def test_tta_in_evaluation_predict_and_onnx(small_npz, tmp_path):
+    run = _train(small_npz, tmp_path / "tta", strategy="full", epochs=1, tta=3)
+    assert run.model.tta == 3
+    pred = medxfer.Predictor(run.dir).predict([small_npz])
+    want = run.predictions[run.predictions["split"] == "test"].set_index("sample_id")
+    got = pred.set_index("sample_id").loc[want.index]
+    cols = ["prob_malignant", "prob_benign"]
+    assert np.abs(got[cols].to_numpy() - want[cols].to_numpy()).max() < 1e-5
+    assert main(["export", str(run.dir)]) == 0
+    onnx = medxfer.Predictor(run.dir, engine="onnx").predict([small_npz]).set_index("sample_id").loc[want.index]
+    assert np.abs(onnx[cols].to_numpy() - want[cols].to_numpy()).max() < 1e-4  # the views are in the graph
+    plain = _train(small_npz, tmp_path / "plain", strategy="full", epochs=1)
+    assert not np.allclose(plain.predictions[cols].to_numpy(), run.predictions[cols].to_numpy())
+
+
+def test_ensemble_is_a_run_like_any_other(small_npz, tmp_path):
+    runs = [_train(small_npz, tmp_path / f"m{s}", strategy="full", epochs=1, seed=s) for s in range(3)]
+    assert main(["ensemble", *[str(r.dir) for r in runs], "--out", str(tmp_path / "ens"), "--method", "uniform",
+                 "--no-report"]) == 0
+    ens = medxfer.load_run(tmp_path / "ens")
+    assert ens.model.is_ensemble and len(ens.model.members) == 3 and ens.metrics["ensemble"]["method"] == "uniform"
+    cols = ["prob_malignant", "prob_benign"]
+    test = ens.predictions[ens.predictions["split"] == "test"].set_index("sample_id")
+    members = np.mean([r.predictions[r.predictions["split"] == "test"].set_index("sample_id").loc[test.index, cols]
+                       .to_numpy() for r in runs], axis=0)
+    t = ens.metrics["temperature"]  # the ensemble's own temperature on the averaged calibrated probabilities
+    expected = torch.softmax(torch.log(torch.from_numpy(members)) / t, 1).numpy()
+    assert np.abs(test[cols].to_numpy() - expected).max() < 1e-5
+    got = medxfer.Predictor(ens.dir).predict([small_npz]).set_index("sample_id").loc[test.index]
+    assert np.abs(got[cols].to_numpy() - test[cols].to_numpy()).max() < 1e-5
+    assert main(["export", str(ens.dir)]) == 0  # one ONNX graph for every member
+    onnx = medxfer.Predictor(ens.dir, engine="onnx").predict([small_npz]).set_index("sample_id").loc[test.index]
+    assert np.abs(onnx[cols].to_numpy() - test[cols].to_numpy()).max() < 1e-4
+    assert main(["report", str(ens.dir)]) == 0 and (ens.dir / "report.html").is_file()
+
+
+def test_greedy_selection_picks_the_better_members():
+    from medxfer.ensemble import greedy_weights, log_loss
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    good = np.stack([1 - (0.2 + 0.6 * y), 0.2 + 0.6 * y], 1)
+    noisy = np.clip(good + rng.normal(0, 0.3, good.shape), 0.01, 0.99)
+    noisy /= noisy.sum(1, keepdims=True)
+    bad = np.full_like(good, 0.5)
+    counts = greedy_weights(y, [bad, good, noisy])
+    assert counts[1] >= 1 and counts[0] == 0
+    mixed = sum(c * p for c, p in zip(counts, [bad, good, noisy])) / sum(counts)
+    assert log_loss(y, mixed) <= log_loss(y, good) + 1e-9
+
+
+def test_ensemble_refuses_runs_of_other_tasks(tiny_run, small_npz, tmp_path, capsys):
+    other = _train(small_npz, tmp_path / "o", strategy="full", epochs=1, label_names=("a", "b"), positive_label="a")
+    assert main(["ensemble", str(tiny_run), str(other.dir), "--out", str(tmp_path / "e")]) == 2
+    assert "differ in labels" in capsys.readouterr().err
