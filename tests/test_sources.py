@@ -47,9 +47,9 @@ def class_folders(tmp_path):
 
 
 def test_npz_missing_keys_exit_2(tmp_path, capsys):
-    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4))
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4))
     code, err = run_cli(capsys, "--data", str(tmp_path / "bad.npz"), *TRAIN)
-    assert_one_line(code, err, "bad.npz", "needs train_images and train_labels", "'images'")
+    assert_one_line(code, err, "bad.npz", "needs train_images and train_labels", "or images and labels", "'x'")
 
 
 def test_npz_not_an_archive_exit_2(tmp_path, capsys):

@@ -291,6 +291,10 @@ def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
     if len(top) == 1:
         log.info("one finished trial: it is the model")
     model = out / "model"
+    if len(top) >= 2 and Run.load(top[0]).model.task not in ("binary", "multiclass"):
+        log.info("a %s task: the best trial is the model (ensembles are for binary and multi-class runs)",
+                 Run.load(top[0]).model.task)
+        top = top[:1]
     if len(top) >= 2:
         run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600)
     else:

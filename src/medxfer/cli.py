@@ -57,22 +57,42 @@ def train_command(given: Given, config: Optional[Path] = typer.Option(
     print_metrics(train(cfg))
 
 
+#: the summary columns per task: (heading, metrics.json key)
+SUMMARY = {"multilabel": (("macro AUC", "auc"), ("micro AUC", "micro_auc"), ("macro AP", "macro_average_precision"),
+                          ("macro F1", "macro_f1")),
+           "ordinal": (("cut AUC", "auc"), ("QWK", "qwk"), ("MAE", "mae"), ("accuracy", "accuracy")),
+           "other": (("AUC", "auc"), ("bal. acc", "balanced_accuracy"), ("sens", "sensitivity"),
+                     ("spec", "specificity"), ("F1", "f1"))}
+
+
 def print_metrics(run) -> None:
     if run is None:  # a DDP rank other than 0
         return
     m = run.metrics
-    table = Table(title=f"{m['strategy']} from {m['source']} (seed {m['seed']})")
-    for col in ("split", "AUC", "bal. acc", "sens", "spec", "F1"):
+    task = m.get("task", "binary")
+    cols = SUMMARY.get(task, SUMMARY["other"])
+    table = Table(title=f"{m['strategy']} from {m['source']} (seed {m['seed']}, {task})")
+    for col in ("split", *(c for c, _ in cols)):
         table.add_column(col)
     for split in ("val", "test"):
-        s = m[split]
-        table.add_row(split, *(_fmt(s.get(k)) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1")))
+        table.add_row(split, *(_fmt(m[split].get(k)) for _, k in cols))
     print_wide(table, 80)
     t = m["test"]
+    if task == "multilabel":
+        per = Table(title="test, per finding (thresholds chosen on validation)")
+        for col in ("finding", "positives", "AUC (95% CI)", "sens", "spec", "note"):
+            per.add_column(col)
+        for name, r in t["per_label"].items():
+            ci = f" ({r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f})" if r.get("auc_ci") else ""
+            per.add_row(name, str(r["n_pos"]), _fmt(r["auc"]) + ci, _fmt(r["sensitivity"]), _fmt(r["specificity"]),
+                        "too rare" if not r["evaluable"] else "")
+        print_wide(per, 80)
     if t.get("auc_ci"):
-        out.print(f"test AUC {t['auc']:.3f} (95% CI {t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f}); "
-                  f"threshold {_fmt(m.get('threshold'))} chosen on validation; train {m['train_seconds']:.1f} s",
-                  highlight=False)
+        what = {"multilabel": "thresholds per finding chosen on validation",
+                "ordinal": "predicted grade: the median of the calibrated grade probabilities"}.get(
+            task, f"threshold {_fmt(m.get('threshold'))} chosen on validation")
+        out.print(f"test {cols[0][0]} {t['auc']:.3f} (95% CI {t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f}); "
+                  f"{what}; train {m['train_seconds']:.1f} s", highlight=False)
     out.print(f"run directory: {run.dir}", highlight=False)
 
 

@@ -101,6 +101,15 @@ class DataOptions(Options):
                                                  "(e.g. malignant,benign).", show="the labels as found")
     positive_label: str | None = option(None, "Two-class tasks: the positive class (sensitivity, threshold).",
                                         show="the second class")
+    task: Literal["auto", "binary", "multiclass", "multilabel", "ordinal"] = option(
+        "auto", "What the labels are: auto (multilabel when samples carry several findings, else binary or "
+        "multiclass by the number of classes), or say so; ordinal: ordered grades (the order of --label-names), "
+        "an ordinal (CORN) head.")
+    label_columns: tuple[str, ...] | None = option(None, "Multi-label CSV/Parquet: the 0/1 columns, one per finding "
+                                                   "(e.g. Effusion,Edema).", show="with --task multilabel: every "
+                                                   "column but path, patient_id and split")
+    no_finding: str | None = option(None, "Multi-label '|' label column: the value that means no finding (e.g. "
+                                    "'No Finding').", show="none")
     split_by: str = option("auto", "Keep each group's images in one split: auto (patient_id when present), none, "
                            "or a manifest COLUMN.")
     split_seed: int | None = option(None, "Seed of the stratified 70/15/15 split medxfer makes when the data has "
@@ -376,7 +385,7 @@ FLAT = TrainConfig.flat_names()
 
 
 def _normalise(name: str, value):
-    if name in ("label_names", "subgroups") and value is not None:
+    if name in ("label_names", "subgroups", "label_columns") and value is not None:
         if isinstance(value, str):
             value = [s for s in (p.strip() for p in value.split(",")) if s]
         return tuple(str(v) for v in value)

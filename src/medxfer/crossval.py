@@ -41,10 +41,12 @@ def make_folds(manifest, k: int, seed: int = 0, split_by: str | None = "auto") -
     """Fold index per manifest row (stratified, patient-grouped), with clear errors for too few samples."""
     if k < 2:
         raise MedxferError(f"The 'folds' parameter must be at least 2. Got {k} instead.")
-    counts = np.bincount(manifest.table["label"].to_numpy(), minlength=len(manifest.labels))
+    counts = (manifest.targets().sum(0).astype(int) if manifest.multilabel
+              else np.bincount(manifest.table["label"].to_numpy(), minlength=len(manifest.labels)))
     if counts[counts > 0].min() < k:
         small = manifest.labels[int(np.flatnonzero(counts == counts[counts > 0].min())[0])]
-        raise MedxferError(f"class '{small}' has {counts[counts > 0].min()} images: too few for {k} folds "
+        raise MedxferError(f"{'finding' if manifest.multilabel else 'class'} '{small}' has {counts[counts > 0].min()} "
+                           f"images: too few for {k} folds "
                            "(each fold needs one to test on). Use fewer folds.")
     try:
         return kfold(manifest, k=k, seed=seed, split_by=split_by)
@@ -96,7 +98,7 @@ def summarize_folds(test_metrics: list[dict]) -> dict:
     keys: list[str] = []
     for f in flat:
         keys += [k for k in f if k not in keys]
-    return {k: summarize([f.get(k) for f in flat]) for k in keys}
+    return {k: summarize([f.get(k) for f in flat]) for k in keys if any(f.get(k) is not None for f in flat)}
 
 
 _NOT_METRICS = {"n", "n_bootstrap", "n_bootstrap_used"}

@@ -118,6 +118,10 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "a
                    bootstrap: int | None = None, report: bool = True, wait: float = 0) -> Run:
     """Average ``run_dirs`` into the ensemble run ``out`` (see the module docstring)."""
     runs = [Run.load(d) for d in run_dirs]
+    odd = [r for r in runs if r.model.task not in ("binary", "multiclass")]
+    if odd:
+        raise MedxferError(f"'{odd[0].dir}' is a {odd[0].model.task} run: ensembles average class probabilities of "
+                           "binary and multi-class runs only, for now.")
     _check_members(runs)
     weights, choice = choose_weights(runs, method)
     kept = [(r, w) for r, w in zip(runs, weights) if w > 0]

@@ -40,14 +40,18 @@ from medxfer.data.readers import ReadOptions
 from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.inference import OnnxRunner, TorchRunner
 from medxfer.errors import MedxferError
-from medxfer.evaluation.calibration import apply_temperature
+from medxfer.evaluation.tasks import probabilities
 from medxfer.runs import ModelMeta, Run
 
 PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
 FORMATS = ("onnx", "torchscript")
 META_KEYS = ("arch", "source", "labels", "image_size", "data_chans", "in_chans", "mean", "std", "grey_mode",
-             "read", "temperature", "threshold", "positive_label", "strategy", "input", "weights_sha256")
+             "read", "temperature", "threshold", "positive_label", "strategy", "input", "weights_sha256", "task")
+OUTPUTS = {"multilabel": "logits (N, num_findings); P(finding k) = sigmoid(logits[:, k] / temperature[k])",
+           "ordinal": "CORN logits (N, num_grades - 1); z = logits / temperature; P(grade > k) = prod_{j<=k} "
+                      "sigmoid(z_j); P(grade = k) = P(grade > k-1) - P(grade > k)",
+           "other": "logits (N, num_classes); probabilities = softmax(logits / temperature)"}
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +64,7 @@ def contract(meta: ModelMeta) -> dict:
     d = meta.to_dict()
     out = {k: d.get(k) for k in META_KEYS if k in d}
     out["producer"] = producer
-    out["output"] = "logits (N, num_classes); probabilities = softmax(logits / temperature)"
+    out["output"] = OUTPUTS.get(meta.task, OUTPUTS["other"])
     return out
 
 
@@ -91,8 +95,9 @@ def path_images(paths: list[str | Path], meta: ModelMeta, limit: int = MAX_CHECK
 
 
 # ---------------------------------------------------------------------------------------- parity
-def parity(reference: np.ndarray, candidate: np.ndarray, temperature: float) -> dict:
-    p_ref, p_new = apply_temperature(reference, temperature), apply_temperature(candidate, temperature)
+def parity(reference: np.ndarray, candidate: np.ndarray, temperature, task: str = "binary") -> dict:
+    """Largest differences of logits and calibrated probabilities (per class, finding or grade)."""
+    p_ref, p_new = probabilities(task, reference, temperature), probabilities(task, candidate, temperature)
     return {"max_logit_diff": float(np.abs(reference - candidate).max()),
             "max_prob_diff": float(np.abs(p_ref - p_new).max()),
             "same_argmax": float((p_ref.argmax(1) == p_new.argmax(1)).mean())}
@@ -105,7 +110,7 @@ def check_parity(model, run_fn, images: torch.Tensor, meta: ModelMeta, batch: in
     def logits(fn) -> np.ndarray:
         return np.concatenate([fn(images[i:i + batch].float().div_(255).numpy()) for i in range(0, len(images), batch)])
 
-    out = parity(logits(ref_fn), logits(run_fn), meta.temperature or 1.0)
+    out = parity(logits(ref_fn), logits(run_fn), meta.temperature, meta.task)
     out["n_images"] = int(len(images))
     return out
 

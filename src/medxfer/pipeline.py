@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -40,10 +41,10 @@ from medxfer.engine.features import (
     standardize,
 )
 from medxfer.engine.optim import param_groups
+from medxfer.engine.objectives import objective
 from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, resolve_precision, seed_everything
 from medxfer.errors import MedxferError
-from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
-from medxfer.evaluation.metrics import evaluate
+from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
 from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
 from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
@@ -53,6 +54,24 @@ from medxfer.runs import Run, RunDirectory
 from medxfer.tracking import tracking_for
 
 log = logging.getLogger("medxfer.train")
+
+
+def resolve_task(task: str, manifest: Manifest) -> str:
+    """--task as the data allows (auto: multilabel when samples carry several findings, else binary or
+    multiclass by the number of classes)."""
+    if manifest.multilabel:
+        return "multilabel"
+    if task in ("ordinal", "binary", "multiclass"):
+        return task
+    return "binary" if len(manifest.labels) == 2 else "multiclass"
+
+
+def label_text(manifest: Manifest) -> list[str]:
+    """Each sample's label as text: the class, or its findings joined by '|' (empty: none)."""
+    labels, y = manifest.labels, manifest.table["label"].to_numpy(np.int64)
+    if not manifest.multilabel:
+        return [labels[i] for i in y]
+    return ["|".join(n for k, n in enumerate(labels) if (v >> k) & 1) for v in y]
 
 
 def positive_index(labels: list[str], positive_label: str | None) -> int | None:
@@ -153,17 +172,20 @@ class _Job:
         for s, mask in self.prep.masks.items():
             if int(mask.sum()) == 0:
                 raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
-        self.pos = positive_index(self.prep.labels, cfg.data.positive_label)
+        self.task = resolve_task(cfg.data.task, self.prep.manifest)
+        self.pos = positive_index(self.prep.labels, cfg.data.positive_label) if self.task == "binary" else None
         self._check_subgroups()
         seed_everything(cfg.optim.seed)
-        self.model, self.info = build_model(self.spec, len(self.prep.labels), self.prep.images.shape[1],
+        outputs = len(self.prep.labels) - (1 if self.task == "ordinal" else 0)  # CORN: K-1 conditional logits
+        self.model, self.info = build_model(self.spec, outputs, self.prep.images.shape[1],
                                             grey_mode=cfg.model.grey_mode, pretrained=cfg.strategy.pretrained)
         if ctx.is_main:  # weights, best weights, two optimiser moments, the exported copies
             self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in self.model.parameters())
                                 + self.rd.MIN_FREE)
         self.precision = resolve_precision(cfg.optim.precision, ctx.device)
-        log.info("%s from %s: %d train / %d val / %d test images at %d px", cfg.optim.strategy, self.spec.name,
-                 *(int(m.sum()) for m in self.prep.masks.values()), self.size)
+        log.info("%s from %s: %d train / %d val / %d test images at %d px; task %s (%d %s)", cfg.optim.strategy,
+                 self.spec.name, *(int(m.sum()) for m in self.prep.masks.values()), self.size, self.task,
+                 len(self.prep.labels), "findings" if self.task == "multilabel" else "classes")
         result, eval_module, eval_inputs = self._fit_head() if cfg.strategy.feature_cache else self._fit_loop()
         self.model.cpu().eval()
         if cfg.evaluation.tta > 1:  # the views are images: evaluate the whole model on them (features cannot)
@@ -179,11 +201,21 @@ class _Job:
         """Whether mirrored images are allowed (TTA views): --hflip, else the augmentation preset's rule."""
         return bool(self.cfg.optim.hflip if self.cfg.optim.hflip is not None else get_preset(self.cfg.optim.augment).hflip)
 
+    def _class_weights(self) -> torch.Tensor | None:
+        """--class-weights balanced: inverse class frequency (single label) or negatives/positives per finding
+        (multilabel, BCE's pos_weight); ordinal grades are not reweighted."""
+        y, k = self.prep.y[self.prep.masks["train"]], len(self.prep.labels)
+        if self.cfg.optim.class_weights != "balanced" or self.task == "ordinal":
+            return None
+        if self.task == "multilabel":
+            pos = y.sum(0)
+            return (len(y) - pos) / pos.clamp(min=1)
+        counts = torch.bincount(y, minlength=k).float()
+        return counts.sum() / (k * counts.clamp(min=1))
+
     def _settings(self, n_train: int) -> FitSettings:
-        cfg, y, masks = self.cfg, self.prep.y, self.prep.masks
-        counts = torch.bincount(y[masks["train"]], minlength=len(self.prep.labels)).float()
-        weights = (counts.sum() / (len(self.prep.labels) * counts.clamp(min=1))) \
-            if cfg.optim.class_weights == "balanced" else None
+        cfg = self.cfg
+        weights = self._class_weights()
         epochs = cfg.epochs_for(n_train, self.ctx.world)
         signature = {**cfg.training_signature(), "epochs": epochs, "n_train": n_train, "world": self.ctx.world,
                      "data_fingerprint": data_fingerprint(self.prep.manifest, self.prep.images)}
@@ -191,6 +223,7 @@ class _Job:
                            warmup_epochs=cfg.optim.warmup_epochs, patience=cfg.patience_for(n_train, self.ctx.world),
                            average=cfg.optim.average, ema_epochs=cfg.optim.ema_epochs, select=cfg.optim.select,
                            class_weights=weights, precision=self.precision,
+                           objective=objective(self.task, len(self.prep.labels), weights),
                            seed=cfg.optim.seed, checkpoint=self.rd.checkpoint, resume=cfg.runtime.resume,
                            signature=signature, progress=cfg.optim.strategy, handlers=self.handlers)
 
@@ -224,12 +257,26 @@ class _Job:
         param_groups(self.model, "linear-probe", self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
         feats = self._features()
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        search = fit_logistic_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]], seed=cfg.optim.seed,
-                                   class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+        if self.task in ("binary", "multiclass"):
+            search = fit_logistic_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]],
+                                       seed=cfg.optim.seed,
+                                       class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+        else:  # a sigmoid per finding, or CORN: the head trained by the task's loss on the cached features
+            result = self._train_head(f_train, y[m["train"]], f_val, y[m["val"]], progress=None)
+            search = {"C": None, "val_auc": result.best_score}
         fold_standardization(self.model.head(), mu.to(self.ctx.device), sd.to(self.ctx.device))
         self.feature_seconds, self.lp_search = feats["seconds"], search
-        log.info("LP-FT: head fitted on frozen features (C=%s, validation AUC %.3f); fine-tuning everything from it",
-                 search["C"], search["val_auc"])
+        log.info("LP-FT: head fitted on frozen features (validation AUC %.3f); fine-tuning everything from it",
+                 search["val_auc"])
+
+    def _train_head(self, f_train, y_train, f_val, y_val, progress: str | None = "head") -> FitResult:
+        """The head alone on cached features, by AdamW and the task's loss."""
+        settings = self._settings(len(f_train))
+        settings.batch_size, settings.channels_last, settings.progress = max(self.cfg.optim.batch_size, 256), False, \
+            progress
+        settings.checkpoint, settings.handlers = None, []
+        return fit(self.model.head(), param_groups(self.model, "linear-probe", self.cfg.resolved_lr), f_train,
+                   y_train, f_val, y_val, settings, DistContext(device=self.ctx.device))
 
     def _fit_head(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
         """Frozen backbone: features extracted once (cached), the head trained on them."""
@@ -239,9 +286,12 @@ class _Job:
         if cfg.optim.feature_augment == 0 and cfg.optim.augment != "none":
             log.info("linear-probe trains the head on cached features, without augmentation; --feature-augment K "
                      "adds K augmented views of the train set (each costs one more backbone pass over it)")
-        train_y = y[m["train"]].repeat(feats["views"])
+        train_y = y[m["train"]].repeat(feats["views"], *([1] * (y.ndim - 1)))
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        if cfg.optim.head == "logistic":
+        if cfg.optim.head == "logistic" and self.task not in ("binary", "multiclass"):
+            log.info("linear-probe for a %s task: the head is trained by its own loss (AdamW) on the cached "
+                     "features, not by logistic regression", self.task)
+        if cfg.optim.head == "logistic" and self.task in ("binary", "multiclass"):
             t0 = time.perf_counter()
             search = fit_logistic_head(self.model.head(), f_train, train_y, f_val, y[m["val"]], seed=cfg.optim.seed,
                                        class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
@@ -277,28 +327,25 @@ class _Job:
         return out
 
     # -------------------------------------------------------------------------------------- finish
-    def _evaluate(self, module: torch.nn.Module, inputs: torch.Tensor) -> tuple[dict, dict, float, float | None]:
-        """Calibrate and choose the threshold on validation; evaluate val and test."""
-        cfg, prep, labels, pos = self.cfg, self.prep, self.prep.labels, self.pos
+    def _evaluate(self, module: torch.nn.Module, inputs: torch.Tensor) -> tuple[dict, dict, object, object]:
+        """Calibrate and choose the threshold(s) on validation; evaluate val and test."""
+        cfg, prep, labels, pos, task = self.cfg, self.prep, self.prep.labels, self.pos, self.task
         module.cpu()
         parts = {s: prep.masks[s] for s in ("val", "test")}
         logits = {s: predict_logits(module, inputs[mask].cpu()).numpy() for s, mask in parts.items()}
         ys = {s: prep.y[mask].numpy() for s, mask in parts.items()}
-        temperature = fit_temperature(logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" else 1.0
-        probs = {s: apply_temperature(logits[s], temperature) for s in logits}
-        threshold = None
-        if pos is not None:
-            try:
-                threshold = choose_threshold(ys["val"], probs["val"][:, pos], cfg.evaluation.threshold, positive=pos)
-            except MedxferError as e:
-                log.warning("threshold rule '%s' not usable on validation (%s); using 0.5", cfg.evaluation.threshold, e)
-                threshold = 0.5
+        temperature = fit_calibration(task, logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" \
+            else 1.0
+        probs = {s: probabilities(task, logits[s], temperature) for s in logits}
+        threshold = choose_task_threshold(task, ys["val"], probs["val"], cfg.evaluation.threshold, pos)
         t = prep.table
         groups = {s: (t.loc[mask.numpy(), "patient_id"].to_numpy() if prep.manifest.has_patients else None)
                   for s, mask in parts.items()}
-        metrics = {s: evaluate(ys[s], probs[s], labels, positive=pos, threshold=threshold, groups=groups[s],
-                               n_bootstrap=cfg.evaluation.bootstrap if s == "test" else 0, seed=cfg.optim.seed)
+        metrics = {s: evaluate_task(task, ys[s], probs[s], labels, positive=pos, threshold=threshold,
+                                    groups=groups[s], n_bootstrap=cfg.evaluation.bootstrap if s == "test" else 0,
+                                    seed=cfg.optim.seed)
                    for s in logits}
+        metrics["task"] = task
         return metrics, probs, temperature, threshold
 
     def _finish(self, result: FitResult, module, inputs, t_start: float) -> None:
@@ -322,7 +369,7 @@ class _Job:
                 "temperature": temperature, "threshold": threshold,
                 "positive_label": labels[self.pos] if self.pos is not None else None, "strategy": cfg.optim.strategy,
                 "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model",
-                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip}
+                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip, "task": self.task}
         meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
         files.write_json(out / "model.json", meta)
         files.write_yaml(out / "config.yaml", {**cfg.to_dict(), "resolved": self._resolved(result, meta)})
@@ -370,7 +417,7 @@ class _Job:
     def _write_tables(self, out: Path, probs: dict) -> None:
         prep, labels, t = self.prep, self.prep.labels, self.prep.table
         split_cols = ["sample_id", "split", "label"] + (["patient_id"] if prep.manifest.has_patients else [])
-        split_df = t[split_cols].assign(label=[labels[i] for i in t["label"]])
+        split_df = t[split_cols].assign(label=label_text(prep.manifest))
         files.write_csv(out / "split.csv", split_df)
         rows = []
         for s in ("val", "test"):

@@ -8,7 +8,9 @@ Usage::
 
 Images go through exactly the training preprocessing (reader options, size, channels, uint8
 quantisation, per-image intensity scaling for arrays); probabilities are calibrated with the run's
-temperature; ``predicted`` applies the threshold chosen on validation (binary) or the argmax.
+temperature(s); ``predicted`` applies the threshold chosen on validation (binary), the median grade
+(ordinal) or the argmax; a multi-label run gives every finding at its own validation threshold,
+joined by '|' (empty: none).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from medxfer.data.inputs import images_from_arrays, iter_inputs
 from medxfer.data.readers import ReadOptions
 from medxfer.engine.inference import OnnxRunner, TorchRunner
 from medxfer.errors import MedxferError
-from medxfer.evaluation.calibration import apply_temperature
-from medxfer.evaluation.gradcam import decide
+from medxfer.evaluation.gradcam import decide, findings
+from medxfer.evaluation.tasks import probabilities
 from medxfer.files import verify_file
 from medxfer.runs import Run
 
@@ -80,11 +82,12 @@ class Predictor:
         """Logits for uint8 images (N, C, S, S), in batches."""
         out = [self.runner(images[i:i + self.batch_size].float().div_(255).numpy())
                for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        width = len(self.labels) - (1 if self.meta.task == "ordinal" else 0)
+        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
     def probabilities_of(self, images: torch.Tensor) -> np.ndarray:
         """Calibrated probabilities (N, K) for uint8 images already prepared (see :meth:`images`)."""
-        return apply_temperature(self.logits(images), self.meta.temperature or 1.0)
+        return probabilities(self.meta.task, self.logits(images), self.meta.temperature)
 
     def probabilities(self, x) -> np.ndarray:
         """Calibrated probabilities (N, K) for paths, folders, npz files, arrays, tensors or PIL images."""
@@ -100,7 +103,10 @@ class Predictor:
     def frame(self, ids: list[str], probs: np.ndarray) -> pd.DataFrame:
         df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.labels])
         df.insert(0, "sample_id", ids)
-        df["predicted"] = [self.labels[i] for i in self.decide(probs)]
+        if self.meta.task == "multilabel":
+            df["predicted"] = ["|".join(n for n, on in zip(self.labels, row) if on) for row in findings(probs, self.meta)]
+        else:
+            df["predicted"] = [self.labels[i] for i in self.decide(probs)]
         return df
 
     def predict(self, inputs, on_bad_file: str = "error", paths: list | None = None,

@@ -73,9 +73,10 @@ class ModelMeta:
     source: str = ""
     grey_mode: str = "sum"
     read: dict = field(default_factory=dict)
-    temperature: float = 1.0
-    threshold: float | None = None
+    temperature: float | list[float] = 1.0       # multilabel: one per finding
+    threshold: float | list[float] | None = None  # binary: on P(positive); multilabel: one per finding
     positive_label: str | None = None
+    task: str = ""                                # binary | multiclass | multilabel | ordinal ("": by labels)
     strategy: str = ""
     input: str = "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"
     weights_sha256: str | None = None
@@ -95,6 +96,11 @@ class ModelMeta:
         return list(self.extra.get("members") or [])
 
     @property
+    def outputs(self) -> int:
+        """The network's outputs: one per class or finding; K-1 conditional logits for K ordinal grades (CORN)."""
+        return len(self.labels) - (1 if self.task == "ordinal" else 0)
+
+    @property
     def positive_index(self) -> int | None:
         if len(self.labels) == 2 and self.positive_label in self.labels:
             return self.labels.index(self.positive_label)
@@ -112,7 +118,9 @@ class ModelMeta:
             raise MedxferError(f"'{where}' is damaged: it lacks the model's architecture, labels or input contract. "
                                "Train the run again.")
         known = {k: v for k, v in d.items() if k in names}
-        known["temperature"] = float(known.get("temperature") or 1.0)
+        t = known.get("temperature")
+        known["temperature"] = [float(v) for v in t] if isinstance(t, list) else float(t or 1.0)
+        known["task"] = known.get("task") or ("binary" if len(d["labels"]) == 2 else "multiclass")
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
     def replace(self, **kw) -> ModelMeta:
@@ -187,7 +195,7 @@ class Run:
                 if tta and mm.get("tta", 1) > 1:
                     net.members[i] = TTA(net.members[i], mm["tta"], hflip=mm.get("tta_hflip", False))
             return net.eval()
-        model = load_weights(target_model(m.arch, len(m.labels), m.in_chans, m.mean, m.std, m.data_chans),
+        model = load_weights(target_model(m.arch, m.outputs, m.in_chans, m.mean, m.std, m.data_chans),
                              self.dir / "model.safetensors")
         return TTA(model, m.tta, hflip=m.tta_hflip).eval() if tta and m.tta > 1 else model
 

@@ -34,7 +34,8 @@ def print_summary(report: dict) -> None:
     table.add_column("mean ± sd")
     for i in range(report["folds"]):
         table.add_column(f"fold {i}", justify="right")
-    for name in [k for k in _FIRST if k in summary] + [k for k in summary if k not in _FIRST]:
+    shown = [k for k in summary if k not in _FIRST and ("." not in k or k.endswith(".auc"))]  # all in cv.json
+    for name in [k for k in _FIRST if k in summary] + shown:
         s = summary[name]
         table.add_row(name, mean_sd(s), *("-" if v is None else f"{v:.3f}" for v in s["values"]))
     print_wide(table, 40 + 8 * report["folds"])

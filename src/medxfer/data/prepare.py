@@ -28,7 +28,7 @@ from medxfer.data.duplicates import handle_duplicates
 from medxfer.data.loading import Skipped, load_images
 from medxfer.data.manifest import SPLITS, Manifest, check_classes, check_split_classes, check_split_values
 from medxfer.data.readers import ReadOptions
-from medxfer.data.sources import load_manifest
+from medxfer.data.sources import check_task, load_manifest
 from medxfer.data.splits import assign_splits
 from medxfer.errors import MedxferError
 
@@ -55,7 +55,8 @@ class Prepared:
 
     @property
     def y(self) -> torch.Tensor:
-        return torch.tensor(self.table["label"].to_numpy(), dtype=torch.long)
+        """(N,) class indices, or the (N, K) float 0/1 matrix of a multi-label task."""
+        return torch.from_numpy(self.manifest.targets().copy())
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -73,7 +74,11 @@ def load_source_manifest(opts, source: Manifest | None = None) -> Manifest:
             raise MedxferError("no data given: pass --data PATH (an .npz, a folder, a CSV/Parquet manifest, or a "
                                "DICOM folder with --labels) or --config FILE.")
         source = load_manifest(opts.path, label_names=list(opts.label_names) if opts.label_names else None,
-                               labels_csv=opts.labels, on_unlabelled=opts.on_unlabelled)
+                               labels_csv=opts.labels, on_unlabelled=opts.on_unlabelled, task=opts.task,
+                               label_columns=list(opts.label_columns) if opts.label_columns else None,
+                               no_finding=opts.no_finding)
+    else:
+        source = check_task(source, opts.task)
     check_classes(source)
     return source
 
@@ -112,8 +117,12 @@ def label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, se
     t = manifest.table
     rng = np.random.default_rng(seed)
     keep = np.ones(len(t), bool)
-    for label in t["label"].unique():
-        idx = np.flatnonzero((t["split"] == "train").to_numpy() & (t["label"] == label).to_numpy())
+    train = (t["split"] == "train").to_numpy()
+    if manifest.multilabel:  # findings overlap: a random draw of the train images (checked after for positives)
+        idx = np.flatnonzero(train)
+        keep[rng.permutation(idx)[max(2, int(round(len(idx) * fraction))):]] = False
+    for label in ([] if manifest.multilabel else t["label"].unique()):
+        idx = np.flatnonzero(train & (t["label"] == label).to_numpy())
         n = max(2, int(round(len(idx) * fraction)))
         keep[rng.permutation(idx)[n:]] = False
     out = manifest.subset(keep)
@@ -139,7 +148,7 @@ def apply_splits(manifest: Manifest, splits: dict | pd.Series, where: str = "the
                            f"'{sorted(extra)[0]}'). Were they made for other data?")
     t = manifest.table.copy()
     t["split"] = ids.map(lookup).to_numpy()
-    out = Manifest(t, manifest.labels, manifest.origin, manifest.arrays, list(manifest.notes))
+    out = manifest.with_table(t)
     out.notes.append(f"splits from {where}")
     return out
 

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from medxfer.data.dicom import dicom_folder_manifest, has_dicom_preamble
-from medxfer.data.manifest import SPLITS, Manifest, check_split_values, labels_from_values
+from medxfer.data.manifest import (SPLITS, Manifest, check_split_values, labels_from_values, multilabel_from_matrix,
+                                   multilabel_from_text)
 from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id, sample_id
 
@@ -30,8 +31,13 @@ def suffix_of(path: Path) -> str:
 
 
 def load_manifest(path: str | Path, *, label_names: list[str] | None = None, labels_csv: str | Path | None = None,
-                  label_column: str = "label", on_unlabelled: str = "error") -> Manifest:
-    """Read ``path`` into a Manifest, choosing the source kind by what the path is."""
+                  label_column: str = "label", on_unlabelled: str = "error", task: str = "auto",
+                  label_columns: list[str] | None = None, no_finding: str | None = None) -> Manifest:
+    """Read ``path`` into a Manifest, choosing the source kind by what the path is.
+
+    Multi-label data (several findings per sample) is recognised by its labels: an (N, K) array in an
+    npz, ``label_columns`` (or, with ``task="multilabel"``, every column but path/patient_id/split) of
+    0/1 in a table, or a label column of '|'-separated findings."""
     path = Path(path)
     if not path.exists():
         raise MedxferError(f"data path '{path}' does not exist. Give an .npz file, a folder of class sub-folders, "
@@ -39,57 +45,109 @@ def load_manifest(path: str | Path, *, label_names: list[str] | None = None, lab
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".npz":
-            return from_npz(path, label_names)
-        if suffix in (".csv", ".parquet", ".pq"):
-            return from_table(path, label_names, label_column)
-        raise MedxferError(f"data file '{path}' has suffix '{suffix}': medxfer reads .npz, .csv or .parquet "
-                           "manifests, or a folder.")
-    if labels_csv is not None:
-        return from_dicom_folder(path, Path(labels_csv), label_names, on_unlabelled=on_unlabelled)
-    return from_folder(path, label_names)
+            m = from_npz(path, label_names)
+        elif suffix in (".csv", ".parquet", ".pq"):
+            m = from_table(path, label_names, label_column, task=task, label_columns=label_columns,
+                           no_finding=no_finding)
+        else:
+            raise MedxferError(f"data file '{path}' has suffix '{suffix}': medxfer reads .npz, .csv or .parquet "
+                               "manifests, or a folder.")
+    elif labels_csv is not None:
+        m = from_dicom_folder(path, Path(labels_csv), label_names, on_unlabelled=on_unlabelled)
+    else:
+        m = from_folder(path, label_names)
+    return check_task(m, task, label_columns)
+
+
+def check_task(m: Manifest, task: str, label_columns=None) -> Manifest:
+    """Refuse a ``--task`` the labels cannot be (one line saying what the labels are)."""
+    if task == "multilabel" and not m.multilabel:
+        raise MedxferError(f"--task multilabel, but {m.origin} has one class per sample ({len(m.labels)} classes). "
+                           "Give several findings per sample: an (N, K) 0/1 labels array, --label-columns, or a "
+                           "label column of '|'-separated findings.")
+    if task in ("binary", "multiclass", "ordinal") and m.multilabel:
+        raise MedxferError(f"--task {task}, but {m.origin} has several findings per sample ({len(m.labels)}): use "
+                           "--task multilabel (or auto).")
+    if task == "binary" and len(m.labels) != 2:
+        raise MedxferError(f"--task binary, but {m.origin} has {len(m.labels)} classes ({', '.join(m.labels[:6])}). "
+                           "Use --task multiclass, or keep two classes.")
+    if task == "ordinal" and len(m.labels) < 3:
+        raise MedxferError(f"--task ordinal needs at least three ordered grades; {m.origin} has {len(m.labels)}.")
+    if label_columns and not m.multilabel:
+        raise MedxferError("--label-columns is for a CSV/Parquet manifest of multi-label data.")
+    return m
+
+
+def _npz_array(npz, key: str, path: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError:  # object arrays need pickle, which is never allowed
+        raise MedxferError(f"npz '{path}' holds an object (pickled) array in '{key}', which medxfer never loads: save "
+                           "it as a numeric or string array.") from None
+    except (OSError, EOFError, KeyError) as e:
+        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}): the archive is damaged.") from None
+
+
+def _npz_labels(y: np.ndarray, label_names, where: str, n: int) -> tuple[np.ndarray, list[str], bool]:
+    """(labels per sample, names, multilabel) from an npz labels array: (N,) / (N,1) classes, (N,K) 0/1 findings."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if len(y) != n or y.ndim not in (1, 2):
+        raise MedxferError(f"{where} has shape {y.shape} for {n} images; expected (N,) or (N,1) classes, or an (N,K) "
+                           "0/1 array of findings.")
+    if y.ndim == 2:
+        return (*multilabel_from_matrix(y, label_names, where), True)
+    return (*labels_from_values(pd.Series(y), label_names, where), False)
 
 
 def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
-    """A MedMNIST-style npz: ``{train,val,test}_images`` and ``{train,val,test}_labels``."""
+    """An npz in the MedMNIST layout (``{train,val,test}_images`` / ``_labels``), or one ``images`` / ``labels``
+    pair with optional ``label_names`` and ``patient_id`` (medxfer then makes the split). Labels (N,) or
+    (N,1) are classes; (N,K) with K > 1 are K findings (multi-label)."""
     try:
         npz = np.load(path, allow_pickle=False)
         keys = set(npz.files)
     except Exception as e:  # noqa: BLE001 - corrupt archive
         raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from e
     splits = [s for s in SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
-    if "train" not in splits:
+    if "train" not in splits and not {"images", "labels"} <= keys:
         raise MedxferError(
             f"npz '{path}' has keys {sorted(keys)}; medxfer needs train_images and train_labels (and val_/test_ "
-            "for given splits), MedMNIST layout: images (N,H,W) or (N,H,W,3), labels (N,) or (N,1)."
+            "for given splits, MedMNIST layout), or images and labels (optional label_names, patient_id): images "
+            "(N,H,W), (N,H,W,3) or (N,D,H,W), labels (N,), (N,1) or (N,K) 0/1 findings."
         )
+    if label_names is None and "label_names" in keys:
+        label_names = [str(v) for v in _npz_array(npz, "label_names", path)]
+    parts = [(s, f"{s}_images", f"{s}_labels") for s in splits] if "train" in splits else [(None, "images", "labels")]
     images, labels, split_col, ids = [], [], [], []
-    for s in splits:
-        try:
-            x, y = npz[f"{s}_images"], npz[f"{s}_labels"]
-        except ValueError:  # object arrays need pickle, which is never allowed
-            raise MedxferError(f"npz '{path}' holds an object (pickled) array in {s}_images or {s}_labels, which "
-                               "medxfer never loads: save images and labels as numeric arrays.") from None
-        except (OSError, EOFError, KeyError) as e:
-            raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}): the archive is damaged.") from None
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1 or len(y) != len(x):
-            raise MedxferError(f"npz '{path}': {s}_labels has shape {npz[f'{s}_labels'].shape} for {len(x)} images; "
-                               "expected (N,) or (N,1) single-label classes.")
+    for s, xk, yk in parts:
+        x, y = _npz_array(npz, xk, path), _npz_array(npz, yk, path)
         if x.ndim not in (3, 4):
-            raise MedxferError(f"npz '{path}': {s}_images has shape {x.shape}; expected (N,H,W), (N,H,W,3) or (N,D,H,W).")
+            raise MedxferError(f"npz '{path}': {xk} has shape {x.shape}; expected (N,H,W), (N,H,W,3) or (N,D,H,W).")
+        if len(y) != len(x):
+            raise MedxferError(f"npz '{path}': {yk} has shape {y.shape} for {len(x)} images; give one label row per "
+                               "image.")
         images.append(x)
-        labels.append(y)
+        labels.append(y.reshape(len(y), -1) if y.ndim == 2 else y)
         split_col += [s] * len(x)
-        ids += [f"{s}/{i:06d}" for i in range(len(x))]
+        ids += [f"{s}/{i:06d}" if s else f"{i:06d}" for i in range(len(x))]
     arrays = np.concatenate(images)
-    y_idx, names = labels_from_values(pd.Series(np.concatenate(labels)), label_names, f"'{path}'")
+    widths = {lab.shape[1] if lab.ndim == 2 else 1 for lab in labels}
+    if len(widths) > 1:
+        raise MedxferError(f"npz '{path}': the splits' labels have different widths {sorted(widths)}.")
+    y_all = np.concatenate(labels)
+    y_idx, names, multilabel = _npz_labels(y_all, label_names, f"npz '{path}' labels", len(arrays))
     if not label_names:
         names = [str(n) for n in names]
     table = pd.DataFrame({"sample_id": ids, "label": y_idx, "row": np.arange(len(arrays)), "split": split_col})
     if len(splits) < 3:
-        table["split"] = None  # partial splits: make our own from all samples
-    return Manifest(table, names, f"npz:{path}", arrays=arrays)
+        table["split"] = None  # partial or no splits: make our own from all samples
+    if "patient_id" in keys:
+        pid = _npz_array(npz, "patient_id", path)
+        if len(pid) != len(arrays):
+            raise MedxferError(f"npz '{path}': patient_id has {len(pid)} entries for {len(arrays)} images.")
+        table["patient_id"] = [hash_id(str(v)) for v in pid]
+    return Manifest(table, names, f"npz:{path}", arrays=arrays, multilabel=multilabel)
 
 
 def is_image_file(f: Path) -> bool:
@@ -143,41 +201,56 @@ def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
     return m
 
 
-def from_table(path: Path, label_names: list[str] | None = None, label_column: str = "label") -> Manifest:
+def from_table(path: Path, label_names: list[str] | None = None, label_column: str = "label", *,
+               task: str = "auto", label_columns: list[str] | None = None, no_finding: str | None = None) -> Manifest:
     """A CSV/Parquet with ``path,label`` and optional ``patient_id``, ``split`` (paths relative to it).
 
-    Other columns are kept (for ``--split-by COLUMN`` and subgroup results). Samples are named by
-    the pseudonymous :func:`medxfer.privacy.sample_id` of the ``path`` value; messages name
-    manifest rows by number, never by path.
+    Multi-label: ``label_columns`` of 0/1 (with ``task="multilabel"`` and no ``label`` column: every
+    column but path/patient_id/split), or a ``label`` column of '|'-separated findings (``no_finding``
+    names the value meaning none). Other columns are kept (for ``--split-by COLUMN`` and subgroup
+    results). Samples are named by the pseudonymous :func:`medxfer.privacy.sample_id` of the ``path``
+    value; messages name manifest rows by number, never by path.
     """
     try:
         df = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except Exception as e:  # noqa: BLE001
         raise MedxferError(f"cannot read manifest '{path}' ({type(e).__name__}).") from e
-    missing_cols = [c for c in ("path", label_column) if c not in df.columns]
+    if label_columns is None and task == "multilabel" and label_column not in df.columns:
+        label_columns = [c for c in df.columns if c not in ("path", "patient_id", "split", "sample_id")]
+    needed = ["path"] + (list(label_columns) if label_columns else [label_column])
+    missing_cols = [c for c in needed if c not in df.columns]
     if missing_cols:
         raise MedxferError(f"manifest '{path}' lacks column(s) {missing_cols}; it has {list(df.columns)}. "
-                           f"Needed: path,{label_column}; optional: patient_id, split.")
+                           f"Needed: path,{label_column} (or --label-columns); optional: patient_id, split.")
     files = [(path.parent / p).resolve() for p in df["path"].astype(str)]
     absent = [i for i, f in enumerate(files) if not f.exists()]
     if absent:
         raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: data row {absent[0] + 1}); "
                            "paths are relative to the manifest's folder. Fix the paths or remove those rows.")
-    y, names = labels_from_values(df[label_column], label_names, f"'{path}'")
+    multilabel = bool(label_columns) or task == "multilabel" or no_finding is not None or (
+        df[label_column].dtype == object and df[label_column].astype(str).str.contains("|", regex=False).any())
+    if label_columns:
+        y, names = multilabel_from_matrix(df[list(label_columns)].to_numpy(), label_names or list(label_columns),
+                                          f"--label-columns ({','.join(label_columns)}) of '{path}'")
+    elif multilabel:
+        y, names = multilabel_from_text(df[label_column], label_names, no_finding, f"'{path}'")
+    else:
+        y, names = labels_from_values(df[label_column], label_names, f"'{path}'")
     rel = df["path"].astype(str)
     table = pd.DataFrame({"sample_id": [sample_id(p) for p in rel], "path": [str(f) for f in files], "label": y})
     if "patient_id" in df:
         table["patient_id"] = [hash_id(v) if pd.notna(v) and str(v).strip() else None for v in df["patient_id"]]
     if "split" in df:
         table["split"] = check_split_values(df["split"], f"manifest '{path}'").to_numpy()
+    used = {"path", label_column, "patient_id", "split", "sample_id", *(label_columns or ())}
     for col in df.columns:
-        if col not in ("path", label_column, "patient_id", "split", "sample_id") and col not in table:
+        if col not in used and col not in table:
             table[col] = df[col].to_numpy()  # extra columns: --split-by COLUMN, subgroups
     if rel.duplicated().any():
         dup = int(np.flatnonzero(rel.duplicated().to_numpy())[0])
         raise MedxferError(f"manifest '{path}' lists one file twice (data row {dup + 1} repeats an earlier row); "
                            "each file may appear once.")
-    return Manifest(table, names, f"table:{path}")
+    return Manifest(table, names, f"table:{path}", multilabel=multilabel)
 
 
 def from_dicom_folder(root: Path, labels_csv: Path, label_names: list[str] | None = None,
@@ -207,22 +280,20 @@ def from_arrays(images, labels, *, label_names: list[str] | None = None, splits=
     named ``images/<index>``."""
     images = np.asarray(images)
     y = np.asarray(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if images.ndim not in (3, 4) or y.ndim != 1 or len(y) != len(images):
+    if images.ndim not in (3, 4) or y.ndim not in (1, 2) or len(y) != len(images):
         raise MedxferError(f"in-memory data: images of shape {images.shape} and labels of shape {y.shape}; give images "
-                           "(N,H,W), (N,H,W,3) or (N,D,H,W) and N labels.")
-    idx, names = labels_from_values(pd.Series(y), label_names, "the labels given")
+                           "(N,H,W), (N,H,W,3) or (N,D,H,W) and N labels (or an (N,K) 0/1 array of findings).")
+    idx, names, multilabel = _npz_labels(y, label_names, "the labels given", len(images))
     table = pd.DataFrame({"sample_id": [f"images/{i:06d}" for i in range(len(y))], "label": idx,
                           "row": np.arange(len(y))})
     if splits is not None:
         table["split"] = check_split_values(pd.Series(list(splits), dtype=object), "the splits given").to_numpy()
     if patient_ids is not None:
         table["patient_id"] = [hash_id(str(v)) for v in patient_ids]
-    return Manifest(table, [str(n) for n in names], "arrays", arrays=images)
+    return Manifest(table, [str(n) for n in names], "arrays", arrays=images, multilabel=multilabel)
 
 
-def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".") -> Manifest:
+def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".", **kw) -> Manifest:
     """A DataFrame like a CSV manifest (path, label[, patient_id, split, ...]); paths relative to ``root``."""
     import tempfile
 
@@ -232,6 +303,6 @@ def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str
         frame = df.copy()
         frame["path"] = [str((root / str(p)).resolve()) for p in frame["path"]] if "path" in frame else None
         frame.to_csv(csv, index=False)
-        m = from_table(csv, label_names)
+        m = from_table(csv, label_names, **kw)
     m.origin = "dataframe"
     return m

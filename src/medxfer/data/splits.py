@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medxfer.data.manifest import Manifest
+from medxfer.data.multilabel_split import multilabel_kfold, multilabel_split
 from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id
 
@@ -58,14 +59,20 @@ def assign_splits(manifest: Manifest, seed: int = 0, split_by: str | None = "aut
         if groups is not None:
             check_leakage(manifest, groups, hashed=split_by in ("auto", "patient_id"))
         return manifest
+    t = manifest.table.copy()
+    if manifest.multilabel:  # iterative stratification over every finding, patients kept whole
+        t["split"] = multilabel_split(manifest.targets(), groups=groups, seed=seed)
+        out = manifest.with_table(t)
+        out.notes.append(f"made a multi-label stratified{' patient-grouped' if groups is not None else ''} 70/15/15 "
+                         f"split with seed {seed}")
+        return out
     y = manifest.table["label"].to_numpy()
     counts = np.bincount(y)
     if counts[counts > 0].min() < N_PARTS // 4 and groups is None:
         raise MedxferError(f"the smallest class has {counts[counts > 0].min()} images: too few to split into "
                            "train/val/test. Give the splits in the manifest or add images.")
-    t = manifest.table.copy()
     t["split"] = _make_split(y, groups, seed)
-    out = Manifest(t, manifest.labels, manifest.origin, manifest.arrays, list(manifest.notes))
+    out = manifest.with_table(t)
     out.notes.append(f"made a stratified{' patient-grouped' if groups is not None else ''} 70/15/15 split with seed {seed}")
     return out
 
@@ -117,4 +124,6 @@ def kfold(manifest: Manifest, k: int, seed: int = 0, split_by: str | None = "aut
     """Stratified (group) k-fold: the fold index of each row; one patient is never in two folds."""
     if k < 2:
         raise MedxferError(f"The 'folds' parameter must be at least 2. Got {k} instead.")
+    if manifest.multilabel:
+        return multilabel_kfold(manifest.targets(), groups=_groups(manifest, split_by), k=k, seed=seed)
     return _folds(manifest.table["label"].to_numpy(), _groups(manifest, split_by), k, seed)

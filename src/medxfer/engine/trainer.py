@@ -36,6 +36,7 @@ from medxfer.engine.handlers import (
     read_loop_checkpoint,
 )
 from medxfer.engine.loop import Loop, Step
+from medxfer.engine.objectives import Objective
 from medxfer.engine.optim import build_optimizer, warmup_cosine
 
 
@@ -60,6 +61,7 @@ class FitSettings:
     signature: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
     progress: str | None = None            # a progress bar with this title (main rank)
     handlers: list = field(default_factory=list)   # the caller's handlers (they see each epoch's validation)
+    objective: Objective | None = None     # loss and validation scores (default: cross-entropy, class_weights)
 
 
 @dataclass
@@ -153,8 +155,7 @@ class SupervisedStep(Step):
         self.scheduler = warmup_cosine(self.optimizer, s.epochs * self.steps_per_epoch,
                                        max(1, int(s.warmup_epochs * self.steps_per_epoch)))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.precision == "fp16" and ctx.device.type == "cuda")
-        weights = None if s.class_weights is None else s.class_weights.to(ctx.device)
-        self.loss_fn = nn.CrossEntropyLoss(weight=weights)
+        self.loss_fn = (s.objective or Objective("single", 0, s.class_weights)).loss
         self.gen = torch.Generator().manual_seed(s.seed)
 
     def batches(self, epoch: int):
@@ -217,13 +218,11 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
     if s.channels_last and x_train.dtype == torch.uint8 and x_train.ndim == 4:
         model.to(memory_format=torch.channels_last)
     step = SupervisedStep(model, groups, x_train, y_train, s, ctx)
-    y_val_np = y_val.numpy()
+    obj = s.objective or Objective("single", 0, s.class_weights)
 
     def evaluate(module: nn.Module) -> dict:
         logits = predict_logits(module, x_val, s.eval_batch_size, s.precision, device, s.channels_last)
-        return {"val_loss": float(nn.functional.cross_entropy(logits, y_val).item()),
-                "val_auc": auc_of(y_val_np, logits.softmax(1).numpy()),
-                "lr": step.optimizer.param_groups[-1]["lr"]}
+        return {**obj.validate(logits, y_val), "lr": step.optimizer.param_groups[-1]["lr"]}
 
     swa = s.average == "swa"  # SWA keeps the average of the last epochs: no early stop, no best-epoch restore
     stopper = EarlyStopping(model, s.epochs + 1 if swa else s.patience, s.select, restore=not swa)

@@ -118,8 +118,11 @@ def _counts(run: Run) -> dict:
 def _details(run: Run) -> str:
     labels, pos, m, meta = _labels(run), _pos(run), run.metrics, run.model
     src = run.resolved.get("source") or {}
-    task = (f"binary classification: {labels[pos]} (positive) vs {labels[1 - pos]}" if pos is not None
-            else f"{len(labels)}-class classification: {', '.join(labels)}")
+    task = {"multilabel": f"multi-label classification of {len(labels)} findings (any number per image): "
+                          f"{', '.join(labels)}",
+            "ordinal": f"ordinal grading into {len(labels)} ordered grades: {' < '.join(labels)}"}.get(
+        meta.task, f"binary classification: {labels[pos]} (positive) vs {labels[1 - pos]}" if pos is not None
+        else f"{len(labels)}-class classification: {', '.join(labels)}")
     domain = src.get("domain")
     learned = DOMAINS.get(domain, domain or "not recorded")
     weights = src.get("weights")
@@ -158,8 +161,11 @@ def _intended(run: Run) -> str:
     augment = run.config.optim.augment
     modality = (f" The training used the `{augment}` augmentation preset, so the images were taken to be {augment} "
                 "images." if augment not in ("none", "light", "strong", "generic") else "")
-    out = (f"P({labels[pos]}) with an operating point (threshold {_f(_threshold(run))}) chosen on validation"
-           if pos is not None else "a probability for each class (the highest is the prediction)")
+    out = {"multilabel": "a probability for each finding, each called present at its own threshold chosen on "
+                         "validation",
+           "ordinal": "a probability for each grade; the predicted grade is the median of that distribution"}.get(
+        meta.task, f"P({labels[pos]}) with an operating point (threshold {_f(_threshold(run))}) chosen on validation"
+        if pos is not None else "a probability for each class (the highest is the prediction)")
     tta = getattr(meta, "tta", 1) or 1
     return "\n".join([
         "### Intended use",
@@ -177,8 +183,10 @@ def _intended(run: Run) -> str:
         "",
         "- Populations, sites, scanners, protocols or image types unlike the training data (other modality or "
         "view, other age groups, other disease prevalence): performance there is unknown.",
-        f"- Findings outside the classes {', '.join(labels)}: the model always answers one of them; it cannot say "
-        "\"none of these\" or \"image unreadable\".",
+        (f"- Findings outside {', '.join(labels)}: the model does not look for them, so no finding called present "
+         "does not mean a normal image." if meta.task == "multilabel" else
+         f"- Findings outside the classes {', '.join(labels)}: the model always answers one of them; it cannot say "
+         "\"none of these\" or \"image unreadable\"."),
         "- Images much larger than the input size whose diagnosis depends on fine detail (they are resized to "
         f"{meta.image_size} px), and screening use without a prospective evaluation at the intended prevalence.",
     ])
@@ -232,13 +240,18 @@ def _evaluation(run: Run) -> str:
     pats = (_counts(run).get("test") or {}).get("patients")
     head = (f"Test split: {n} images ({', '.join(f'{c}: {per[c]}' for c in labels if c in per)})"
             + (f" of {pats} patients" if pats else "") + ", never used for training or choosing settings.")
-    if pos is not None:
+    if run.model.task == "multilabel":
+        return _evaluation_multilabel(run, head)
+    if run.model.task == "ordinal":
+        names = [("qwk", "quadratic weighted kappa"), ("mae", "mean absolute error (grades)"),
+                 ("accuracy", "exact-grade accuracy (median grade)"), ("auc", "mean AUC of the grade >= k cuts")]
+    elif pos is not None:
         head += (f" Operating point: the threshold rule `{run.config.evaluation.threshold}` applied on the validation "
                  f"split gives threshold **{_f(_threshold(run))}** on P({labels[pos]}); an image at or above it is "
                  f"called {labels[pos]}.")
         names = [("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"),
                  ("npv", "NPV"), ("balanced_accuracy", "balanced accuracy")]
-    else:
+    if pos is None and run.model.task != "ordinal":
         names = [("auc", "macro AUC (one-vs-rest)"), ("accuracy", "accuracy"),
                  ("balanced_accuracy", "balanced accuracy"), ("f1", "macro F1")]
     rows = [[name, _ci(test, key), _f(val.get(key))] for key, name in names]
@@ -276,6 +289,34 @@ def _subgroups(subgroups: dict) -> str:
     return "\n".join(parts)
 
 
+def _evaluation_multilabel(run: Run, head: str) -> str:
+    test, val, labels = run.metrics.get("test") or {}, run.metrics.get("val") or {}, _labels(run)
+    pats = (_counts(run).get("test") or {}).get("patients")
+    head = (f"Test split: {test.get('n', '?')} images" + (f" of {pats} patients" if pats else "")
+            + ", never used for training or choosing settings.")
+    rows = [[name, _ci(test, key), _f(val.get(key))] for key, name in
+            (("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"), ("macro_average_precision", "macro average "
+             "precision"), ("macro_f1", "macro F1"), ("subset_accuracy", "subset accuracy"))]
+    per = test.get("per_label") or {}
+    label_rows = [[c, (per.get(c) or {}).get("n_pos", "?"), _ci(per.get(c) or {}, "auc"),
+                   _ci(per.get(c) or {}, "sensitivity"), _ci(per.get(c) or {}, "specificity"),
+                   _f((per.get(c) or {}).get("threshold")),
+                   "" if (per.get(c) or {}).get("evaluable", True) else "too rare to evaluate"] for c in labels]
+    temp = run.metrics.get("temperature", run.model.temperature)
+    cal = (f"a temperature per finding fitted on validation ({_f(min(temp))}–{_f(max(temp))})"
+           if isinstance(temp, list) else f"temperature {_f(temp)}")
+    parts = [head + " Each finding is called present at its own threshold, chosen on validation by the rule "
+             f"`{run.config.evaluation.threshold}`.", "",
+             _table(["metric", "test (95% CI)", "validation"], rows), "",
+             _table(["finding", "test positives", "AUC (95% CI)", "sensitivity", "specificity", "threshold", "note"],
+                    label_rows),
+             f"\nCalibration: {cal if run.config.evaluation.calibrate != 'none' else 'none (raw sigmoid)'}."]
+    if test.get("n_bootstrap"):
+        unit = "patient" if test.get("bootstrap_unit") == "group" else "image"
+        parts.append(f"\nIntervals: 95% percentile bootstrap, {test['n_bootstrap']} resamples by {unit}.")
+    return "\n".join(parts)
+
+
 def limitations(run: Run, subgroups: dict | None = None) -> list[str]:
     """The known limitations of this run, derived from its data and results (one sentence each)."""
     test, val, labels = run.metrics.get("test") or {}, run.metrics.get("val") or {}, _labels(run)
@@ -288,13 +329,19 @@ def limitations(run: Run, subgroups: dict | None = None) -> list[str]:
         out.append("No confidence intervals were computed: the test figures have no stated uncertainty.")
     train = (counts.get("train") or {}).get("per_class") or {}
     sizes = {c: train.get(c, 0) for c in labels}
+    if run.model.task == "multilabel":
+        rare = [c for c, r in (test.get("per_label") or {}).items() if not r.get("evaluable", True)]
+        if rare:
+            out.append(f"Rare findings: {', '.join(rare)} have fewer than 10 positive (or negative) test images; "
+                       "their results are not evaluable and rest on few cases.")
+        sizes = {}
     if sizes and min(sizes.values()) > 0 and max(sizes.values()) / min(sizes.values()) >= IMBALANCE:
         big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
         out.append(f"Class imbalance: {big} outnumbers {small} {sizes[big] / sizes[small]:.1f} to 1 in training; the "
                    "PPV and NPV hold only at the test set's prevalence and change at another.")
     total = sum(sizes.values())
     per_test = test.get("n_per_class") or {}
-    for c in labels:
+    for c in (labels if sizes else []):
         t_n = per_test.get(c)
         share = sizes.get(c, 0) / total if total else None
         if (t_n is not None and t_n < RARE_TEST) or (share is not None and share < RARE_SHARE):

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from medxfer.errors import MedxferError, did_you_mean
-from medxfer.evaluation.calibration import apply_temperature
+from medxfer.evaluation.ordinal import predict_grade
+from medxfer.evaluation.tasks import probabilities
 from medxfer.evaluation.plots import to_png
 
 __all__ = ["class_index", "decide", "default_layer", "explain_images", "feature_map_size", "overlay",
@@ -116,11 +117,28 @@ def feature_map_size(model: nn.Module, meta, layer: str | None = None) -> tuple[
 
 def decide(probs: np.ndarray, meta) -> np.ndarray:
     """Predicted class indices: the run's validation threshold on the positive class for a binary run,
-    else the argmax. The one decision rule of predict, report, explain and serve."""
+    the median grade for an ordinal one, else the argmax; for a multi-label run, the finding furthest above
+    its threshold (the one Grad-CAM explains by default; :func:`findings` gives them all). The one decision
+    rule of predict, report, explain and serve."""
+    task = getattr(meta, "task", "")
+    if task == "multilabel":
+        return (probs - np.asarray(_thresholds(meta, probs.shape[1]))).argmax(1)
+    if task == "ordinal":
+        return predict_grade(probs)
     pos = meta.positive_index
     if pos is not None and meta.threshold is not None:
         return np.where(probs[:, pos] >= meta.threshold, pos, 1 - pos)
     return probs.argmax(1)
+
+
+def _thresholds(meta, k: int) -> list[float]:
+    t = meta.threshold
+    return [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t if t is not None else 0.5)] * k
+
+
+def findings(probs: np.ndarray, meta) -> np.ndarray:
+    """Multi-label: (N, K) booleans, each finding at its threshold chosen on validation."""
+    return probs >= np.asarray(_thresholds(meta, probs.shape[1]))
 
 
 def predict_classes(model: nn.Module, meta, images) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +147,7 @@ def predict_classes(model: nn.Module, meta, images) -> tuple[np.ndarray, np.ndar
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy() if len(x) else \
             np.zeros((0, len(meta.labels)))
-    probs = apply_temperature(logits, meta.temperature or 1.0)
+    probs = probabilities(meta.task, logits, meta.temperature)
     return probs, decide(probs, meta)
 
 

@@ -242,3 +242,33 @@ def learning_curve_figure(curve: dict) -> Figure:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def roc_grid_figure(y, probs, labels, thresholds=None, columns: int = 4) -> Figure:
+    """Multi-label: one small ROC per finding (test AUC in the title; dot: the validation threshold)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, probs = np.asarray(y) > 0.5, np.asarray(probs, dtype=float)
+    k = probs.shape[1]
+    rows = -(-k // columns)
+    fig = Figure(figsize=(2.4 * columns, 2.3 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for j, ax in enumerate(axes):
+        if j >= k:
+            ax.axis("off")
+            continue
+        yj, pj = y[:, j], probs[:, j]
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=0.8)
+        if 0 < yj.sum() < len(yj):
+            fpr, tpr, _ = roc_curve(yj, pj)
+            ax.plot(fpr, tpr, color="C0")
+            title = f"{labels[j]}\nAUC {roc_auc_score(yj, pj):.3f} ({int(yj.sum())} pos.)"
+            if thresholds is not None:
+                sens, fpr_t, _ = _binary_point(yj, pj, float(thresholds[j]))
+                ax.plot([fpr_t], [sens], color="C3", **_OP_STYLE)
+        else:
+            title = f"{labels[j]}\nno AUC ({int(yj.sum())} pos.)"
+        ax.set_title(title, fontsize=8)
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        ax.tick_params(labelsize=6)
+    return fig

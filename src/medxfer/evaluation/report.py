@@ -33,6 +33,7 @@ from medxfer.evaluation import html, plots
 from medxfer.evaluation.calibration import apply_temperature, reliability_curve
 from medxfer.evaluation.gradcam import decide, default_layer, explain_images, feature_map_size, overlay
 from medxfer.evaluation.metrics import confusion_rates
+from medxfer.evaluation.report_tasks import findings_section, ordinal_section
 from medxfer.evaluation.subgroups import read_subgroups, subgroup_section
 from medxfer.runs import Run
 
@@ -71,9 +72,23 @@ class _Test:
     temperature: float
 
 
+def label_matrix(values, labels: list[str]) -> np.ndarray:
+    """Multi-label: the 'A|B' texts of predictions.csv (empty or missing: none) as an (N, K) 0/1 matrix."""
+    col = {name: k for k, name in enumerate(labels)}
+    y = np.zeros((len(values), len(labels)))
+    for i, v in enumerate(values):
+        for name in (str(v).split("|") if isinstance(v, str) and v else []):
+            y[i, col[name]] = 1
+    return y
+
+
 def _test_split(run: Run) -> _Test:
     labels = [str(x) for x in run.model.labels]
     test = run.test_predictions
+    if run.model.task == "multilabel":
+        probs = test[[f"prob_{c}" for c in labels]].to_numpy(dtype=float)
+        return _Test(labels, label_matrix(test["label"], labels), probs, decide(probs, run.model),
+                     test["sample_id"].astype(str).tolist(), None, None, 1.0)
     index = {name: i for i, name in enumerate(labels)}
     y = np.array([index[str(v)] for v in test["label"]], dtype=int)
     probs = test[[f"prob_{c}" for c in labels]].to_numpy(dtype=float)
@@ -135,13 +150,24 @@ def _source_section(run: Run, t: _Test) -> str:
           ("input contract", f"{meta.image_size} px, {inp.get('data_channels', meta.data_chans)} data channel(s) "
                              f"-> {inp.get('model_channels', meta.in_chans)} model channel(s) "
                              f"({inp.get('grey_mode', meta.grey_mode)}), mean {meta.mean} std {meta.std}"),
-          ("calibration", f"temperature {t.temperature:.3f} (fitted on validation)"
-           if cfg.evaluation.calibrate != "none" else "none"),
+          ("calibration", _calibration_text(run) if cfg.evaluation.calibrate != "none" else "none"),
           ("operating point", f"{cfg.evaluation.threshold} on validation -> threshold {html.num(t.threshold)} on "
-                              f"P({t.labels[t.pos]})" if t.pos is not None else "argmax"),
+                              f"P({t.labels[t.pos]})" if t.pos is not None else _decision_text(run)),
           ("train time", f"{m.get('train_seconds')} s ({m.get('train_images_per_s')} images/s)"),
           ("seed / torch", f"{cfg.optim.seed} / {run.resolved.get('torch', '?')}")]
     return html.table(None, [[f"<b>{html.esc(a)}</b>", html.esc(b)] for a, b in kv], 9)
+
+
+def _calibration_text(run: Run) -> str:
+    temp = run.metrics.get("temperature", run.model.temperature)
+    if isinstance(temp, list):
+        return f"a temperature per finding, {min(temp):.3f}–{max(temp):.3f} (fitted on validation)"
+    return f"temperature {float(temp or 1.0):.3f} (fitted on validation)"
+
+
+def _decision_text(run: Run) -> str:
+    return {"multilabel": f"a threshold per finding ({run.config.evaluation.threshold} on validation)",
+            "ordinal": "the median grade"}.get(run.model.task, "argmax")
 
 
 def _curves_section(run: Run, figs: _Figures, t: _Test) -> str:
@@ -301,6 +327,13 @@ def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=Non
     """
     run = run if isinstance(run, Run) else Run.load(run)
     figs, t = _Figures(run.dir / "plots"), _test_split(run)
+    if run.model.task == "multilabel":
+        return _write(run, title, [("data", "Data (images with each finding)", _data_section(run, t)),
+                                   ("source", "Source and strategy", _source_section(run, t)),
+                                   ("training", "Training curves", _curves_section(run, figs, t)),
+                                   ("findings", "Per finding", findings_section(run, figs, t.y, t.probs)),
+                                   ("gradcam", "Grad-CAM", "<p>Grad-CAM explains one finding at a time: <code>"
+                                    "medxfer explain RUN IMAGES --class FINDING</code>.</p>")] + list(extra or []))
     sections = [("data", "Data", _data_section(run, t)),
                 ("source", "Source and strategy", _source_section(run, t)),
                 ("training", "Training curves", _curves_section(run, figs, t)),
@@ -311,12 +344,20 @@ def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=Non
                 ("gradcam", "Grad-CAM gallery", _gallery_or_note(run, figs, t, gradcam, test_images, data))]
     if subgroups := read_subgroups(run):
         sections.insert(7, ("subgroups", "Subgroups", subgroup_section(subgroups)))
-    sections += list(extra or [])
+    if run.model.task == "ordinal":
+        sections.insert(7, ("ordinal", "Ordinal metrics", ordinal_section(run)))
+    return _write(run, title, sections + list(extra or []))
+
+
+def _write(run: Run, title: str | None, sections: list) -> Path:
     test = run.metrics.get("test", {})
     headline = f"test AUC {html.num(test.get('auc'))}" + (
         f" (95% CI {test['auc_ci'][0]:.3f}–{test['auc_ci'][1]:.3f})" if test.get("auc_ci") else "")
-    intro = (f"<p>{html.esc(run.config.optim.strategy)} from <b>{html.esc(run.metrics.get('source'))}</b>, classes "
-             f"{html.esc(', '.join(t.labels))}: <b>{headline}</b>. "
+    what = {"multilabel": "findings", "ordinal": "grades"}.get(run.model.task, "classes")
+    if run.model.task == "multilabel":
+        headline = headline.replace("test AUC", "test macro AUC")
+    intro = (f"<p>{html.esc(run.config.optim.strategy)} from <b>{html.esc(run.metrics.get('source'))}</b>, {what} "
+             f"{html.esc(', '.join(str(c) for c in run.model.labels))}: <b>{headline}</b>. "
              f"<span class='muted'>Written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</span></p>")
     if (run.dir / "model_card.md").is_file():
         intro += ("<p>Model card (intended use, data, metrics, limitations): "

@@ -328,6 +328,8 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
         for i, (row, c) in enumerate(zip(probs, classes)):
             item = {"index": i, "probabilities": {lab: float(p) for lab, p in zip(model.labels, row)},
                     "predicted": model.labels[c], "predicted_probability": float(row[c])}
+            if model.meta.task == "multilabel":  # every finding at its own threshold; 'predicted': the strongest
+                item["findings"] = model.findings(row[None])[0]
             if pngs is not None:
                 item["gradcam_png_base64"] = base64.b64encode(pngs[i]).decode("ascii")
             out.append(item)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from medxfer.data.readers import supported_suffixes
 from medxfer.errors import BadFileError, MedxferError
-from medxfer.evaluation.gradcam import explain_images, feature_map_size, overlay
+from medxfer.evaluation.gradcam import explain_images, feature_map_size, findings, overlay
 from medxfer.predict import Predictor
 from medxfer.serve.errors import ApiError
 
@@ -174,9 +174,18 @@ class ServedModel:
             return []
         return self._p.decide(probs).astype(int).tolist()
 
+    def findings(self, probs: np.ndarray) -> list[list[str]]:
+        """Multi-label runs: the findings at or above their validation thresholds, per image."""
+        return [[lab for lab, on in zip(self.labels, row) if on] for row in findings(np.asarray(probs), self.meta)]
+
     def decision(self) -> dict:
         """How ``predicted`` is chosen, for clients: threshold on the positive class, or argmax."""
         thr, pos = self.meta.threshold, self.meta.positive_label
+        if self.meta.task == "multilabel":
+            return {"rule": "threshold per finding (see 'findings')", "threshold": list(thr or []),
+                    "positive_label": None}
+        if self.meta.task == "ordinal":
+            return {"rule": "median grade", "threshold": None, "positive_label": None}
         if len(self.labels) == 2 and thr is not None and pos is not None and str(pos) in self.labels:
             return {"rule": "threshold", "threshold": float(thr), "positive_label": str(pos)}
         return {"rule": "argmax", "threshold": None, "positive_label": None if pos is None else str(pos)}
