@@ -60,6 +60,10 @@ class Options:
             if value is None:
                 continue
             choices = meta.get("choices") or _literal(hints[f.name])
+            typed = [c for c in (choices or ()) if not isinstance(c, str) and str(c) == str(value).strip()]
+            if value not in (choices or ()) and typed:  # the command line gives text: '3' for the choice 3
+                value = typed[0]
+                object.__setattr__(self, f.name, value)
             if choices and value not in choices:
                 raise MedxferError(f"The '{flag[2:]}' parameter must be one of {list(choices)}. Got {value!r} instead."
                                    f"{did_you_mean(str(value), [str(c) for c in choices])}")
@@ -164,6 +168,12 @@ class ModelOptions(Options):
                                     low=8, high=2048)
     grey_mode: Literal["sum", "replicate"] = option("sum", "Grey images into an RGB source: sum the stem's RGB "
                                                     "weights into one channel, or replicate grey to 3 channels.")
+    spatial_dims: int = option(2, "3: a true 3-D model for volumes (npz (N,D,H,W), NIfTI), resized to SxSxS with "
+                               "--image-size S; the 2-D source is inflated to 3-D (--inflate). 2: volumes become 2-D "
+                               "by --slice.", choices=(2, 3))
+    inflate: Literal["i3d", "acs"] = option("i3d", "--spatial-dims 3: how 2-D kernels become 3-D: i3d (each kernel "
+                                            "repeated over depth, divided by depth) or acs (axial/coronal/sagittal "
+                                            "2-D kernels).")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
     if isinstance(data, TrainConfig):
         config, data = data, None
     cfg = (config or TrainConfig()).replace(**options)
+    cfg = _volume_options(cfg)
     source = None
     if isinstance(data, (str, Path)):
         cfg = cfg.replace(data=str(data))
@@ -120,6 +121,17 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
         run = _train_job(cfg, source, splits, [*(handlers or []), tracker.handler])
         tracker.log_run(run)
     return run
+
+
+def _volume_options(cfg: TrainConfig) -> TrainConfig:
+    """--spatial-dims 3 reads volumes whole (--slice volume); the two only go together."""
+    if cfg.model.spatial_dims == 3:
+        if cfg.evaluation.tta > 1:
+            raise MedxferError("--tta views are 2-D: a 3-D model (--spatial-dims 3) is evaluated without --tta.")
+        return cfg if cfg.data.slice == "volume" else cfg.replace(slice="volume")
+    if cfg.data.slice == "volume":
+        raise MedxferError("--slice volume keeps volumes whole: train them with --spatial-dims 3.")
+    return cfg
 
 
 def _train_job(cfg: TrainConfig, source: Manifest | None, splits, handlers: list) -> Run | None:
@@ -177,8 +189,13 @@ class _Job:
         self._check_subgroups()
         seed_everything(cfg.optim.seed)
         outputs = len(self.prep.labels) - (1 if self.task == "ordinal" else 0)  # CORN: K-1 conditional logits
+        if (self.prep.images.dim() == 5) != (cfg.model.spatial_dims == 3):
+            raise MedxferError("--spatial-dims 3 needs volumes (an npz of (N,D,H,W) arrays, or NIfTI files); these "
+                               "samples are 2-D images." if cfg.model.spatial_dims == 3 else
+                               "these samples are volumes kept whole: train them with --spatial-dims 3.")
         self.model, self.info = build_model(self.spec, outputs, self.prep.images.shape[1],
-                                            grey_mode=cfg.model.grey_mode, pretrained=cfg.strategy.pretrained)
+                                            grey_mode=cfg.model.grey_mode, pretrained=cfg.strategy.pretrained,
+                                            spatial_dims=cfg.model.spatial_dims, inflate=cfg.model.inflate)
         if ctx.is_main:  # weights, best weights, two optimiser moments, the exported copies
             self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in self.model.parameters())
                                 + self.rd.MIN_FREE)
@@ -368,8 +385,11 @@ class _Job:
                 "std": model.std.flatten().tolist(), "grey_mode": info["grey_mode"], "read": prep.read.key(),
                 "temperature": temperature, "threshold": threshold,
                 "positive_label": labels[self.pos] if self.pos is not None else None, "strategy": cfg.optim.strategy,
-                "input": "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model",
-                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip, "task": self.task}
+                "input": f"float32 (N, C, {', '.join(['S'] * cfg.model.spatial_dims)}) in [0, 1]; normalisation is "
+                         "inside the model",
+                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip, "task": self.task,
+                "spatial_dims": cfg.model.spatial_dims, "inflate": cfg.model.inflate if cfg.model.spatial_dims == 3
+                else None}
         meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
         files.write_json(out / "model.json", meta)
         files.write_yaml(out / "config.yaml", {**cfg.to_dict(), "resolved": self._resolved(result, meta)})

@@ -77,6 +77,8 @@ class ModelMeta:
     threshold: float | list[float] | None = None  # binary: on P(positive); multilabel: one per finding
     positive_label: str | None = None
     task: str = ""                                # binary | multiclass | multilabel | ordinal ("": by labels)
+    spatial_dims: int = 2                         # 3: volumes (N, C, S, S, S) into an inflated 3-D network
+    inflate: str | None = None                    # how the 2-D source became 3-D: i3d | acs
     strategy: str = ""
     input: str = "float32 (N, C, S, S) in [0, 1]; normalisation is inside the model"
     weights_sha256: str | None = None
@@ -195,7 +197,8 @@ class Run:
                 if tta and mm.get("tta", 1) > 1:
                     net.members[i] = TTA(net.members[i], mm["tta"], hflip=mm.get("tta_hflip", False))
             return net.eval()
-        model = load_weights(target_model(m.arch, m.outputs, m.in_chans, m.mean, m.std, m.data_chans),
+        model = load_weights(target_model(m.arch, m.outputs, m.in_chans, m.mean, m.std, m.data_chans,
+                                          m.spatial_dims, m.inflate or "i3d"),
                              self.dir / "model.safetensors")
         return TTA(model, m.tta, hflip=m.tta_hflip).eval() if tta and m.tta > 1 else model
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medxfer.data.intensity import parse_slice
 from medxfer.data.loading import Skipped, decode_arrays
 from medxfer.data.readers import PILReader, read_image
 from medxfer.data.sources import is_image_file
@@ -105,6 +106,11 @@ def images_from_arrays(x, size: int, chans: int, read) -> torch.Tensor:
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise MedxferError(f"images must be numbers (uint8 or float). Got an array of dtype {arr.dtype}.")
+    if parse_slice(read.slice) == "volume":  # a 3-D model: volumes (D, H, W) or (N, D, H, W)
+        arr = arr[None] if arr.ndim == 3 else arr
+        if arr.ndim != 4 or min(arr.shape) < 1:
+            raise MedxferError(f"volumes of shape {arr.shape}: this 3-D model takes (D, H, W) or (N, D, H, W).")
+        return match_channels_uint8(decode_arrays(arr, size, read, where="the volumes given").images, chans)
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 4 and arr.shape[1] in (1, 3):

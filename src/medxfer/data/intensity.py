@@ -103,12 +103,12 @@ def parse_frame(value: str):
 
 @lru_cache(maxsize=64)
 def parse_slice(value: str):
-    """'middle' | 'mip' | 'orthogonal' -> same string; 'index N' -> ('index', N)."""
-    allowed = "'middle', 'index N' (such as 'index 12'), 'mip' or 'orthogonal'"
+    """'middle' | 'mip' | 'orthogonal' | 'volume' -> same string; 'index N' -> ('index', N)."""
+    allowed = "'middle', 'index N' (such as 'index 12'), 'mip', 'orthogonal' or 'volume' (3-D)"
     if not isinstance(value, str):
         raise _bad("slice", allowed, value)
     text = value.strip().lower()
-    if text in ("middle", "mip", "orthogonal"):
+    if text in ("middle", "mip", "orthogonal", "volume"):
         return text
     match = re.fullmatch(r"index\s+(\d+)", text)
     if match:
@@ -234,7 +234,8 @@ def volume_to_2d(vol: np.ndarray, opts, *, path: str | Path | None = None) -> np
     'middle': slice D // 2 (C=1); 'index N': slice N (C=1); 'mip': maximum intensity projection
     along D (C=1); 'orthogonal': the three mid-planes (axial ``vol[D//2]``, coronal
     ``vol[::-1, H//2, :]``, sagittal ``vol[::-1, :, W//2]``), the last two bilinearly resized to
-    (H, W), as 3 channels. Values are unchanged (apply :func:`to_unit_range` after).
+    (H, W), as 3 channels; 'volume': the whole volume kept for a 3-D model, (1, D, H, W). Values are
+    unchanged (apply :func:`to_unit_range` after).
     ``path``: name the file in errors (raises BadFileError instead of MedxferError).
     """
     choice = parse_slice(opts.slice)
@@ -250,6 +251,8 @@ def volume_to_2d(vol: np.ndarray, opts, *, path: str | Path | None = None) -> np
         if path is not None:
             raise BadFileError(path, message)
         raise MedxferError(f"The 'slice' option must be below {depth}: {message}.")
+    if choice == "volume":
+        return vol[None] if vol.ndim == 3 else vol[:, None]
     if vol.ndim == 3:
         return _one_volume(vol, choice)
     if choice == "orthogonal":

@@ -118,7 +118,10 @@ def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | 
             reader.read(path, opts, size=size)
     except NonFinitePixels as e:
         raise BadFileError(path, str(e)) from None
-    if arr.ndim != 3 or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
+    want = 4 if parse_slice(opts.slice) == "volume" else 3   # (C, D, H, W) for a 3-D model, else (C, H, W)
+    if arr.ndim == 3 and want == 4:
+        raise BadFileError(path, "a 2-D image, where this 3-D model takes volumes (NIfTI, or npz (N,D,H,W))")
+    if arr.ndim != want or arr.shape[0] not in (1, 3) or min(arr.shape[1:]) < 1:
         raise BadFileError(path, f"unexpected image shape {tuple(arr.shape)}")
     return np.ascontiguousarray(np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0))
 

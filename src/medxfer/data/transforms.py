@@ -28,8 +28,15 @@ PRESETS = {
 
 
 def resize_to_uint8(x: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """Float images in [0, 1], (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear."""
+    """Float images in [0, 1], (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear; volumes
+    (N, C, D, H, W) -> (N, C, size, size, size), trilinear (area-averaged when shrinking)."""
     x = torch.as_tensor(x, dtype=torch.float32)
+    if x.dim() == 5:
+        if x.shape[-3:] != (size, size, size):
+            shrink = all(s >= size for s in x.shape[-3:])
+            x = F.interpolate(x, size=(size, size, size), mode="area" if shrink else "trilinear",
+                              **({} if shrink else {"align_corners": False}))
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -54,8 +61,8 @@ def match_channels_uint8(x: torch.Tensor, chans: int) -> torch.Tensor:
     if x.shape[1] == chans:
         return x
     if chans == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    w = torch.tensor(GREY_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1)
+        return x.expand(-1, 3, *([-1] * (x.dim() - 2))).contiguous()
+    w = torch.tensor(GREY_WEIGHTS, dtype=torch.float32).view(1, 3, *([1] * (x.dim() - 2)))
     return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 

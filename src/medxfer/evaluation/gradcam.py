@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medxfer.errors import MedxferError, did_you_mean
@@ -87,8 +88,9 @@ def _as_float(images) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
     if x.ndim == 3:
         x = x[:, None]
-    if x.ndim != 4:
-        raise MedxferError(f"Grad-CAM needs images of shape (N, C, S, S). Got shape {tuple(x.shape)} instead.")
+    if x.ndim not in (4, 5):
+        raise MedxferError(f"Grad-CAM needs images (N, C, S, S) or volumes (N, C, S, S, S). Got shape "
+                           f"{tuple(x.shape)} instead.")
     return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
@@ -111,7 +113,7 @@ def feature_map_size(model: nn.Module, meta, layer: str | None = None) -> tuple[
     """The target layer's name and the spatial size of its output at the run's input size (``meta``: a
     :class:`~medxfer.runs.ModelMeta`)."""
     name, module = resolve_layer(model, layer, meta.image_size)
-    x = torch.zeros(1, meta.data_chans, meta.image_size, meta.image_size)
+    x = torch.zeros(1, meta.data_chans, *([meta.image_size] * getattr(meta, "spatial_dims", 2)))
     return name, _output_shape(model, module, x)[2:]
 
 
@@ -185,6 +187,8 @@ def explain_images(model: nn.Module, meta, images_uint8, layer: str | None = Non
         classes = np.full(len(x), class_index(meta, target_class))
     _check_spatial(model, module, x[:1], layer)
     model.eval()
+    if x.dim() == 5:
+        return _volume_cams(model, module, x, classes, batch_size)
     maps = []
     with GradCAM(model=model, target_layers=[module]) as cam:
         for i in range(0, len(x), batch_size):
@@ -196,16 +200,59 @@ def explain_images(model: nn.Module, meta, images_uint8, layer: str | None = Non
 
 def _check_spatial(model, module, x, layer) -> None:
     shape = _output_shape(model, module, x)
-    if len(shape) != 4:
+    if len(shape) != x.dim():
         raise MedxferError(f"Grad-CAM needs a layer with a (N, C, H, W) output; layer '{layer or 'default'}' gives "
                            f"shape {shape}. Pass --layer with a convolutional stage, e.g. one of: "
                            f"{', '.join(_some_layers(model.net if hasattr(model, 'net') else model))}.")
 
 
+def _volume_cams(model: nn.Module, module: nn.Module, x: torch.Tensor, classes, batch_size: int) -> np.ndarray:
+    """Grad-CAM of volumes: the layer's activations weighted by their depth/height/width-averaged gradients
+    for each image's class, ReLU, trilinearly upsampled to the input, each scaled to [0, 1] -> (N, D, H, W).
+    (Written out rather than taken from pytorch-grad-cam, whose 3-D path orders the output axes differently.)"""
+    seen = {}
+
+    def hook(m, i, o):
+        seen["a"] = o
+        o.register_hook(lambda g: seen.__setitem__("g", g))
+
+    handle = module.register_forward_hook(hook)
+    out = []
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].clone().requires_grad_(True)
+            logits = model(xb)
+            idx = torch.as_tensor(np.asarray(classes[i:i + batch_size]), dtype=torch.long)
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, idx[:, None]).sum().backward()
+            a, g = seen["a"].detach(), seen["g"].detach()
+            cam = torch.relu((g.mean(dim=(2, 3, 4), keepdim=True) * a).sum(1, keepdim=True))
+            cam = F.interpolate(cam, size=tuple(x.shape[-3:]), mode="trilinear", align_corners=False)[:, 0]
+            top = cam.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
+            out.append((cam / top).numpy())
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    return np.clip(np.nan_to_num(np.concatenate(out)), 0, 1).astype(np.float32)
+
+
+def mid_planes(vol: np.ndarray) -> np.ndarray:
+    """A volume (..., D, H, W) as its three mid-planes side by side: axial | coronal | sagittal (..., H, W + D + D),
+    each plane resized to H rows when D differs (nearest)."""
+    vol = np.asarray(vol)
+    d, h, w = vol.shape[-3:]
+    axial, coronal, sagittal = vol[..., d // 2, :, :], vol[..., ::-1, h // 2, :], vol[..., ::-1, :, w // 2]
+    rows = np.linspace(0, d - 1, h).round().astype(int)  # depth rows to H rows (cubic volumes: unchanged)
+    return np.concatenate([axial, coronal[..., rows, :], sagittal[..., rows, :]], axis=-1)
+
+
 def overlay(image, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """A grey (or RGB) image (C, S, S) uint8 / (S, S) with a jet-coloured map on top -> RGB float (S, S, 3)."""
+    """A grey (or RGB) image (C, S, S) uint8 / (S, S) with a jet-coloured map on top -> RGB float (S, S, 3).
+    A volume (C, D, H, W) with a map (D, H, W) is drawn as its three mid-planes (:func:`mid_planes`)."""
     from matplotlib import colormaps  # matplotlib: only when an overlay is drawn
 
+    if np.ndim(cam) == 3:
+        image, cam = mid_planes(image), mid_planes(cam)
     img = np.asarray(image, dtype=np.float32)
     if img.ndim == 3:
         img = img.mean(0) if img.shape[0] != 3 else img.transpose(1, 2, 0)
@@ -229,6 +276,8 @@ def save_overlays(images_uint8, maps: np.ndarray, out_dir: str | Path, names: li
         fig = Figure(figsize=(6, 3.4), layout="constrained")
         axes = fig.subplots(1, 2)
         img = images[i].astype(np.float32) / 255.0
+        if img.ndim == 4:  # a volume: its mid-planes
+            img = mid_planes(img)
         if img.ndim == 3 and img.shape[0] == 3:
             axes[0].imshow(img.transpose(1, 2, 0))
         else:

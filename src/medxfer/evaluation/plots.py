@@ -178,7 +178,9 @@ def reliability_figure(curves: list[tuple[str, dict]]) -> Figure:
 
 def gallery_figure(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], columns: int = 4) -> Figure:
     """A grid of Grad-CAM overlays: one row per (row title, [(RGB image (S, S, 3), caption), ...])."""
-    fig = Figure(figsize=(2.2 * columns + 0.4, 2.75 * len(rows)), layout="constrained")
+    aspect = max([t[0].shape[1] / t[0].shape[0] for _, tiles in rows for t in tiles] or [1.0])  # volumes: 3 planes
+    fig = Figure(figsize=(2.2 * columns * min(aspect, 1.6) + 0.4, (2.2 / max(aspect / 1.6, 1.0) + 0.55) * len(rows)),
+                 layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(rows), columns, squeeze=False))
     for r, (title, tiles) in enumerate(rows):
         for c in range(columns):

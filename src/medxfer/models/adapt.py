@@ -24,17 +24,19 @@ from medxfer.models.weights import source_state_dict
 class MedxferNet(nn.Module):
     """A timm network with the source's input normalisation in front of it."""
 
-    def __init__(self, net: nn.Module, mean, std, data_chans: int):
+    def __init__(self, net: nn.Module, mean, std, data_chans: int, spatial_dims: int = 2):
         super().__init__()
         self.net = net
         self.data_chans = data_chans
         self.net_chans = len(mean)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.spatial_dims = spatial_dims
+        shape = (1, -1) + (1,) * spatial_dims
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.net_chans:
-            x = x.expand(-1, self.net_chans, -1, -1)  # grey replicated to the RGB stem
+            x = x.expand(-1, self.net_chans, *([-1] * (x.dim() - 2)))  # grey replicated to the RGB stem
         return (x - self.mean) / self.std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +56,12 @@ def grey_contract(mean, std) -> tuple[tuple[float], tuple[float]]:
 
 
 def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mode: str = "sum",
-                pretrained: bool = True, drop_rate: float = 0.0) -> tuple[MedxferNet, dict]:
+                pretrained: bool = True, drop_rate: float = 0.0, spatial_dims: int = 2,
+                inflate: str = "i3d") -> tuple[MedxferNet, dict]:
     """Create the target model from ``spec``; returns it and a record of what was loaded.
+
+    ``spatial_dims=3``: the 2-D network (with the source's 2-D weights) is inflated to 3-D by
+    ``inflate`` (``i3d`` or ``acs``, :mod:`medxfer.models.inflate`) and takes volumes (N, C, D, H, W).
 
     ``grey_mode`` for 1-channel data: ``sum`` (stem weights summed over RGB, timm ``in_chans=1``)
     or ``replicate`` (grey copied to three channels). Raises when the source's backbone keys do not
@@ -82,7 +88,12 @@ def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mod
         if sd is not None:
             info.update(_load_backbone(net, sd, spec, net_chans))
             info["weights_sha256"] = digest
-    return MedxferNet(net, mean, std, data_chans), info
+    if spatial_dims == 3:
+        from medxfer.models.inflate import inflate_to_3d  # timm's layer classes: only for volumes
+
+        inflate_to_3d(net, inflate)
+        info.update(spatial_dims=3, inflate=inflate)
+    return MedxferNet(net, mean, std, data_chans, spatial_dims), info
 
 
 def _init_new_head(net: nn.Module) -> None:
@@ -127,12 +138,17 @@ def _head_prefixes(net: nn.Module) -> list[str]:
     return [clf] if isinstance(clf, str) else list(clf)
 
 
-def target_model(arch: str, num_outputs: int, in_chans: int, mean, std, data_chans: int) -> MedxferNet:
+def target_model(arch: str, num_outputs: int, in_chans: int, mean, std, data_chans: int, spatial_dims: int = 2,
+                 inflate: str = "i3d") -> MedxferNet:
     """The target network of a trained run, with random weights (load them with :func:`load_weights`)."""
     import timm
 
     net = timm.create_model(arch, pretrained=False, num_classes=num_outputs, in_chans=in_chans)
-    return MedxferNet(net, mean, std, data_chans)
+    if spatial_dims == 3:
+        from medxfer.models.inflate import inflate_to_3d
+
+        inflate_to_3d(net, inflate)
+    return MedxferNet(net, mean, std, data_chans, spatial_dims)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
