@@ -90,7 +90,7 @@ def medxfer_train(data: Path, out: Path, cache: Path, extra: list[str], log) -> 
            "--seed", "0", "--batch-size", "64", "--cache-dir", str(cache / "decode"), "--out", str(out),
            # the peer trains on the same images (MedMNIST has a few exact duplicates across splits) and
            # writes no report: the comparison is the training job itself
-           "--allow-duplicates", "--no-report", *extra]
+           "--duplicates", "allow", "--no-report", *extra]
     r = run_child(cmd, log)
     m = json.loads((out / "metrics.json").read_text())
     r.update({"tool": "medxfer", "test_auc": m["test"]["auc"], "balanced_accuracy": m["test"].get("balanced_accuracy"),
@@ -122,7 +122,7 @@ def predict_child(run_dir: str, engine: str, passes: int, data: str) -> None:
     from medxfer.predict import Predictor
 
     p = Predictor(run_dir, engine=engine, batch_size=64)
-    x = arrays_to_uint8(np.load(data)["test_images"], p.meta["image_size"], ReadOptions(**p.meta["read"]))
+    x = arrays_to_uint8(np.load(data)["test_images"], p.meta.image_size, ReadOptions(**p.meta.read))
     p.probabilities(x)  # warm-up (onnxruntime allocations, torch first-call costs)
     t0 = time.perf_counter()
     for _ in range(passes):

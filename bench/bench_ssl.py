@@ -28,7 +28,7 @@ def step_seconds(model, opt, aug, x, gen, channels_last: bool) -> float:
     model.to(memory_format=fmt)
     t0 = time.perf_counter()
     v1, v2 = (aug(x, gen).contiguous(memory_format=fmt) for _ in range(2))
-    loss = model.loss(v1, v2, 0)
+    loss = model(v1, v2, 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -48,8 +48,8 @@ def main() -> None:
     results = {}
     for size in (int(s) for s in a.sizes.split(",")):
         torch.manual_seed(0)
-        backbone, _, _ = build_backbone(SSLConfig(data="-", out="-", init="efficientnet_lite0.in1k",
-                                                  image_size=size), 1)
+        backbone, _, _ = build_backbone(SSLConfig.create(data="-", out="-", source="efficientnet_lite0.in1k",
+                                                         image_size=size), 1)
         model = SSLModel(backbone, "simclr", backbone.net.num_features)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         aug, gen = SSLAugment(), torch.Generator().manual_seed(0)
