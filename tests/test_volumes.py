@@ -128,3 +128,70 @@ def test_3d_mismatches_are_refused_with_one_line(small_npz, small_adrenal, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------ DICOM series
+def _write_series(folder: Path, vol_hu: np.ndarray, uid: str, shuffle_seed: int = 0) -> None:
+    """A CT series of axial slices (int16 stored, slope 1, intercept -1024), written in a shuffled order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(shuffle_seed).permutation(len(vol_hu))
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, uid
+        ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "MRN-0042", "CT"
+        ds.Rows, ds.Columns = vol_hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(2.5 * k)]
+        ds.InstanceNumber = int(n + 1)           # file order, not anatomy: sorting must use the position
+        ds.PixelData = (vol_hu[k] + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{n:03d}.dcm", enforce_file_format=True)
+
+
+def test_a_dicom_series_folder_is_one_volume_sorted_by_position(tmp_path):
+    pytest.importorskip("pydicom")
+    from medxfer.data.readers import read_image
+
+    vol = np.zeros((6, 8, 8), np.float32)
+    for k in range(6):
+        vol[k] = -1000 + 300 * k                 # each slice its own HU value, rising with position
+    _write_series(tmp_path / "series", vol, "1.2.3.4")
+    out = read_image(tmp_path / "series", ReadOptions(slice="volume", window="-200,1400"))
+    assert out.shape == (1, 6, 8, 8)
+    means = out[0].mean(axis=(1, 2))
+    assert np.all(np.diff(means) > 0)            # sorted by ImagePositionPatient, not by file or InstanceNumber
+    linear = (vol[:, 0, 0] - (-200 - 0.5)) / (1400 - 1) + 0.5   # DICOM's LINEAR window (PS3.3 C.11.2.1.2)
+    np.testing.assert_allclose(means, np.clip(linear, 0, 1), atol=1e-5)
+
+
+def test_series_folders_train_and_predict_without_leaking_names(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from medxfer.predict import Predictor
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(24):
+        label = i % 2
+        vol = rng.normal(-500, 50, (6, 8, 8)).astype(np.float32)
+        vol[2:4, 2:6, 2:6] += 600 * label        # a bright lesion in the positives
+        _write_series(tmp_path / f"Doe_Jane_{i:02d}", vol, f"1.2.3.{i}", shuffle_seed=i)
+        rows.append({"path": f"Doe_Jane_{i:02d}", "label": ["normal", "mass"][label],
+                     "split": ["train", "train", "val", "test"][(i // 2) % 4]})
+    pd.DataFrame(rows).to_csv(tmp_path / "series.csv", index=False)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "series.csv"), "--epochs", "2", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    df = Predictor(out).predict([str(tmp_path / "Doe_Jane_03")])
+    assert len(df) == 1 and not df["sample_id"][0].startswith("Doe")
+    for f in ("predictions.csv", "split.csv", "metrics.json", "model_card.md", "train.log"):
+        text = (out / f).read_text()
+        assert "Doe" not in text and "MRN-0042" not in text and "Jane" not in text

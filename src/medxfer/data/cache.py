@@ -52,8 +52,13 @@ def default_cache_dir() -> Path:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns)."""
+    """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns). A folder (a DICOM
+    series) digests its files' names and digests, in name order."""
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        parts = [f"{name}:{file_digest(os.path.join(path, name))}" for name in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, name))]
+        return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
     st = os.stat(path)
     memo = (path, st.st_size, st.st_mtime_ns)
     with _digests_lock:

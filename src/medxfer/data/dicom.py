@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medxfer.data.intensity import check_pixels, parse_window, select_frame, to_unit_range
+from medxfer.data.intensity import MAX_VOXELS, check_pixels, parse_window, select_frame, to_unit_range
 from medxfer.errors import BadFileError, MedxferError, did_you_mean
 from medxfer.privacy import hash_id, sample_id
 
@@ -370,3 +370,70 @@ def dicom_folder_manifest(folder: Path, labels_csv: Path | None, *, label_key: s
         raise MedxferError(f"no labelled DICOM file found under '{folder}'.")
     columns = ["path", "label", "patient_id"] + (["split"] if rows and "split" in rows[0] else [])
     return pd.DataFrame(rows, columns=columns), skipped_df
+
+
+# ---------------------------------------------------------------------------------------- series
+def series_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (by suffix or preamble; DICOMDIR and hidden files ignored)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.name != "DICOMDIR"
+                  and (f.suffix.lower() in (".dcm", ".dicom") or has_dicom_preamble(f)))
+
+
+def read_dicom_series(folder: str | Path, opts) -> np.ndarray:
+    """A folder holding one DICOM series -> float32 (1, D, H, W) in [0, 1] (a 3-D sample).
+
+    Slices are sorted by their position along the slice normal (ImagePositionPatient projected on
+    the cross product of ImageOrientationPatient's row and column directions), else by InstanceNumber;
+    each slice gets its Modality LUT (CT in HU); the window (``opts.window``; 'auto': the first
+    slice's header window) or the intensity rule then applies to the whole volume, so slices keep
+    their relative intensities. MONOCHROME1 is inverted. One series per folder: a folder mixing series
+    or slice sizes is refused."""
+    folder = Path(folder)
+    pydicom = _import_pydicom()
+    from pydicom.pixels import apply_modality_lut
+
+    files = series_files(folder)
+    if not files:
+        raise BadFileError(folder, "no DICOM files in this series folder")
+    heads = []
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                heads.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except Exception:  # noqa: BLE001 - pydicom raises many types for corrupt headers
+            raise BadFileError(f, "corrupt or truncated DICOM file") from None
+    if len({str(h.get("SeriesInstanceUID", "")) for h in heads}) > 1:
+        raise BadFileError(folder, "the folder holds slices of more than one series; give one series per folder")
+    try:
+        sizes = {(int(h.Rows), int(h.Columns)) for h in heads}
+    except (AttributeError, TypeError, ValueError):
+        raise BadFileError(folder, "a slice's header lacks valid Rows/Columns") from None
+    if len(sizes) > 1:
+        raise BadFileError(folder, f"slices of different sizes {sorted(sizes)} in one series")
+    (rows, cols), = sizes
+    check_pixels(folder, len(files), rows, cols, limit=MAX_VOXELS)
+    order = np.argsort(_slice_positions(heads), kind="stable")
+    slices, first = [], None
+    for i in order:
+        ds = pydicom.dcmread(files[i])
+        arr = _decode(files[i], ds, None).astype(np.float32)
+        if arr.ndim != 2:
+            raise BadFileError(files[i], f"a series slice must be one grey frame; got shape {arr.shape}")
+        slices.append(apply_modality_lut(arr, ds).astype(np.float32) if _has_rescale(ds) else arr)
+        first = first or ds
+    vol = np.stack(slices)
+    window = _header_window(first) if parse_window(opts.window) == "auto" else None
+    out = to_unit_range(vol, opts, dicom_window=window)
+    if str(first.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return out[None]
+
+
+def _slice_positions(heads) -> np.ndarray:
+    try:
+        row, col = (np.asarray(v, float) for v in np.reshape(np.asarray(heads[0].ImageOrientationPatient, float), (2, 3)))
+        normal = np.cross(row, col)
+        return np.array([float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for h in heads])
+    except (AttributeError, TypeError, ValueError):
+        return np.array([float(h.get("InstanceNumber") or i) for i, h in enumerate(heads)])

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medxfer.data.dicom import series_files
 from medxfer.data.intensity import parse_slice
 from medxfer.data.loading import Skipped, decode_arrays
 from medxfer.data.readers import PILReader, read_image
-from medxfer.data.sources import is_image_file
+from medxfer.data.sources import is_image_file, suffix_of
 from medxfer.data.transforms import match_channels, match_channels_uint8, resize_to_uint8
 from medxfer.errors import BadFileError, MedxferError
 from medxfer.privacy import sample_id
@@ -51,6 +52,9 @@ def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_ba
                     if skipped is not None:
                         skipped += got.skipped
                     yield [s for s, kept in zip(ids, got.keep) if kept], match_channels_uint8(got.images, chans)
+        elif item.is_dir() and parse_slice(read.slice) == "volume":  # 3-D: NIfTI files, and series folders
+            files += sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in (".nii", ".nii.gz"))
+            files += [d for d in sorted([item, *(d for d in item.rglob("*") if d.is_dir())]) if series_files(d)]
         elif item.is_dir():
             files += sorted(f for f in item.rglob("*") if is_image_file(f))
         else:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medxfer.data.dicom import has_dicom_preamble, read_dicom
+from medxfer.data.dicom import has_dicom_preamble, read_dicom, read_dicom_series
 from medxfer.data.intensity import (
     MAX_PIXELS,
     MAX_VOXELS,
@@ -108,6 +108,8 @@ def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | 
     NaN or infinite pixels.
     """
     path = Path(path)
+    if path.is_dir() and parse_slice(opts.slice) == "volume":   # a folder of DICOM slices: one 3-D sample
+        return np.ascontiguousarray(np.clip(read_dicom_series(path, opts), 0.0, 1.0))
     if not path.is_file():
         raise BadFileError(path, "file not found")
     if path.stat().st_size == 0:

@@ -317,6 +317,7 @@ def _evaluation_multilabel(run: Run, head: str) -> str:
     return "\n".join(parts)
 
 
+# long (64 lines): one sentence per kind of limitation, in the card's order; split up, the list would scatter
 def limitations(run: Run, subgroups: dict | None = None) -> list[str]:
     """The known limitations of this run, derived from its data and results (one sentence each)."""
     test, val, labels = run.metrics.get("test") or {}, run.metrics.get("val") or {}, _labels(run)

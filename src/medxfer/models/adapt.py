@@ -145,7 +145,7 @@ def target_model(arch: str, num_outputs: int, in_chans: int, mean, std, data_cha
 
     net = timm.create_model(arch, pretrained=False, num_classes=num_outputs, in_chans=in_chans)
     if spatial_dims == 3:
-        from medxfer.models.inflate import inflate_to_3d
+        from medxfer.models.inflate import inflate_to_3d  # imports timm's layer classes: only for volumes
 
         inflate_to_3d(net, inflate)
     return MedxferNet(net, mean, std, data_chans, spatial_dims)
