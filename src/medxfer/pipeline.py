@@ -36,6 +36,7 @@ from medxfer.engine.features import (
     extract_features,
     feature_cache_dir,
     fit_logistic_head,
+    fit_logistic_heads,
     fold_standardization,
     source_key_parts,
     standardize,
@@ -274,11 +275,11 @@ class _Job:
         param_groups(self.model, "linear-probe", self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
         feats = self._features()
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        if self.task in ("binary", "multiclass"):
-            search = fit_logistic_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]],
-                                       seed=cfg.optim.seed,
-                                       class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
-        else:  # a sigmoid per finding, or CORN: the head trained by the task's loss on the cached features
+        if self.task in ("binary", "multiclass", "multilabel"):
+            fit_head = fit_logistic_heads if self.task == "multilabel" else fit_logistic_head
+            search = fit_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]], seed=cfg.optim.seed,
+                              class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+        else:  # CORN: the head trained by the task's loss on the cached features
             result = self._train_head(f_train, y[m["train"]], f_val, y[m["val"]], progress=None)
             search = {"C": None, "val_auc": result.best_score}
         fold_standardization(self.model.head(), mu.to(self.ctx.device), sd.to(self.ctx.device))
@@ -305,13 +306,14 @@ class _Job:
                      "adds K augmented views of the train set (each costs one more backbone pass over it)")
         train_y = y[m["train"]].repeat(feats["views"], *([1] * (y.ndim - 1)))
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        if cfg.optim.head == "logistic" and self.task not in ("binary", "multiclass"):
-            log.info("linear-probe for a %s task: the head is trained by its own loss (AdamW) on the cached "
-                     "features, not by logistic regression", self.task)
-        if cfg.optim.head == "logistic" and self.task in ("binary", "multiclass"):
+        if cfg.optim.head == "logistic" and self.task == "ordinal":
+            log.info("linear-probe for an ordinal task: the CORN head is trained by its own loss (AdamW) on the "
+                     "cached features, not by logistic regression")
+        if cfg.optim.head == "logistic" and self.task != "ordinal":
             t0 = time.perf_counter()
-            search = fit_logistic_head(self.model.head(), f_train, train_y, f_val, y[m["val"]], seed=cfg.optim.seed,
-                                       class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+            fit_head = fit_logistic_heads if self.task == "multilabel" else fit_logistic_head  # one per finding
+            search = fit_head(self.model.head(), f_train, train_y, f_val, y[m["val"]], seed=cfg.optim.seed,
+                              class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
             result = FitResult(history=[{"epoch": 1, "C": search["C"], "val_auc": search["val_auc"]}], best_epoch=1,
                                best_score=search["val_auc"], seconds=time.perf_counter() - t0, epochs=0)
             log.info("logistic head: C=%s chosen on validation (AUC %.3f)", search["C"], search["val_auc"])

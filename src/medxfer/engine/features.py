@@ -137,6 +137,41 @@ def fit_logistic_head(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, s
     return {"C_grid": list(C_GRID), "val_auc_per_C": [scores[c_] for c_ in C_GRID], "C": c, "val_auc": scores[c]}
 
 
+def fit_logistic_heads(linear: torch.nn.Linear, x_train, y_train, x_val, y_val, seed: int = 0,
+                       class_weight: str | None = None) -> dict:
+    """Multi-label: one logistic regression per finding on standardised features, one C for all chosen by
+    the validation macro AUC; copied into ``linear`` (row k: finding k's logit). A finding without
+    positive (or negative) training images gets zero weights and its training prevalence as bias."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    xt, xv = x_train.numpy(), x_val.numpy()
+    yt, yv = y_train.numpy() > 0.5, y_val.numpy() > 0.5
+    k = yt.shape[1]
+    learnable = [j for j in range(k) if 0 < yt[:, j].sum() < len(yt)]
+    scored = [j for j in learnable if 0 < yv[:, j].sum() < len(yv)]
+    best, scores = None, {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for c in C_GRID:
+            fits = {j: LogisticRegression(C=c, max_iter=3000, class_weight=class_weight, random_state=seed)
+                    .fit(xt, yt[:, j]) for j in learnable}
+            scores[c] = float(np.mean([roc_auc_score(yv[:, j], fits[j].decision_function(xv)) for j in scored])) \
+                if scored else float("nan")
+            if best is None or scores[c] > scores[best[0]] + 1e-9:
+                best = (c, fits)
+    c, fits = best
+    prevalence = np.clip(yt.mean(0), 1e-4, 1 - 1e-4)
+    w = np.zeros((k, xt.shape[1]), np.float32)
+    b = np.log(prevalence / (1 - prevalence)).astype(np.float32)
+    for j, clf in fits.items():
+        w[j], b[j] = clf.coef_[0], clf.intercept_[0]
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+        linear.bias.copy_(torch.from_numpy(b))
+    return {"C_grid": list(C_GRID), "val_auc_per_C": [scores[c_] for c_ in C_GRID], "C": c, "val_auc": scores[c]}
+
+
 def _search_c(xt, yt, xv, yv, k: int, seed: int, class_weight):
     from sklearn.linear_model import LogisticRegression
 
