@@ -221,3 +221,22 @@ def test_ordinal_run_reports_kappa_and_mae_that_match_scikit_learn(tmp_path):
     x = np.load(data)["test_images"][:8]
     p = Predictor(out)
     assert p.predict(list(x))["predicted"].tolist() == [names[g] for g in predict_grade(p.probabilities(x))]
+
+
+def test_multilabel_compare_pairs_macro_auc_against_scratch(tmp_path):
+    from medxfer.evaluation.report import label_matrix
+    from medxfer.evaluation.tasks import macro_auc
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(CXR), "--strategies", "linear-probe,scratch", "--seeds", "0",
+                 "--epochs", "1", "--out", str(out), *[a for a in TINY if a != "-q"], "--bootstrap", "100", "-q"]) == 0
+    pt = json.loads((out / "comparison.json").read_text())["paired_test"]
+    assert pt["metric"] == "macro AUC" and pt["b"] == "scratch"
+    runs = {s: pd.read_csv(next((out / s).glob("seed*")) / "predictions.csv", keep_default_na=False) for s in
+            ("linear-probe", "scratch")}
+    labels = json.loads((next((out / "scratch").glob("seed*")) / "model.json").read_text())["labels"]
+    test = {s: df[df["split"] == "test"].sort_values("sample_id") for s, df in runs.items()}
+    y = label_matrix(test["scratch"]["label"].tolist(), labels)
+    diff = (macro_auc(y, test[pt["a"]][[f"prob_{c}" for c in labels]].to_numpy())
+            - macro_auc(y, test["scratch"][[f"prob_{c}" for c in labels]].to_numpy()))
+    assert pt["paired_bootstrap"]["diff"] == pytest.approx(diff, abs=1e-9)

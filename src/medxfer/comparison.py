@@ -42,14 +42,20 @@ from medxfer.config import TrainConfig
 from medxfer.engine.handlers import CHECKPOINT_FORMAT
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.evaluation import html, plots
-from medxfer.evaluation.stats import delong_test, mean_sd, paired_bootstrap, summarize
+from medxfer.evaluation.ordinal import predict_grade
+from medxfer.evaluation.report import label_matrix
+from medxfer.evaluation.stats import delong_test, mean_sd, paired_bootstrap, paired_bootstrap_metric, summarize
+from medxfer.evaluation.tasks import macro_auc, qwk
 from medxfer.models.catalog import resolve_source
 from medxfer.pipeline import train
 from medxfer.runs import Run, checkpoint_path, is_finished
 from medxfer.strategies import NAMES as STRATEGIES
 
 METRICS = (("test_auc", "auc"), ("balanced_accuracy", "balanced_accuracy"), ("sensitivity", "sensitivity"),
-           ("specificity", "specificity"))
+           ("specificity", "specificity"),
+           # multi-label and ordinal tasks (their 'auc' is the macro AUC / the mean AUC of the grade cuts)
+           ("micro_auc", "micro_auc"), ("macro_average_precision", "macro_average_precision"),
+           ("macro_f1", "macro_f1"), ("qwk", "qwk"), ("mae", "mae"))
 TIME_METRICS = ("train_seconds", "total_seconds")
 ALPHA = 0.05
 log = logging.getLogger(__name__)
@@ -269,6 +275,9 @@ def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int 
     if not others:
         return {"skipped": "no transfer strategy with a validation AUC to choose one to test against scratch"}
     positive = by_strategy["scratch"][0].metrics["test"].get("positive_label")
+    task = by_strategy["scratch"][0].model.task
+    if task in ("multilabel", "ordinal"):
+        return _paired_task_test(task, best_on_validation(others, summaries), by_strategy, n_bootstrap, seed)
     if positive is None:
         return {"skipped": "the paired AUC tests are for two-class tasks; this task has more classes"}
     best = best_on_validation(others, summaries)
@@ -290,6 +299,44 @@ def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int 
     out["conclusion"] = _conclusion(best, dl, bs, f"{len(y)} test images, probabilities averaged over {n_seeds} "
                                                   f"seed{'s' if n_seeds > 1 else ''}")
     return out
+
+
+def _task_scores(results: list[Run]):
+    """Per-image test probabilities (N, K) averaged over runs, with labels and patient ids, aligned on sample_id."""
+    frames = [r.test_predictions.set_index("sample_id").sort_index() for r in results]
+    if any(not f.index.equals(frames[0].index) for f in frames):
+        raise MedxferError("the runs' test images differ (predictions.csv sample_id); a paired test needs the same "
+                           "test images. Remove the output folder and run again.")
+    labels = [str(c) for c in results[0].model.labels]
+    probs = np.mean([f[[f"prob_{c}" for c in labels]].to_numpy(float) for f in frames], axis=0)
+    ref = frames[0]
+    groups = ref["patient_id"].astype(str).to_numpy() if "patient_id" in ref else None
+    return ref.index.to_numpy(), ref["label"], labels, probs, groups
+
+
+def _paired_task_test(task: str, best: str, by_strategy: dict, n_bootstrap: int, seed: int) -> dict:
+    """Multi-label: the macro AUC; ordinal: the quadratic weighted kappa; paired bootstrap (patients when known)."""
+    ids, raw, labels, a, groups = _task_scores(by_strategy[best])
+    ids_b, _, _, b, _ = _task_scores(by_strategy["scratch"])
+    if not np.array_equal(ids, ids_b):
+        raise MedxferError(f"'{best}' and 'scratch' were tested on different images; a paired test needs the same "
+                           "test images. Remove the output folder and run again.")
+    if task == "multilabel":
+        y, name = label_matrix(raw.fillna("").astype(str).tolist(), labels), "macro AUC"
+        metric = macro_auc
+    else:
+        y, name = raw.astype(str).map({c: i for i, c in enumerate(labels)}).to_numpy(int), "quadratic weighted kappa"
+        metric = lambda yy, p: qwk(yy, predict_grade(p), len(labels))  # noqa: E731
+    bs = paired_bootstrap_metric(metric, y, a, b, n_bootstrap=max(int(n_bootstrap), 200), seed=seed, groups=groups)
+    n_seeds = len(by_strategy["scratch"])
+    ci = bs.get("ci_diff")
+    text = (f"{best} (best on validation) vs scratch: {name} difference {bs['diff']:+.3f}"
+            + (f", 95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {_fmt_p(bs['p_value'])}" if ci else ", no interval")
+            + f" (paired bootstrap by {bs.get('unit', 'image')}, {bs['n_bootstrap_used']} resamples; {len(y)} test "
+            f"images, probabilities averaged over {n_seeds} seed{'s' if n_seeds > 1 else ''})."
+            if bs["diff"] is not None else f"{best} vs scratch: {name} not defined on the test split.")
+    return {"a": best, "b": "scratch", "metric": name, "n_test": int(len(y)), "paired_bootstrap": bs, "alpha": ALPHA,
+            "significant": bs["p_value"] is not None and bs["p_value"] < ALPHA, "conclusion": text}
 
 
 def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:

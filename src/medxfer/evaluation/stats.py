@@ -164,3 +164,37 @@ def mean_sd(summ: dict, digits: int = 3) -> str:
     if summ["sd"] is None or not math.isfinite(summ["sd"]):
         return f"{summ['mean']:.{digits}f}"
     return f"{summ['mean']:.{digits}f} ± {summ['sd']:.{digits}f}"
+
+
+def paired_bootstrap_metric(metric, y, p_a, p_b, n_bootstrap: int = 2000, seed: int = 0, groups=None) -> dict:
+    """A paired bootstrap of ``metric(y, p_a) - metric(y, p_b)`` for any metric (multi-label macro AUC, ordinal
+    kappa...): images (or, with ``groups``, whole patients) resampled together for both; resamples where the
+    metric is undefined (None/NaN) are left out. Returns the difference, its 95% percentile CI and a two-sided
+    p-value (twice the smaller share of resampled differences on either side of 0)."""
+    y, p_a, p_b = np.asarray(y), np.asarray(p_a), np.asarray(p_b)
+    diff = _metric_diff(metric, y, p_a, p_b)
+    rng = np.random.default_rng(seed)
+    units = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    members = [np.flatnonzero(units == u) for u in range(units.max() + 1)] if groups is not None else None
+    diffs = []
+    for _ in range(int(n_bootstrap)):
+        if members is None:
+            idx = rng.integers(0, len(y), len(y))
+        else:
+            idx = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+        d = _metric_diff(metric, y[idx], p_a[idx], p_b[idx])
+        if d is not None:
+            diffs.append(d)
+    diffs = np.asarray(diffs)
+    if diff is None or len(diffs) < 10:
+        return {"diff": diff, "ci_diff": None, "p_value": None, "n_bootstrap_used": int(len(diffs))}
+    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+    return {"diff": float(diff), "ci_diff": percentile_ci(diffs), "p_value": float(max(p, 1 / len(diffs))),
+            "n_bootstrap_used": int(len(diffs)), "unit": "patient" if groups is not None else "image"}
+
+
+def _metric_diff(metric, y, p_a, p_b) -> float | None:
+    a, b = metric(y, p_a), metric(y, p_b)
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return float(a - b)

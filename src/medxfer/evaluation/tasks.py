@@ -99,3 +99,19 @@ def evaluate_task(task: str, y, probs, labels: list[str], *, positive=None, thre
         out.update({k: v for k, v in ordinal.items() if k not in ("n", "n_per_class")})
         out["auc"], out["auc_ci"] = ordinal.get("cut_auc_macro"), ordinal.get("cut_auc_macro_ci")
     return out
+
+
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
+    """Mean AUC over the findings with both classes in ``y`` (None when none has)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y[:, k], probs[:, k]) for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else None
+
+
+def qwk(y: np.ndarray, pred: np.ndarray, k: int) -> float | None:
+    """Quadratic weighted kappa over the k grades (None when undefined)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    value = cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(k)))
+    return float(value) if np.isfinite(value) else None
