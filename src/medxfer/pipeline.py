@@ -111,7 +111,9 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
     if isinstance(data, (str, Path)):
         cfg = cfg.replace(data=str(data))
     elif isinstance(data, pd.DataFrame):
-        source = from_frame(data, list(cfg.data.label_names) if cfg.data.label_names else None)
+        source = from_frame(data, list(cfg.data.label_names) if cfg.data.label_names else None, task=cfg.data.task,
+                            label_columns=list(cfg.data.label_columns) if cfg.data.label_columns else None,
+                            no_finding=cfg.data.no_finding)
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         source = from_arrays(*data, label_names=list(cfg.data.label_names) if cfg.data.label_names else None)
     elif data is not None:
@@ -401,7 +403,11 @@ class _Job:
         if cfg.evaluation.subgroups:
             cols = list(cfg.evaluation.subgroups)
             write_subgroups(run := Run.load(out), run_subgroups(run, prep.table[["sample_id", *cols]], columns=cols))
-        write_model_card(Run.load(out))
+        try:
+            write_model_card(Run.load(out))
+        except Exception as e:  # noqa: BLE001 - the run is written; a failed card must not lose it
+            log.warning("model card not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e,
+                        cfg.runtime.out)
         if cfg.evaluation.report:
             try:
                 write_report(Run.load(out), test_images=prep.images[prep.masks["test"]], title=cfg.runtime.out)
@@ -413,8 +419,9 @@ class _Job:
         cols = list(self.cfg.evaluation.subgroups or ())
         if not cols:
             return
-        if len(self.prep.labels) != 2:
-            raise MedxferError(f"--subgroups is for two-class tasks; this one has {len(self.prep.labels)} classes.")
+        if self.task != "binary":
+            raise MedxferError(f"--subgroups is for two-class tasks; this one is {self.task} "
+                               f"({len(self.prep.labels)} {'findings' if self.task == 'multilabel' else 'classes'}).")
         have = [c for c in self.prep.table.columns if c not in ("sample_id", "label", "split", "path", "row")]
         missing = [c for c in cols if c not in self.prep.table.columns or c in ("sample_id", "path", "row")]
         if missing:

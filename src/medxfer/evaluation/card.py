@@ -93,6 +93,14 @@ def _groups(dup: pd.DataFrame) -> str:
     return f"{n} group{'s' if n != 1 else ''}"
 
 
+def _size(meta) -> str:
+    """'64×64 px', or '28×28×28 voxels' for a 3-D model (with ', inflated (i3d) from 2-D')."""
+    s = meta.image_size
+    if getattr(meta, "spatial_dims", 2) == 3:
+        return f"{s}×{s}×{s} voxels (a 3-D model, inflated from 2-D by {meta.inflate or 'i3d'})"
+    return f"{s}×{s} px"
+
+
 def _labels(run: Run) -> list[str]:
     return [str(c) for c in run.model.labels]
 
@@ -136,7 +144,7 @@ def _details(run: Run) -> str:
     date = _dt.datetime.fromtimestamp(trained.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d") \
         if trained.exists() else "not recorded"
     rows = [("Task", task),
-            ("Architecture", f"{arch}, input {meta.image_size}×{meta.image_size} px, {meta.in_chans} model "
+            ("Architecture", f"{arch}, input {_size(meta)}, {meta.in_chans} model "
                              f"channel(s)"),
             ("Source model", f"`{src.get('name', meta.source or m.get('source', '?'))}`"),
             ("What the source learned on", learned),
@@ -175,8 +183,8 @@ def _intended(run: Run) -> str:
         "- It is **not** a stand-alone diagnostic device, has no regulatory clearance, and its output should not "
         "decide care without a clinician.",
         f"- Input contract: {chans} images of the same modality, view and acquisition as the training data "
-        f"({_origin((run.resolved.get('data') or {}).get('origin'))}), resized to {meta.image_size}×{meta.image_size} "
-        f"px; reading: {reading}; the model normalises internally ({meta.input})."
+        f"({_origin((run.resolved.get('data') or {}).get('origin'))}), resized to {_size(meta)}; "
+        f"reading: {reading}; the model normalises internally ({meta.input})."
         + (f" Test-time augmentation: {tta} views." if tta > 1 else "") + modality,
         "",
         "### Out-of-scope use",
@@ -188,7 +196,7 @@ def _intended(run: Run) -> str:
          f"- Findings outside the classes {', '.join(labels)}: the model always answers one of them; it cannot say "
          "\"none of these\" or \"image unreadable\"."),
         "- Images much larger than the input size whose diagnosis depends on fine detail (they are resized to "
-        f"{meta.image_size} px), and screening use without a prospective evaluation at the intended prevalence.",
+        f"{_size(meta)}), and screening use without a prospective evaluation at the intended prevalence.",
     ])
 
 
@@ -369,7 +377,7 @@ def limitations(run: Run, subgroups: dict | None = None) -> list[str]:
                    "files are not random (one scanner, one site), the data is biased.")
     size = run.model.image_size
     if size and size <= LOW_RESOLUTION:
-        out.append(f"Low resolution: images were resized to {size}×{size} px; findings that need fine detail "
+        out.append(f"Low resolution: images were resized to {_size(run.model)}; findings that need fine detail "
                    "(microcalcifications, small nodules, subtle fractures) may be invisible to the model.")
     ece = test.get("ece")
     if ece is not None and ece > HIGH_ECE:
