@@ -105,7 +105,7 @@ def postgres(tmp_path):
     initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
     if initdb is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg (3) is not installed")
     bindir = Path(initdb).resolve().parent
     home = Path(tempfile.mkdtemp(prefix="medxfer-pg-"))  # outside pytest's private tmp: the server's user reads it
     data, port = home / "pg", _free_port()
@@ -124,12 +124,10 @@ def postgres(tmp_path):
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, KeyError, OSError) as e:
         pytest.skip(f"could not start PostgreSQL ({type(e).__name__})")
     try:
-        import psycopg2
+        import psycopg
 
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="medxfer", dbname="postgres")
-        conn.autocommit = True
-        conn.cursor().execute("CREATE DATABASE studies")
-        conn.close()
+        with psycopg.connect(host="127.0.0.1", port=port, user="medxfer", dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE studies")
         yield f"postgresql://medxfer@127.0.0.1:{port}/studies"
     finally:
         subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True,

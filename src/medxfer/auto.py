@@ -201,7 +201,7 @@ def _f(v) -> str:
 
 def _open_storage(url: str, attempts: int = 5):
     """Optuna's RDB storage for ``url``. Processes started together race to create the tables; the loser sees
-    'already exists' and simply tries again, as the tables are there by then."""
+    'already exists' (PostgreSQL) or a UNIQUE or locked error (SQLite) and tries again: the tables are there by then."""
     import optuna
 
     for attempt in range(attempts):
@@ -211,7 +211,8 @@ def _open_storage(url: str, attempts: int = 5):
             raise MedxferError(f"no database driver for the study storage '{url}': for PostgreSQL, "
                                "pip install 'psycopg[binary]'; for MySQL, pip install pymysql.") from None
         except Exception as e:  # noqa: BLE001 - a wrong URL or an unreachable database: one clear line
-            if attempt + 1 < attempts and "already exists" in str(e):
+            race = "already exists" in str(e) or "UNIQUE constraint failed" in str(e) or "database is locked" in str(e)
+            if attempt + 1 < attempts and race:
                 time.sleep(0.5 + random.random())
                 continue
             raise MedxferError(f"cannot open the study storage '{url}' ({type(e).__name__}: {str(e)[:160]}).") from None
