@@ -195,3 +195,16 @@ def test_series_folders_train_and_predict_without_leaking_names(tmp_path, capsys
     for f in ("predictions.csv", "split.csv", "metrics.json", "model_card.md", "train.log"):
         text = (out / f).read_text()
         assert "Doe" not in text and "MRN-0042" not in text and "Jane" not in text
+
+
+def test_cached_features_are_not_shared_between_inflation_modes(small_adrenal, tmp_path):
+    """i3d and acs turn the same 2-D weights into different 3-D networks: a linear probe with one must not
+    reuse the other's cached features (it did: both runs gave identical probabilities)."""
+    probs = {}
+    for mode in ("i3d", "acs"):
+        out = tmp_path / mode
+        assert main(["train", "--data", str(small_adrenal), "--strategy", "linear-probe", "--inflate", mode,
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--seed", "0", *TINY]) == 0
+        probs[mode] = pd.read_csv(out / "predictions.csv").filter(like="prob").to_numpy()
+        assert json.loads((out / "model.json").read_text())["inflate"] == mode
+    assert probs["i3d"].shape == probs["acs"].shape and not np.allclose(probs["i3d"], probs["acs"])

@@ -33,6 +33,8 @@ def source_key_parts(spec, info: dict, size: int, read, seed: int) -> dict:
     """What a source's features depend on (besides the images): one definition for train and export."""
     key = {"source": spec.name, "arch": spec.arch, "weights": info["weights_sha256"], "size": size,
            "grey_mode": info["grey_mode"], "read": read.key(), "chans": info["in_chans"]}
+    if info.get("spatial_dims", 2) == 3:  # i3d and acs make different networks from the same 2-D weights
+        key.update(dims=3, inflate=info.get("inflate", "i3d"))
     if info["weights_sha256"] is None:  # a random backbone: its features depend on the seed
         key["seed"] = seed
     return key
