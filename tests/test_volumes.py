@@ -208,3 +208,24 @@ def test_cached_features_are_not_shared_between_inflation_modes(small_adrenal, t
         probs[mode] = pd.read_csv(out / "predictions.csv").filter(like="prob").to_numpy()
         assert json.loads((out / "model.json").read_text())["inflate"] == mode
     assert probs["i3d"].shape == probs["acs"].shape and not np.allclose(probs["i3d"], probs["acs"])
+
+
+def test_compare_views_puts_slice_and_3d_on_one_split(small_adrenal, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(small_adrenal), "--views", "slice,3d", "--strategies", "linear-probe,scratch",
+            "--seeds", "0", "--epochs", "1", *[a for a in TINY if a not in ("--spatial-dims", "3")], "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    rows = ["linear-probe [slice]", "scratch [slice]", "linear-probe [3d]", "scratch [3d]"]
+    assert result["settings"]["rows"] == rows and result["settings"]["views"] == ["slice", "3d"]
+    for row in rows:
+        run = Path(result["strategies"][row]["runs"][0])
+        meta = json.loads((run / "model.json").read_text())
+        assert meta["spatial_dims"] == (3 if row.endswith("[3d]") else 2), row
+    best = result["paired_test"]["a"]
+    assert best.startswith("linear-probe [") and result["paired_test"]["b"] == "scratch [" + best.split(" [")[1]
+    capsys.readouterr()
+    assert main([*args[:-2], "--slice", "orthogonal", "--out", str(tmp_path / "x")]) == 2
+    assert "leave out --slice" in capsys.readouterr().err
+    assert main([a if a != "slice,3d" else "slice,4d" for a in args]) == 2
+    assert "unknown view '4d'" in capsys.readouterr().err

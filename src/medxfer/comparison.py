@@ -144,6 +144,37 @@ def arms(strategies: list[str], sources: list[str]) -> list[tuple[str, str, str]
     return out
 
 
+# How a volume becomes a model input, one row per view (``--views``): the flat options each view sets.
+VIEWS = {"slice": {"slice": "middle", "spatial_dims": 2}, "2.5d": {"slice": "orthogonal", "spatial_dims": 2},
+         "mip": {"slice": "mip", "spatial_dims": 2}, "3d": {"slice": "volume", "spatial_dims": 3}}
+
+
+def parse_views(text) -> list[str]:
+    """'slice,2.5d,3d' -> the views; unknown names -> MedxferError naming what is allowed."""
+    views = _items(_text(text), "views")
+    bad = [v for v in views if v not in VIEWS]
+    if bad:
+        raise MedxferError(f"The 'views' parameter has the unknown view '{bad[0]}': choose from {', '.join(VIEWS)} "
+                           "(slice: the middle slice; 2.5d: the three orthogonal mid-planes as channels; mip: "
+                           "maximum intensity projection; 3d: the whole volume into a 3-D network).")
+    return views
+
+
+def with_views(rows: list[tuple[str, str, str]], views: list[str] | None) -> list[tuple[str, str, str, str | None]]:
+    """Every row once per view ('full [3d]'); without views the rows as they are (view None)."""
+    if not views:
+        return [(label, strategy, source, None) for label, strategy, source in rows]
+    return [(f"{label} [{view}]", strategy, source, view) for view in views for label, strategy, source in rows]
+
+
+def scratch_row(best: str, labels) -> str | None:
+    """The scratch row that ``best`` is tested against: 'scratch', or the scratch row of ``best``'s view."""
+    if "scratch" in labels:
+        return "scratch"
+    view = best.rsplit(" [", 1)[1][:-1] if best.endswith("]") and " [" in best else None
+    return f"scratch [{view}]" if view is not None and f"scratch [{view}]" in labels else None
+
+
 def frac_name(f: float) -> str:
     return f"frac{f:g}"
 
@@ -269,34 +300,38 @@ def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int 
     """The transfer strategy best on validation (mean validation AUC, then lower validation Brier score) vs
     scratch on the same test images, seeds averaged. Choosing on test and testing on the same images would
     make the test optimistic."""
-    if "scratch" not in by_strategy:
+    scratches = [s for s in by_strategy if s == "scratch" or s.startswith("scratch [")]
+    if not scratches:
         return {"skipped": "no 'scratch' baseline among the strategies"}
-    others = [s for s in by_strategy if s != "scratch" and summaries[s]["val_auc"]["mean"] is not None]
+    others = [s for s in by_strategy if s not in scratches and summaries[s]["val_auc"]["mean"] is not None]
     if not others:
         return {"skipped": "no transfer strategy with a validation AUC to choose one to test against scratch"}
-    positive = by_strategy["scratch"][0].metrics["test"].get("positive_label")
-    task = by_strategy["scratch"][0].model.task
+    best = best_on_validation(others, summaries)
+    ref = scratch_row(best, by_strategy)
+    if ref is None:
+        return {"skipped": f"no scratch row of the same architecture or view as '{best}' (best on validation)"}
+    positive = by_strategy[ref][0].metrics["test"].get("positive_label")
+    task = by_strategy[ref][0].model.task
     if task in ("multilabel", "ordinal"):
-        return _paired_task_test(task, best_on_validation(others, summaries), by_strategy, n_bootstrap, seed)
+        return _paired_task_test(task, best, by_strategy, n_bootstrap, seed, ref)
     if positive is None:
         return {"skipped": "the paired AUC tests are for two-class tasks; this task has more classes"}
-    best = best_on_validation(others, summaries)
     ids, y, a, groups = _test_scores(by_strategy[best], positive)
-    ids_b, y_b, b, _ = _test_scores(by_strategy["scratch"], positive)
+    ids_b, y_b, b, _ = _test_scores(by_strategy[ref], positive)
     if not np.array_equal(ids, ids_b) or not np.array_equal(y, y_b):
-        raise MedxferError(f"'{best}' and 'scratch' were tested on different images; a paired test needs the same "
+        raise MedxferError(f"'{best}' and '{ref}' were tested on different images; a paired test needs the same "
                            "test images. Remove the output folder and run again.")
     dl = delong_test(y, a, b)
     bs = paired_bootstrap(y, a, b, n_bootstrap=int(n_bootstrap), seed=seed, groups=groups) if n_bootstrap > 0 else None
-    n_seeds = len(by_strategy["scratch"])
-    out = {"a": best, "b": "scratch",
+    n_seeds = len(by_strategy[ref])
+    out = {"a": best, "b": ref,
            "a_chosen_as": "the transfer strategy with the best mean validation AUC (ties: lower validation Brier)",
            "positive_label": positive, "n_test": int(len(y)),
-           "n_seeds_averaged": {best: len(by_strategy[best]), "scratch": n_seeds},
+           "n_seeds_averaged": {best: len(by_strategy[best]), ref: n_seeds},
            "scores": "per-image test P(positive) averaged over seeds", "alpha": ALPHA,
            "delong": dl, "paired_bootstrap": bs,
            "significant": dl["p_value"] is not None and dl["p_value"] < ALPHA}
-    out["conclusion"] = _conclusion(best, dl, bs, f"{len(y)} test images, probabilities averaged over {n_seeds} "
+    out["conclusion"] = _conclusion(best, dl, bs, ref, f"{len(y)} test images, probabilities averaged over {n_seeds} "
                                                   f"seed{'s' if n_seeds > 1 else ''}")
     return out
 
@@ -314,12 +349,13 @@ def _task_scores(results: list[Run]):
     return ref.index.to_numpy(), ref["label"], labels, probs, groups
 
 
-def _paired_task_test(task: str, best: str, by_strategy: dict, n_bootstrap: int, seed: int) -> dict:
+def _paired_task_test(task: str, best: str, by_strategy: dict, n_bootstrap: int, seed: int,
+                      ref: str = "scratch") -> dict:
     """Multi-label: the macro AUC; ordinal: the quadratic weighted kappa; paired bootstrap (patients when known)."""
     ids, raw, labels, a, groups = _task_scores(by_strategy[best])
-    ids_b, _, _, b, _ = _task_scores(by_strategy["scratch"])
+    ids_b, _, _, b, _ = _task_scores(by_strategy[ref])
     if not np.array_equal(ids, ids_b):
-        raise MedxferError(f"'{best}' and 'scratch' were tested on different images; a paired test needs the same "
+        raise MedxferError(f"'{best}' and '{ref}' were tested on different images; a paired test needs the same "
                            "test images. Remove the output folder and run again.")
     if task == "multilabel":
         y, name = label_matrix(raw.fillna("").astype(str).tolist(), labels), "macro AUC"
@@ -328,20 +364,20 @@ def _paired_task_test(task: str, best: str, by_strategy: dict, n_bootstrap: int,
         y, name = raw.astype(str).map({c: i for i, c in enumerate(labels)}).to_numpy(int), "quadratic weighted kappa"
         metric = lambda yy, p: qwk(yy, predict_grade(p), len(labels))  # noqa: E731
     bs = paired_bootstrap_metric(metric, y, a, b, n_bootstrap=max(int(n_bootstrap), 200), seed=seed, groups=groups)
-    n_seeds = len(by_strategy["scratch"])
+    n_seeds = len(by_strategy[ref])
     ci = bs.get("ci_diff")
-    text = (f"{best} (best on validation) vs scratch: {name} difference {bs['diff']:+.3f}"
+    text = (f"{best} (best on validation) vs {ref}: {name} difference {bs['diff']:+.3f}"
             + (f", 95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {_fmt_p(bs['p_value'])}" if ci else ", no interval")
             + f" (paired bootstrap by {bs.get('unit', 'image')}, {bs['n_bootstrap_used']} resamples; {len(y)} test "
             f"images, probabilities averaged over {n_seeds} seed{'s' if n_seeds > 1 else ''})."
-            if bs["diff"] is not None else f"{best} vs scratch: {name} not defined on the test split.")
-    return {"a": best, "b": "scratch", "metric": name, "n_test": int(len(y)), "paired_bootstrap": bs, "alpha": ALPHA,
+            if bs["diff"] is not None else f"{best} vs {ref}: {name} not defined on the test split.")
+    return {"a": best, "b": ref, "metric": name, "n_test": int(len(y)), "paired_bootstrap": bs, "alpha": ALPHA,
             "significant": bs["p_value"] is not None and bs["p_value"] < ALPHA, "conclusion": text}
 
 
-def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:
+def _conclusion(best: str, dl: dict, bs: dict, ref: str, on: str) -> str:
     if dl["diff"] is None:
-        return f"{best} vs scratch: AUC not defined on the test split (one class only)."
+        return f"{best} vs {ref}: AUC not defined on the test split (one class only)."
     ci = dl["ci_diff"]
     ci_txt = f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "95% CI not available"
     bci = bs.get("ci_diff") if bs else None
@@ -350,30 +386,33 @@ def _conclusion(best: str, dl: dict, bs: dict, on: str) -> str:
               f"{_fmt_p(dl['p_value'])} (paired DeLong){boot}; {on}")
     chosen = f" ({best} chosen on validation)"
     if dl["p_value"] is not None and dl["p_value"] < ALPHA:
-        winner, loser = (best, "scratch") if dl["diff"] > 0 else ("scratch", best)
+        winner, loser = (best, ref) if dl["diff"] > 0 else (ref, best)
         return f"{winner} beats {loser}{chosen}: {detail}."
-    return f"no significant difference between {best} and scratch{chosen} (alpha {ALPHA}): {detail}."
+    return f"no significant difference between {best} and {ref}{chosen} (alpha {ALPHA}): {detail}."
 
 
 # ---------------------------------------------------------------------------------------- main
 def _jobs(rows, seeds, fractions, sources, out: Path, base: TrainConfig, split_seed: int):
     """(key, config) of every run: key = (row label, fraction or None, seed)."""
     for frac in [None] + [f for f in fractions if f < 1]:
-        for label, strategy, source in rows:
+        for label, strategy, source, view in rows:
             for seed in seeds:
                 top = out if source == sources[0] else out / source_label(source)
+                top = top / view if view else top
                 run_dir = top / strategy / (frac_name(frac) if frac else "") / f"seed{seed}"
                 yield (label, frac, seed), base.replace(strategy=strategy, seed=seed, split_seed=int(split_seed),
-                                                        label_fraction=frac or 1.0, out=str(run_dir), source=source)
+                                                        label_fraction=frac or 1.0, out=str(run_dir), source=source,
+                                                        **(VIEWS[view] if view else {}))
 
 
 def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, label_fractions=None,
-            train_fn=None, resume: bool = True, sources=None) -> dict:
+            train_fn=None, resume: bool = True, sources=None, views=None) -> dict:
     """Train every strategy x seed (x label fraction) on one split; write comparison.json and .html.
 
     ``base`` carries the common training options (its strategy, seed, out and label_fraction are
     replaced per run). ``sources``: transfer from each of these (default: ``base``'s source), one row
-    per strategy and source. ``train_fn(cfg) -> Run`` trains one run (default :func:`medxfer.pipeline.train`).
+    per strategy and source. ``views`` (volumes): one row per strategy and view of :data:`VIEWS` on the same
+    split (e.g. the middle slice vs 2.5-D vs 3-D). ``train_fn(cfg) -> Run`` trains one run (default :func:`medxfer.pipeline.train`).
     Returns the dict written to ``comparison.json``.
     """
     strategies, seeds = parse_strategies(strategies), parse_seeds(seeds)
@@ -385,7 +424,10 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
     if not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
         raise MedxferError(f"The 'split-seed' parameter must be an integer >= 0. Got {split_seed!r} instead.")
     train_fn, out, t0 = train_fn or train, Path(out), time.perf_counter()
-    rows = arms(strategies, sources)
+    views = parse_views(views) if views is not None else None
+    if views and len(sources) > 1:
+        raise MedxferError("compare one source over several --views, or several --sources in one view, not both.")
+    rows = with_views(arms(strategies, sources), views)
     jobs = list(_jobs(rows, seeds, fractions, sources, out, base, split_seed))
     loaded, reused = {}, {}
     for i, (key, cfg) in enumerate(jobs, 1):
@@ -394,17 +436,17 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
                  f", label fraction {frac:g}" if frac else "", cfg.runtime.out)
         loaded[key], reused[key] = _run(cfg, train_fn, resume)
     _check_same_split(loaded)
-    labels = [label for label, _, _ in rows]
+    labels = [label for label, _, _, _ in rows]
     by_strategy = {s: [loaded[(s, None, k)] for k in seeds] for s in labels}
     summaries = {s: _summaries(rs) for s, rs in by_strategy.items()}
-    for label, strategy, source in rows:
+    for label, strategy, source, view in rows:
         summaries[label].update(runs=[str(r.dir) for r in by_strategy[label]], strategy=strategy, source=source,
-                                reused=[reused[(label, None, k)] for k in seeds])
+                                reused=[reused[(label, None, k)] for k in seeds], **({"view": view} if view else {}))
     first = by_strategy[labels[0]][0]
     test = first.metrics["test"]
     result = {
         "settings": {"data": base.data.path, "source": sources[0] if len(sources) == 1 else sources,
-                     "weights": base.model.weights, "strategies": strategies, "rows": labels, "seeds": seeds,
+                     "weights": base.model.weights, "strategies": strategies, "views": views, "rows": labels, "seeds": seeds,
                      "split_seed": int(split_seed), "label_fractions": fractions or None,
                      "split": _split_origin(first, int(split_seed)), "image_size": first.image_size,
                      "epochs": {s: by_strategy[s][0].resolved.get("epochs") for s in labels},

@@ -29,6 +29,10 @@ def register(app: typer.Typer) -> None:
         sources: Optional[str] = typer.Option(None, help="Comma-separated sources, one row per strategy and source "
                                               "(e.g. efficientnet_lite0.in1k,runs/src_pneu).", show_default="--source",
                                               rich_help_panel=PANEL),
+        views: Optional[str] = typer.Option(None, help="Volumes: comma-separated views, one row per strategy and view "
+                                            "on the same split: slice (middle slice), 2.5d (three orthogonal "
+                                            "mid-planes), mip, 3d (a 3-D network). --image-size applies to each.",
+                                            rich_help_panel=PANEL),
         split_seed: int = typer.Option(0, help="Seed of the train/val/test split, fixed across all runs.",
                                        rich_help_panel=PANEL),
         label_fraction: Optional[str] = typer.Option(None, help="Learning curve: comma-separated fractions of the "
@@ -51,19 +55,25 @@ def register(app: typer.Typer) -> None:
         source_list = lib.parse_sources(sources) if sources is not None else None
         if source_list is not None and "source" in given.explicit:
             raise MedxferError("give either --source or --sources, not both.")
+        clash = sorted({"slice", "spatial_dims", "inflate"} & set(given.explicit)) if views is not None else []
+        if clash and clash != ["inflate"]:
+            raise MedxferError(f"--views sets how volumes are read; leave out --{clash[0].replace('_', '-')} (each view "
+                               "sets it: slice, 2.5d and mip are 2-D, 3d is --spatial-dims 3).")
         fixed = {"strategy": names[0]} | ({"source": source_list[0]} if source_list else {})
         result = lib.compare(given.config(config, **fixed), names, seed_list, out_dir, split_seed=split_seed,
-                             label_fractions=fractions, resume=not retrain, sources=source_list)
-        print_table(result, source_list is not None)
+                             label_fractions=fractions, resume=not retrain, sources=source_list,
+                             views=lib.parse_views(views) if views is not None else None)
+        print_table(result, source_list is not None, views is not None)
         out.print(f"comparison: {out_dir / 'comparison.json'}, {out_dir / 'comparison.html'}", highlight=False)
 
 
-def print_table(result: dict, several_sources: bool) -> None:
+def print_table(result: dict, several_sources: bool, several_views: bool = False) -> None:
     """The comparison on stdout; paths stay out of the title (they would wrap with the width)."""
     st = result["settings"]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   title=f"test split, mean ± sd over seeds {st['seeds']}")
-    table.add_column(escape("strategy [source]") if several_sources else "strategy", no_wrap=True)
+    first = "strategy [source]" if several_sources else "strategy [view]" if several_views else "strategy"
+    table.add_column(escape(first), no_wrap=True)
     for name in ("AUC", "bal. acc", "sens", "spec", "train s"):  # total s: in comparison.json / .html
         table.add_column(name, justify="right", no_wrap=True)
     for row in lib.table_rows(result):
