@@ -307,3 +307,21 @@ def test_several_sources_in_one_table(tmp_path, unsplit_npz, capsys):
     assert "not both" in capsys.readouterr().err
     assert main([*argv, "--sources", f"{a},{a}"]) == 2
     assert "more than once" in capsys.readouterr().err
+
+
+def test_a_train_run_with_the_same_effective_split_seed_is_reused(tmp_path, unsplit_npz, capsys):
+    """`train --seed 0` (no --split-seed: the split follows --seed) is the run compare's seed 0, split seed 0 makes."""
+    out = tmp_path / "cmp"
+    common = ["--data", str(unsplit_npz), "--source", "test_resnet", "--weights", "none", "--image-size", "32",
+              "--bootstrap", "20", "--num-threads", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *common, "--strategy", "linear-probe", "--seed", "0", "--no-report",
+                 "--out", str(out / "linear-probe" / "seed0")]) == 0
+    metrics = out / "linear-probe" / "seed0" / "metrics.json"
+    first = metrics.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["compare", *common, "--strategies", "linear-probe", "--seeds", "0", "--split-seed", "0",
+                 "--no-report", "--out", str(out)]) == 0
+    assert "not retrained" in capsys.readouterr().err and metrics.stat().st_mtime_ns == first
+    assert main(["compare", *common, "--strategies", "linear-probe", "--seeds", "0", "--split-seed", "1",
+                 "--no-report", "--out", str(out)]) == 0   # another split: trained again
+    assert "split_seed 0 -> 1" in capsys.readouterr().err and metrics.stat().st_mtime_ns != first

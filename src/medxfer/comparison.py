@@ -181,8 +181,11 @@ def frac_name(f: float) -> str:
 
 # ---------------------------------------------------------------------------------------- runs
 def _what_counts(cfg: TrainConfig) -> dict:
-    """The options that change what a run computes (not where it goes, caches or logging)."""
-    return {**cfg.training_signature(), "evaluation": {k: v for k, v in cfg.to_dict()["evaluation"].items()
+    """The options that change what a run computes (not where it goes, caches or logging). The split seed is
+    the one in effect (no --split-seed means --seed's), so a run made by ``train --seed 0`` is reused."""
+    sig = cfg.training_signature()
+    sig["data"] = {**sig["data"], "split_seed": cfg.split_seed}
+    return {**sig, "evaluation": {k: v for k, v in cfg.to_dict()["evaluation"].items()
                                                        if k != "report"}}
 
 
