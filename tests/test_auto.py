@@ -42,6 +42,8 @@ def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys)
     model = out / "model"
     assert (model / "model.safetensors").is_file() and "Leaderboard" in (model / "report.html").read_text()
     assert (out / "study.db").is_file()
+    test = json.loads((model / "metrics.json").read_text())["test"]  # trials skip the bootstrap; the model has it
+    assert len(test["auc_ci"]) == 2 and test["auc_ci"][0] <= test["auc"] <= test["auc_ci"][1]
     assert main(["predict", str(model), str(small_npz), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 200
     assert "test AUC" in capsys.readouterr().out
@@ -54,6 +56,17 @@ def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys)
     assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe,full", "--n-trials", "1",
                  "--resume", "--out", str(out)]) == 0  # --resume continues the study: one more trial
     assert len(pd.read_csv(out / "leaderboard.csv")) == 3
+
+
+def test_a_single_best_trial_gets_its_test_intervals(small_npz, tmp_path):
+    out = tmp_path / "auto"
+    assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe", "--n-trials", "1",
+                 "--out", str(out)]) == 0
+    trial = json.loads(next((out / "trials").glob("trial_*/metrics.json")).read_text())["test"]
+    model = json.loads((out / "model" / "metrics.json").read_text())["test"]
+    assert trial.get("auc_ci") is None and model["auc"] == trial["auc"]
+    assert model["auc_ci"][0] <= model["auc"] <= model["auc_ci"][1] and model["n_bootstrap"] == 20
+    assert "95% CI" in (out / "model" / "model_card.md").read_text()
 
 
 def test_the_budget_is_respected(small_npz, tmp_path):

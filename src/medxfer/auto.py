@@ -45,7 +45,9 @@ from medxfer.engine.loop import Loop
 from medxfer.ensemble import build_ensemble, log_loss
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html
-from medxfer.evaluation.report import write_report
+from medxfer.evaluation.card import write_model_card
+from medxfer.evaluation.report import label_matrix, write_report
+from medxfer.evaluation.tasks import evaluate_task
 from medxfer.pipeline import train
 from medxfer.runs import Run, RunDirectory, is_finished, staging_dir
 from medxfer.strategies import NAMES as STRATEGIES, get_strategy
@@ -297,21 +299,40 @@ def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
                  Run.load(top[0]).model.task)
         top = top[:1]
     if len(top) >= 2:
-        run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600)
+        run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600,
+                             bootstrap=cfg.evaluation.bootstrap)
     else:
-        run = _copy_run(Run.load(top[0]), model)
+        run = _copy_run(Run.load(top[0]), model, cfg.evaluation.bootstrap)
     section = _leaderboard_html(board, top)
     write_report(run, extra=[("leaderboard", "Leaderboard (medxfer auto)", section)], title=str(model))
     files.write_csv(model / "leaderboard.csv", board)
     return Run.load(model)
 
 
-def _copy_run(run: Run, dest: Path) -> Run:
+def _copy_run(run: Run, dest: Path, n_bootstrap: int) -> Run:
+    """The best trial as the model, its test metrics given their bootstrap CIs (trials are scored without)."""
     with RunDirectory(dest, overwrite=True, wait=600) as rd:
         shutil.rmtree(rd.staging)
         shutil.copytree(run.dir, rd.staging)
+        if n_bootstrap > 0:
+            copy = Run.load(rd.staging)
+            files.write_json(rd.staging / "metrics.json", {**copy.metrics, "test": _test_metrics(copy, n_bootstrap)})
+            write_model_card(Run.load(rd.staging))
         rd.commit()
     return Run.load(dest)
+
+
+def _test_metrics(run: Run, n_bootstrap: int) -> dict:
+    """The run's test metrics again from its predictions, with ``n_bootstrap`` resamples (by patient when known)."""
+    preds, labels, task = run.test_predictions, [str(c) for c in run.model.labels], run.model.task
+    probs = preds[[f"prob_{c}" for c in labels]].to_numpy(float)
+    if task == "multilabel":
+        y = label_matrix(preds["label"].fillna("").astype(str).tolist(), labels)
+    else:
+        y = preds["label"].astype(str).map({c: i for i, c in enumerate(labels)}).to_numpy(int)
+    groups = preds["patient_id"].astype(str).to_numpy() if "patient_id" in preds else None
+    return evaluate_task(task, y, probs, labels, positive=run.model.positive_index, threshold=run.metrics["threshold"],
+                         groups=groups, n_bootstrap=n_bootstrap, seed=int(run.metrics.get("seed") or 0))
 
 
 def _leaderboard_html(board: pd.DataFrame, chosen: list[str]) -> str:
