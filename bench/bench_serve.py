@@ -13,7 +13,7 @@ trained and exported to ONNX first when it is missing::
         --positive-label malignant --strategy linear-probe --image-size 64 --duplicates allow --out runs/bench_serve
     .venv/bin/medxfer export runs/bench_serve
 
-Each mode has its own server process (``python -m medxfer.serve RUN --engine onnx``, the same
+Each mode has its own server process (``python -m medxfer serve RUN --engine onnx``, the same
 command as ``medxfer serve``) on a free loopback port: ``batched`` (``--max-batch 32
 --batch-wait-ms 5``, the defaults) and ``unbatched`` (``--no-batching``: one model call per image).
 Both start and warm up first; then N clients (asyncio, one keep-alive connection each, in this
@@ -183,13 +183,13 @@ def summary(segments: list[dict]) -> dict:
 
 
 class Server:
-    """``python -m medxfer.serve RUN --engine onnx`` on a free loopback port, in its own process."""
+    """``python -m medxfer serve RUN --engine onnx`` on a free loopback port, in its own process."""
 
     def __init__(self, run: Path, name: str, extra: list[str]):
         self.name, self.extra = name, extra
         self.port = free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{name}_{self.port}.log"
-        cmd = [sys.executable, "-m", "medxfer.serve", str(run), "--port", str(self.port), "--engine", "onnx",
+        cmd = [sys.executable, "-m", "medxfer", "serve", str(run), "--port", str(self.port), "--engine", "onnx",
                "--log-level", "info", *extra]
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
