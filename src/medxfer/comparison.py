@@ -185,8 +185,7 @@ def _what_counts(cfg: TrainConfig) -> dict:
     the one in effect (no --split-seed means --seed's), so a run made by ``train --seed 0`` is reused."""
     sig = cfg.training_signature()
     sig["data"] = {**sig["data"], "split_seed": cfg.split_seed}
-    return {**sig, "evaluation": {k: v for k, v in cfg.to_dict()["evaluation"].items()
-                                                       if k != "report"}}
+    return {**sig, "evaluation": {k: v for k, v in cfg.to_dict()["evaluation"].items() if k != "report"}}
 
 
 def finished_run(cfg: TrainConfig) -> tuple[bool, str]:
@@ -415,7 +414,8 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
     ``base`` carries the common training options (its strategy, seed, out and label_fraction are
     replaced per run). ``sources``: transfer from each of these (default: ``base``'s source), one row
     per strategy and source. ``views`` (volumes): one row per strategy and view of :data:`VIEWS` on the same
-    split (e.g. the middle slice vs 2.5-D vs 3-D). ``train_fn(cfg) -> Run`` trains one run (default :func:`medxfer.pipeline.train`).
+    split (e.g. the middle slice vs 2.5-D vs 3-D). ``train_fn(cfg) -> Run`` trains one run (default
+    :func:`medxfer.pipeline.train`).
     Returns the dict written to ``comparison.json``.
     """
     strategies, seeds = parse_strategies(strategies), parse_seeds(seeds)
@@ -449,7 +449,8 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
     test = first.metrics["test"]
     result = {
         "settings": {"data": base.data.path, "source": sources[0] if len(sources) == 1 else sources,
-                     "weights": base.model.weights, "strategies": strategies, "views": views, "rows": labels, "seeds": seeds,
+                     "weights": base.model.weights, "strategies": strategies, "views": views, "rows": labels,
+                     "seeds": seeds,
                      "split_seed": int(split_seed), "label_fractions": fractions or None,
                      "split": _split_origin(first, int(split_seed)), "image_size": first.image_size,
                      "epochs": {s: by_strategy[s][0].resolved.get("epochs") for s in labels},

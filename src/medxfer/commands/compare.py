@@ -55,10 +55,11 @@ def register(app: typer.Typer) -> None:
         source_list = lib.parse_sources(sources) if sources is not None else None
         if source_list is not None and "source" in given.explicit:
             raise MedxferError("give either --source or --sources, not both.")
-        clash = sorted({"slice", "spatial_dims", "inflate"} & set(given.explicit)) if views is not None else []
-        if clash and clash != ["inflate"]:
-            raise MedxferError(f"--views sets how volumes are read; leave out --{clash[0].replace('_', '-')} (each view "
-                               "sets it: slice, 2.5d and mip are 2-D, 3d is --spatial-dims 3).")
+        clash = sorted({"slice", "spatial_dims"} & set(given.explicit)) if views is not None else []  # --inflate: fine
+        if clash:
+            flag = clash[0].replace("_", "-")
+            raise MedxferError(f"--views sets how volumes are read; leave out --{flag} (each view sets it: slice, 2.5d "
+                               "and mip are 2-D, 3d is --spatial-dims 3).")
         fixed = {"strategy": names[0]} | ({"source": source_list[0]} if source_list else {})
         result = lib.compare(given.config(config, **fixed), names, seed_list, out_dir, split_seed=split_seed,
                              label_fractions=fractions, resume=not retrain, sources=source_list,
