@@ -176,23 +176,28 @@ def percentile_ci(values, level: float = 0.95):
     return [float(lo), float(hi)]
 
 
+def check_indices(y_true, n: int, k: int, who: str, noun: str) -> np.ndarray:
+    """``y_true`` as n integer indices in 0..k-1 (class indices, grades), or one line saying what is wrong."""
+    y = to_numpy(y_true)
+    if y.shape != (n,):
+        raise MedxferError(f"The 'y_true' parameter of {who} must have shape ({n},) like the rows of probs. "
+                           f"Got shape {y.shape} instead.")
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+        raise MedxferError(f"The 'y_true' parameter of {who} must hold integer {noun}. Got dtype {y.dtype} instead.")
+    y = y.astype(int)
+    if y.min() < 0 or y.max() >= k:
+        raise MedxferError(f"The 'y_true' parameter of {who} must hold {noun} in 0..{k - 1}. Got "
+                           f"{int(y.min())}..{int(y.max())} instead.")
+    return y
+
+
 def _validate(y_true, probs, labels, positive, threshold, groups, n_bootstrap):
     probs = to_numpy(probs, float)
     if probs.ndim != 2 or probs.shape[1] < 2 or probs.shape[0] < 1:
         raise MedxferError("The 'probs' parameter of evaluate must be an (N, K) array with N >= 1 "
                            f"and K >= 2 classes. Got shape {probs.shape} instead.")
     n, k = probs.shape
-    y = to_numpy(y_true)
-    if y.shape != (n,):
-        raise MedxferError(f"The 'y_true' parameter of evaluate must have shape ({n},) like the "
-                           f"rows of probs. Got shape {y.shape} instead.")
-    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
-        raise MedxferError("The 'y_true' parameter of evaluate must hold integer class indices. "
-                           f"Got dtype {y.dtype} instead.")
-    y = y.astype(int)
-    if y.min() < 0 or y.max() >= k:
-        raise MedxferError(f"The 'y_true' parameter of evaluate must hold class indices in "
-                           f"0..{k - 1}. Got {int(y.min())}..{int(y.max())} instead.")
+    y = check_indices(y_true, n, k, "evaluate", "class indices")
     labels = [str(lab) for lab in labels]
     if len(labels) != k or len(set(labels)) != k:
         raise MedxferError(f"The 'labels' parameter of evaluate must be {k} distinct class names "

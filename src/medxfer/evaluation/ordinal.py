@@ -47,7 +47,8 @@ import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
 from medxfer.errors import MedxferError
-from medxfer.evaluation.metrics import RankedScores, _div, _iter_weights, _py, percentile_ci, to_numpy
+from medxfer.evaluation.metrics import (RankedScores, _div, _iter_weights, _py, check_indices, percentile_ci,
+                                        to_numpy)
 
 CI_METRICS = ("qwk", "mae", "accuracy", "cut_auc_macro")
 
@@ -80,17 +81,7 @@ def _validate(y_true, probs, labels, groups, n_bootstrap):
     who = "evaluate_ordinal"
     p = _check_probs(probs, who)
     n, k = p.shape
-    y = to_numpy(y_true)
-    if y.shape != (n,):
-        raise MedxferError(f"The 'y_true' parameter of {who} must have shape ({n},) like the rows "
-                           f"of probs. Got shape {y.shape} instead.")
-    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
-        raise MedxferError(f"The 'y_true' parameter of {who} must hold integer grades. Got dtype "
-                           f"{y.dtype} instead.")
-    y = y.astype(int)
-    if y.min() < 0 or y.max() >= k:
-        raise MedxferError(f"The 'y_true' parameter of {who} must hold grades in 0..{k - 1}. Got "
-                           f"{int(y.min())}..{int(y.max())} instead.")
+    y = check_indices(y_true, n, k, who, "grades")
     labels = [str(lab) for lab in labels]
     if len(labels) != k or len(set(labels)) != k:
         raise MedxferError(f"The 'labels' parameter of {who} must be {k} distinct grade names, "
