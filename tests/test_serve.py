@@ -179,6 +179,37 @@ def test_predict_matches_predictor(server, tiny_run, breast_pngs):
     assert not any(p.name in r.text for p in paths)  # file names never come back
 
 
+def test_large_png_goes_through_the_worker_thread_and_matches_predictor(server, tiny_run, tmp_path):
+    """Small PNGs are decoded on the event loop, others in a thread: both paths give Predictor's answer."""
+    from medxfer.serve.app import cheap_to_decode
+
+    rng = np.random.default_rng(0)
+    small = tmp_path / "small.png"
+    small.write_bytes(png_bytes(np.load(BREAST)["test_images"][0]))
+    big = tmp_path / "big.png"  # noise does not compress: above the inline byte and pixel limits
+    big.write_bytes(png_bytes(rng.integers(0, 256, (600, 600), dtype=np.uint8)))
+    assert cheap_to_decode([(small.read_bytes(), ".png")])
+    assert not cheap_to_decode([(big.read_bytes(), ".png")])
+    r = server.client.post("/v1/predict", files=files_of([small, big]), headers=AUTH)
+    assert r.status_code == 200, r.text
+    got = np.array([[p["probabilities"][c] for c in r.json()["labels"]] for p in r.json()["predictions"]])
+    ref, _ = reference(tiny_run, [small, big])
+    assert np.abs(got - ref).max() < 1e-6
+
+
+def test_cheap_to_decode_reads_the_png_header_only():
+    from medxfer.serve.app import INLINE_DECODE_PIXELS, cheap_to_decode
+
+    flat_big = png_bytes(np.zeros((1024, 1024), np.uint8))  # a few KB, but a million pixels
+    assert len(flat_big) < 64 * 1024 and 1024 * 1024 > INLINE_DECODE_PIXELS
+    assert not cheap_to_decode([(flat_big, ".png")])
+    tiny = png_bytes(np.zeros((28, 28), np.uint8))
+    assert cheap_to_decode([(tiny, ".png"), (tiny, ".png")])
+    assert not cheap_to_decode([(tiny, ".jpg")])                   # only PNG headers are read
+    assert not cheap_to_decode([(b"GIF89a" + tiny[6:], ".png")])    # not a PNG signature
+    assert not cheap_to_decode([(tiny, ".png")] * (64 * 1024 // len(tiny) + 1))  # too many bytes in all
+
+
 def test_concurrent_requests_are_batched(server, tiny_run, breast_pngs):
     batcher = server.app.state.service.batcher
     calls0, images0 = batcher.calls, batcher.images
