@@ -106,15 +106,32 @@ def test_fit_temperature_degenerate_and_bounds():
 def test_youden_on_a_constructed_case():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.7, 0.8, 0.9])
-    assert choose_threshold(y, p, "youden") == pytest.approx(0.4)  # perfect separation
+    # perfect separation: everything >= 0.4 positive; the threshold sits halfway to the next score
+    assert choose_threshold(y, p, "youden") == pytest.approx((0.4 + 0.35) / 2)
     # J = 0.75 at both 0.7 (3 TP, 0 FP) and 0.4 (4 TP, 1 FP): the tie goes to the one nearer 0.5
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    assert choose_threshold(y, p, "youden") == pytest.approx(0.4)
+    assert choose_threshold(y, p, "youden") == pytest.approx((0.4 + 0.3) / 2)
     # J = 0.75 at 0.7 (3 TP, 0 FP) and 0.2 (4 TP, 1 FP): 0.7 is nearer 0.5
     p = np.array([0.6, 0.1, 0.05, 0.03, 0.9, 0.8, 0.7, 0.2])
-    assert choose_threshold(y, p, "youden") == pytest.approx(0.7)
+    assert choose_threshold(y, p, "youden") == pytest.approx((0.7 + 0.6) / 2)
     # positives given as another class index
-    assert choose_threshold(np.where(y == 1, 0, 1), p, "youden", positive=0) == pytest.approx(0.7)
+    assert choose_threshold(np.where(y == 1, 0, 1), p, "youden", positive=0) == pytest.approx((0.7 + 0.6) / 2)
+
+
+def test_thresholds_never_sit_on_a_score_so_engine_noise_cannot_flip_a_prediction():
+    """A threshold equal to a validation score flipped 5 of 1000 CXR14 images between ONNX and PyTorch."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    p = np.round(1 / (1 + np.exp(-(rng.normal(size=400) + 2 * (y - 0.5)))), 4)  # ties included
+    for rule in ("youden", "sensitivity=0.9", "specificity=0.8", "sensitivity=1", "specificity=1"):
+        t = choose_threshold(y, p, rule)
+        gap = np.abs(p - t).min()
+        assert gap > 1e-6, (rule, t)
+        for noise in (1e-7, -1e-7):  # a last-digits difference between two engines
+            assert np.array_equal(p + noise >= t, p >= t), rule
+        chosen = p[p >= t]
+        if len(chosen) and (p < t).any():  # halfway between the lowest positive and the next score down
+            assert t == pytest.approx((chosen.min() + p[p < t].max()) / 2)
 
 
 def rates(y, p, t):
@@ -129,7 +146,7 @@ def test_sensitivity_and_specificity_rules_on_their_own_data():
     t = choose_threshold(y, p, "sensitivity=0.95")
     sens, _ = rates(y, p, t)
     assert sens >= 0.95
-    above = p[p > t].min()  # the next threshold up no longer reaches it
+    above = p[p > p[p >= t].min()].min()  # the next operating point up no longer reaches it
     assert rates(y, p, above)[0] < 0.95
     t = choose_threshold(y, p, "specificity=0.9")
     _, spec = rates(y, p, t)

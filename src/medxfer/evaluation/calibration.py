@@ -17,6 +17,9 @@ Threshold rules (``--threshold`` on the CLI; validate early with :func:`parse_th
 * a number in (0, 1): that threshold.
 
 A threshold t means "P(positive) >= t -> positive", as in :func:`medxfer.evaluation.evaluate`.
+A rule picks an operating point on the scores it is given (which of them are positive); the
+threshold returned lies halfway between the lowest score called positive and the next lower one,
+never on a score.
 """
 
 from __future__ import annotations
@@ -117,13 +120,30 @@ def choose_threshold(y_true, p_pos, rule, *, positive: int = 1) -> float:
     if rule == "youden":
         j = tpr - fpr
         best = np.flatnonzero(j >= j.max() - eps)
-        return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
+        return _between_scores(thr, best[np.argmin(np.abs(thr[best] - 0.5))])
     name, target = rule.split("=")
     target = float(target)
     if name == "sensitivity":  # tpr rises as the threshold falls: first index reaching the target
-        return float(thr[np.flatnonzero(tpr >= target - eps)[0]])
+        return _between_scores(thr, np.flatnonzero(tpr >= target - eps)[0])
     ok = np.flatnonzero(1 - fpr >= target - eps)  # specificity falls as the threshold falls
-    return float(thr[ok[-1]])
+    return _between_scores(thr, ok[-1])
+
+
+def _between_scores(thr: np.ndarray, i: int) -> float:
+    """The operating point ``p >= thr[i]`` as a threshold halfway to the next lower score.
+
+    ``thr`` is roc_curve's (decreasing, one per distinct score). Every value in (thr[i+1], thr[i]]
+    classifies the scores it was chosen on alike; the midpoint keeps a margin from all of them, so
+    that a last-digit difference between engines (ONNX vs PyTorch) cannot flip an image that sits
+    exactly on the threshold. At the ends: halfway to 0 below the lowest score, halfway to 1 above
+    the highest (or the next float up when that is 1).
+    """
+    hi = float(thr[i])
+    if i == 0:  # nothing positive: thr[0] is already the next float above the top score
+        top = float(np.nextafter(hi, -np.inf))
+        return (top + 1.0) / 2 if top < 1.0 else hi
+    lo = float(thr[i + 1]) if i + 1 < len(thr) else min(0.0, hi)
+    return (hi + lo) / 2
 
 
 def _confidence_bins(y_true, probs, n_bins: int):
