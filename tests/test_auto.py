@@ -32,6 +32,37 @@ def test_budget_parsing():
         parse_budget("soon")
 
 
+def test_feature_cached_strategies_draw_no_learning_rate_or_augmentation(small_npz, tmp_path):
+    """A linear probe ignores both: drawing them made identical trials that filled the ensemble's top k."""
+    import optuna
+
+    from medxfer.auto import _Search
+
+    cfg = AutoConfig.create(data=str(small_npz), out=str(tmp_path / "a"), source="test_resnet",
+                            image_sizes="32,64", augments="light,strong")
+    search = _Search(cfg, deadline=time.monotonic() + 60, out=tmp_path / "a")
+    lp = search.params(optuna.trial.FixedTrial({"strategy": "linear-probe", "source": "test_resnet", "image_size": 32}))
+    assert lp["lr_factor"] == 1.0 and lp["augment"] == cfg.optim.augment
+    full = {"strategy": "full", "source": "test_resnet", "image_size": 64, "augment": "strong", "lr_factor": 2.0}
+    assert search.params(optuna.trial.FixedTrial(full)) == full
+    with pytest.raises(ValueError):  # full draws them: a trial without them cannot be built
+        search.params(optuna.trial.FixedTrial({"strategy": "full", "source": "test_resnet", "image_size": 64}))
+
+
+def test_the_ensemble_is_chosen_among_distinct_trials():
+    from medxfer.auto import distinct
+
+    nan = float("nan")
+    board = pd.DataFrame([  # sorted by validation log-loss, as leaderboard() gives it
+        {"trial": 6, "strategy": "linear-probe", "image_size": 96, "augment": nan, "lr_factor": nan, "val_log_loss": .33},
+        {"trial": 5, "strategy": "linear-probe", "image_size": 96, "augment": nan, "lr_factor": nan, "val_log_loss": .33},
+        {"trial": 2, "strategy": "full", "image_size": 96, "augment": "strong", "lr_factor": 0.4, "val_log_loss": .34},
+        {"trial": 3, "strategy": "full", "image_size": 96, "augment": "strong", "lr_factor": 0.5, "val_log_loss": .35},
+        {"trial": 4, "strategy": "linear-probe", "image_size": 64, "augment": nan, "lr_factor": nan, "val_log_loss": .4},
+    ])
+    assert distinct(board)["trial"].tolist() == [6, 2, 3, 4]
+
+
 def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys):
     out = tmp_path / "auto"
     assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe,full", "--n-trials", "2",

@@ -158,11 +158,16 @@ class _Search:
         self.reserve = max(5.0, 0.08 * parse_budget(cfg.auto.time_budget))  # for the ensemble and its report
 
     def params(self, trial) -> dict:
+        """A trial's settings. Strategies that train a head on cached features (linear-probe) use neither
+        the learning rate nor augmentation, so they are not drawn for them: trials that differ only there
+        would be the same model."""
         sp = self.space
         p = {"strategy": trial.suggest_categorical("strategy", sp["strategy"]),
              "source": trial.suggest_categorical("source", sp["source"]),
-             "image_size": trial.suggest_categorical("image_size", sp["image_size"]),
-             "augment": trial.suggest_categorical("augment", sp["augment"])}
+             "image_size": trial.suggest_categorical("image_size", sp["image_size"])}
+        if get_strategy(p["strategy"]).feature_cache:
+            return {**p, "augment": self.cfg.optim.augment, "lr_factor": 1.0}
+        p["augment"] = trial.suggest_categorical("augment", sp["augment"])
         lo, hi = sp["lr_factor"]
         p["lr_factor"] = trial.suggest_float("lr_factor", lo, hi, log=True) if hi > lo else lo
         return p
@@ -259,6 +264,16 @@ def leaderboard(study) -> pd.DataFrame:
     return df.sort_values("val_log_loss", na_position="last").reset_index(drop=True) if len(df) else df
 
 
+def distinct(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard without trials whose drawn settings repeat a better trial's (the same model
+    trained again: TPE draws a good linear-probe setting many times), so the ensemble's top k differ."""
+    params = [c for c in ("strategy", "source", "image_size", "augment", "lr_factor") if c in board.columns]
+    if not params or not len(board):
+        return board
+    key = board[params].astype(str)  # NaN (a setting not drawn) compares equal as text
+    return board[~key.duplicated()]
+
+
 def _progress_callback(bar, t0: float, budget: float):
     def callback(study, trial) -> None:
         done = [t for t in study.trials if t.value is not None]
@@ -290,7 +305,7 @@ def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
     if not len(done):
         raise MedxferError("no trial finished within the time budget: give a longer --time-budget (or fewer, "
                            "cheaper choices: --strategies linear-probe, smaller --image-sizes).")
-    top = done.head(cfg.auto.top_k)["run_dir"].tolist()
+    top = distinct(done).head(cfg.auto.top_k)["run_dir"].tolist()
     if len(top) == 1:
         log.info("one finished trial: it is the model")
     model = out / "model"
@@ -338,9 +353,12 @@ def _test_metrics(run: Run, n_bootstrap: int) -> dict:
 def _leaderboard_html(board: pd.DataFrame, chosen: list[str]) -> str:
     cols = [c for c in ("trial", "state", "strategy", "source", "image_size", "augment", "lr_factor", "val_log_loss",
                         "val_auc", "seconds") if c in board]
-    rows = [[html.esc(r["trial"]), html.esc(r["state"])] + [html.num(r[c]) if isinstance(r[c], float) else html.esc(r[c])
-                                                            for c in cols[2:]]
+    def cell(v) -> str:  # NaN: a setting the trial did not draw
+        return html.num(None if pd.isna(v) else v) if isinstance(v, float) else html.esc(v)
+
+    rows = [[html.esc(r["trial"]), html.esc(r["state"])] + [cell(r[c]) for c in cols[2:]]
             + ["yes" if r.get("run_dir") in chosen else ""] for _, r in board.iterrows()]
     return ("<p>Every trial of the search, best validation log-loss first; the model is chosen among the marked "
-            "trials on validation (the test split was not used to choose anything).</p>"
+            "trials on validation (the test split was not used to choose anything). A linear probe draws no learning "
+            "rate or augmentation (–); a trial that repeats a better one's settings is not a candidate.</p>"
             + html.table(cols + ["in the candidates"], rows, 6))
