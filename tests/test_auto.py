@@ -49,6 +49,20 @@ def test_feature_cached_strategies_draw_no_learning_rate_or_augmentation(small_n
         search.params(optuna.trial.FixedTrial({"strategy": "full", "source": "test_resnet", "image_size": 64}))
 
 
+def test_the_first_trial_is_the_default_recipe_within_the_space(small_npz, tmp_path):
+    from medxfer.auto import default_trial
+
+    base = dict(data=str(small_npz), out=str(tmp_path / "a"), source="test_resnet")
+    cfg = AutoConfig.create(**base, image_sizes="96,64", augments="strong,light", lr_range="0.3,3")
+    assert cfg.auto.max_epochs is None  # trials train as long as 'medxfer train' would, unless told
+    assert default_trial(cfg) == {"strategy": "full", "source": "test_resnet", "image_size": 96, "augment": "light",
+                                  "lr_factor": 1.0}
+    assert default_trial(AutoConfig.create(**base, lr_range="2,3"))["lr_factor"] == 2.0  # clipped into the range
+    assert default_trial(AutoConfig.create(**base, strategies="linear-probe,scratch")) is None
+    lp = default_trial(AutoConfig.create(**base, strategy="linear-probe", strategies="linear-probe"))
+    assert lp == {"strategy": "linear-probe", "source": "test_resnet", "image_size": 64}
+
+
 def test_the_ensemble_is_chosen_among_distinct_trials():
     from medxfer.auto import distinct
 
@@ -69,6 +83,8 @@ def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys)
                  "--time-budget", "5m", "--out", str(out)]) == 0
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == 2 and set(board["state"]) <= {"COMPLETE", "PRUNED"}
+    first = board[board["trial"] == 0].iloc[0]  # the search starts from 'medxfer train's recipe
+    assert (first["strategy"], first["image_size"], first["augment"], first["lr_factor"]) == ("full", 32, "light", 1.0)
     assert board["val_log_loss"].is_monotonic_increasing or board["state"].iloc[-1] == "PRUNED"
     model = out / "model"
     assert (model / "model.safetensors").is_file() and "Leaderboard" in (model / "report.html").read_text()

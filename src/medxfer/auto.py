@@ -89,7 +89,8 @@ class AutoOptions(Options):
     augments: str = option("light,strong", "Augmentation presets to search, comma-separated.")
     lr_range: str = option("0.3,3", "Learning rates searched: the strategy's default times a factor in this range "
                            "(log-uniform).")
-    max_epochs: int = option(12, "The most epochs a trial trains (the pruner stops weak trials sooner).", low=1)
+    max_epochs: int | None = option(None, "The most epochs a trial trains (the pruner stops weak trials sooner).",
+                                    show="the strategy's data-aware default, as 'medxfer train'", low=1)
     n_trials: int | None = option(None, "Stop after this many trials (this process).", show="the budget decides",
                                   low=1)
     top_k: int = option(5, "The ensemble is chosen among this many best trials.", low=1)
@@ -237,12 +238,19 @@ def study_for(cfg: AutoConfig, out: Path):
     if joining and not cfg.runtime.resume and cfg.auto.storage is None:
         raise MedxferError(f"'{out}' already holds the study '{name}': pass --resume to continue it, or choose another "
                            "--out.")
-    seed = cfg.optim.seed + (os.getpid() if joining else 0)  # a second process must not repeat the first's draws
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
-    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.auto.max_epochs, reduction_factor=3)
+    def sampler(joined: bool):  # a process that joins must not repeat the creator's draws
+        return optuna.samplers.TPESampler(seed=cfg.optim.seed + (os.getpid() if joined else 0), n_startup_trials=6)
+
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.auto.max_epochs or "auto",
+                                            reduction_factor=3)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="minimize",
-                                load_if_exists=True)
+    try:  # one process creates the study (the database's unique name decides), the others join it
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler(False), pruner=pruner,
+                                    direction="minimize")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler(True), pruner=pruner)
+        created = False
     space = {k: list(v) for k, v in cfg.space().items()}
     saved = study.user_attrs.get("space")
     if saved is None:
@@ -251,7 +259,27 @@ def study_for(cfg: AutoConfig, out: Path):
         key = next(k for k in space if saved.get(k) != space[k])
         raise MedxferError(f"the study '{name}' searches {key} {saved.get(key)}, not {space[key]}: continue it with the "
                            "same search options, or start a new study (another --out or --study).")
+    first = default_trial(cfg)
+    if created and first is not None:
+        study.enqueue_trial(first)
     return study
+
+
+def default_trial(cfg: AutoConfig) -> dict | None:
+    """The settings of 'medxfer train' with these options, as the study's first trial (None when the search
+    space excludes them): the search starts from the default recipe, so its result is never worse on
+    validation than the default run it is measured against."""
+    sp = cfg.space()
+    if cfg.optim.strategy not in sp["strategy"]:
+        return None
+    p = {"strategy": cfg.optim.strategy, "source": cfg.model.source if cfg.model.source in sp["source"] else
+         sp["source"][0], "image_size": cfg.model.image_size if cfg.model.image_size in sp["image_size"] else
+         sp["image_size"][0]}
+    if not get_strategy(p["strategy"]).feature_cache:
+        lo, hi = sp["lr_factor"]
+        p["augment"] = cfg.optim.augment if cfg.optim.augment in sp["augment"] else sp["augment"][0]
+        p["lr_factor"] = min(max(1.0, lo), hi)
+    return p
 
 
 def leaderboard(study) -> pd.DataFrame:
@@ -294,9 +322,16 @@ def auto(cfg: AutoConfig) -> Run:
     with progress.task("medxfer auto", total=int(budget), unit="s") as bar:
         study.optimize(search, n_trials=cfg.auto.n_trials, timeout=max(1.0, budget - search.reserve),
                        callbacks=[_progress_callback(bar, t0, budget)], catch=(MedxferError,))
-    board = leaderboard(study)
-    files.write_csv(out / "leaderboard.csv", board)
-    return _final_model(cfg, out, board)
+    from filelock import FileLock, Timeout
+
+    try:  # processes sharing one study and --out build the model one after the other, each from the latest board
+        with FileLock(str(out / ".final-model.lock"), timeout=900):
+            board = leaderboard(study)
+            files.write_csv(out / "leaderboard.csv", board)
+            return _final_model(cfg, out, board)
+    except Timeout:
+        raise MedxferError(f"another medxfer auto process has been writing '{out / 'model'}' for 15 minutes; the "
+                           "trials are in the study: run 'medxfer auto ... --resume' later to build the model.") from None
 
 
 def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
