@@ -283,6 +283,7 @@ def _page(cfg: ServeConfig, model: ServedModel) -> str:
 
 _PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 #: Small PNG uploads (bytes in all, pixels per image from the header) are decoded on the event loop,
 #: everything else in a worker thread. A 28 px PNG decodes in about 0.7 ms; handing it to a thread and
 #: back cost more than that on 2 cores (bench/bench_serve.py: 297 -> 361 requests/s batched, same run).
@@ -301,7 +302,6 @@ def cheap_to_decode(files: list[tuple[bytes, str]]) -> bool:
         if int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big") > INLINE_DECODE_PIXELS:
             return False
     return True
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 # long (75 lines): the routes are closures over one model and batcher; each route is a few lines
