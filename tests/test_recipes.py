@@ -96,6 +96,15 @@ def test_tta_in_evaluation_predict_and_onnx(small_npz, tmp_path):
     assert np.abs(onnx[cols].to_numpy() - want[cols].to_numpy()).max() < 1e-4  # the views are in the graph
     plain = _train(small_npz, tmp_path / "plain", strategy="full", epochs=1)
     assert not np.allclose(plain.predictions[cols].to_numpy(), run.predictions[cols].to_numpy())
+    # what takes the network rather than the averaged logits: features and Grad-CAM (the API loads TTA by default)
+    assert main(["features", str(run.dir), "--out", str(tmp_path / "f.npz"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert np.load(tmp_path / "f.npz")["features"].shape[0] == 200
+    from medxfer.evaluation.gradcam import explain_images
+
+    images = (np.load(small_npz)["test_images"][:2]).astype(np.uint8)
+    maps = explain_images(run.load_model(), run.model, images)
+    bare = explain_images(run.load_model(tta=False), run.model, images)
+    assert maps.shape[0] == 2 and np.allclose(maps, bare)
 
 
 def test_ensemble_is_a_run_like_any_other(small_npz, tmp_path):

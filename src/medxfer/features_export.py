@@ -57,7 +57,9 @@ def _run_model(run_dir: Path, cfg: TrainConfig, given: dict):
                                no_cache=cfg.data.no_cache or data.no_cache)
     key = {"run_weights": run.weights_digest(), "arch": meta.arch, "size": meta.image_size, "read": meta.read,
            "chans": meta.in_chans, "data_chans": meta.data_chans}
-    return run.load_model(), data, meta.image_size, key, f"run {run_dir} ({meta.source}, {meta.image_size} px)", meta
+    # the network's own features: test-time augmentation averages logits, and has no features of its own
+    return (run.load_model(tta=False), data, meta.image_size, key, f"run {run_dir} ({meta.source}, {meta.image_size} px)",
+            meta)
 
 
 def export_features(out: str | Path, cfg: TrainConfig, run_dir: str | Path | None = None, head: str | None = None,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medxfer.data.augment import TTA
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.evaluation.ordinal import predict_grade
 from medxfer.evaluation.tasks import probabilities
@@ -175,6 +176,8 @@ def explain_images(model: nn.Module, meta, images_uint8, layer: str | None = Non
     from pytorch_grad_cam import GradCAM  # grad-cam pulls in opencv: only when maps are made
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if isinstance(model, TTA):  # a run loaded with its test-time augmentation: explain the network itself
+        model = model.model
     x = _as_float(images_uint8)
     _, module = resolve_layer(model, layer, x.shape[-1])
     if target_class is None:
