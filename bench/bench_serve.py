@@ -10,7 +10,7 @@ The run (default ``runs/bench_serve``: EfficientNet-Lite0 linear probe on Breast
 trained and exported to ONNX first when it is missing::
 
     .venv/bin/medxfer train --data src/medxfer/datasets/breastmnist_28.npz --label-names malignant,benign \\
-        --positive-label malignant --strategy linear-probe --image-size 64 --duplicates allow --out runs/bench_serve
+        --positive-label malignant --strategy linear-probe --image-size 64 --tta 1 --duplicates allow --out runs/bench_serve
     .venv/bin/medxfer export runs/bench_serve
 
 Each mode has its own server process (``python -m medxfer serve RUN --engine onnx``, the same
@@ -62,7 +62,7 @@ def ensure_run(run: Path) -> None:
     if not (run / "model.safetensors").is_file():
         print(f"training {run} (linear probe, 64 px) ...", file=sys.stderr)
         subprocess.run([*cli, "train", "--data", str(DATA), "--label-names", "malignant,benign",
-                        "--positive-label", "malignant", "--strategy", "linear-probe", "--image-size", "64",
+                        "--positive-label", "malignant", "--strategy", "linear-probe", "--image-size", "64", "--tta", "1",
                         "--duplicates", "allow", "--out", str(run)], check=True)
     if not (run / "model.onnx").is_file():
         print(f"exporting {run} to ONNX ...", file=sys.stderr)

@@ -90,7 +90,7 @@ def medxfer_train(data: Path, out: Path, cache: Path, extra: list[str], log) -> 
            "--seed", "0", "--batch-size", "64", "--cache-dir", str(cache / "decode"), "--out", str(out),
            # the peer trains on the same images (MedMNIST has a few exact duplicates across splits) and
            # writes no report: the comparison is the training job itself
-           "--duplicates", "allow", "--no-report", *extra]
+           "--duplicates", "allow", "--no-report", "--tta", "1", *extra]  # the peer evaluates one view
     r = run_child(cmd, log)
     m = json.loads((out / "metrics.json").read_text())
     r.update({"tool": "medxfer", "test_auc": m["test"]["auc"], "balanced_accuracy": m["test"].get("balanced_accuracy"),

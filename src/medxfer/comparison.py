@@ -185,7 +185,8 @@ def _what_counts(cfg: TrainConfig) -> dict:
     the one in effect (no --split-seed means --seed's), so a run made by ``train --seed 0`` is reused."""
     sig = cfg.training_signature()
     sig["data"] = {**sig["data"], "split_seed": cfg.split_seed}
-    return {**sig, "evaluation": {k: v for k, v in cfg.to_dict()["evaluation"].items() if k != "report"}}
+    evaluation = {k: v for k, v in cfg.to_dict()["evaluation"].items() if k != "report"}
+    return {**sig, "evaluation": {**evaluation, "tta": cfg.resolved_tta}}  # a default and its value count alike
 
 
 def finished_run(cfg: TrainConfig) -> tuple[bool, str]:

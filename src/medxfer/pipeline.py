@@ -127,11 +127,14 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
 
 
 def _volume_options(cfg: TrainConfig) -> TrainConfig:
-    """--spatial-dims 3 reads volumes whole (--slice volume); the two only go together."""
+    """--spatial-dims 3 reads volumes whole (--slice volume); the two only go together. --tta is resolved
+    here (recorded in config.yaml as the number of views used)."""
     if cfg.model.spatial_dims == 3:
-        if cfg.evaluation.tta > 1:
+        if cfg.resolved_tta > 1:
             raise MedxferError("--tta views are 2-D: a 3-D model (--spatial-dims 3) is evaluated without --tta.")
+        cfg = cfg.replace(tta=1)
         return cfg if cfg.data.slice == "volume" else cfg.replace(slice="volume")
+    cfg = cfg.replace(tta=cfg.resolved_tta)
     if cfg.data.slice == "volume":
         raise MedxferError("--slice volume keeps volumes whole: train them with --spatial-dims 3.")
     return cfg

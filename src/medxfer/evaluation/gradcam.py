@@ -70,9 +70,16 @@ def _some_layers(net: nn.Module, k: int = 8) -> list[str]:
     return list(dict.fromkeys(stages + tops))[:k]
 
 
+def network(model: nn.Module) -> nn.Module:
+    """The network inside a run loaded with its test-time augmentation (``Run.load_model()``): Grad-CAM
+    explains the network on the image itself, as ``medxfer explain`` and the report do."""
+    return model.model if isinstance(model, TTA) else model
+
+
 def resolve_layer(model: nn.Module, layer: str | None = None, image_size: int | None = None) -> tuple[str, nn.Module]:
     """``(name, module)`` for ``layer`` (relative to the timm network, ``net.`` prefix allowed), or the
     default layer for ``image_size`` when ``layer`` is None. Unknown names raise MedxferError."""
+    model = network(model)
     net = model.net if hasattr(model, "net") else model
     name = default_layer(net, image_size) if layer is None else layer.strip()
     if name.startswith("net."):
@@ -176,8 +183,7 @@ def explain_images(model: nn.Module, meta, images_uint8, layer: str | None = Non
     from pytorch_grad_cam import GradCAM  # grad-cam pulls in opencv: only when maps are made
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    if isinstance(model, TTA):  # a run loaded with its test-time augmentation: explain the network itself
-        model = model.model
+    model = network(model)
     x = _as_float(images_uint8)
     _, module = resolve_layer(model, layer, x.shape[-1])
     if target_class is None:
