@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -214,7 +215,9 @@ def _open_storage(url: str, attempts: int = 5):
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            with warnings.catch_warnings():  # the heartbeat is 'experimental' in Optuna 5: not the user's concern
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
         except ImportError:
             raise MedxferError(f"no database driver for the study storage '{url}': for PostgreSQL, "
                                "pip install 'psycopg[binary]'; for MySQL, pip install pymysql.") from None
