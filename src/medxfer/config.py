@@ -27,11 +27,11 @@ import yaml
 from medxfer.data.intensity import parse_frame, parse_intensity, parse_slice, parse_window
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.strategies import MIN_PATIENCE_STEPS, get_strategy, help_text
+from medxfer.strategies import NAMES as STRATEGY_NAMES
 
 #: --tta when not given, for 2-D models: 4 views lowered the validation log-loss of the best recipe so far on
 #: BreastMNIST (3 seeds, 0.2358 -> 0.2317) and PneumoniaMNIST (0.0740 -> 0.0632) in bench/ablation.py
 DEFAULT_TTA_2D = 4
-from medxfer.strategies import NAMES as STRATEGY_NAMES
 
 #: the augmentation presets (medxfer.data.augment.PRESETS; listed here so options stay free of torch)
 AUGMENT_PRESETS = ("none", "light", "strong", "generic", "xray", "ultrasound", "ct", "mri", "dermoscopy", "fundus")
