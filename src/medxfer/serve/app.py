@@ -42,7 +42,7 @@ from medxfer.errors import MedxferError
 from medxfer.serve.batching import Batcher
 from medxfer.serve.errors import ApiError
 from medxfer.serve.model import ServedModel
-from medxfer.serve.uploads import UploadDir, safe_suffix
+from medxfer.serve.uploads import UploadDir, png_size, safe_suffix
 
 log = logging.getLogger("medxfer.serve")
 
@@ -297,9 +297,8 @@ def cheap_to_decode(files: list[tuple[bytes, str]]) -> bool:
     if sum(len(data) for data, _ in files) > INLINE_DECODE_BYTES:
         return False
     for data, suffix in files:
-        if suffix != ".png" or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-            return False
-        if int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big") > INLINE_DECODE_PIXELS:
+        size = png_size(data[:24])
+        if suffix != ".png" or size is None or size[0] * size[1] > INLINE_DECODE_PIXELS:
             return False
     return True
 

@@ -29,6 +29,7 @@ from medxfer.errors import BadFileError, MedxferError
 from medxfer.evaluation.gradcam import explain_images, feature_map_size, findings, overlay
 from medxfer.predict import Predictor
 from medxfer.serve.errors import ApiError
+from medxfer.serve.uploads import png_size
 
 #: Decoded images above this many pixels are refused (stricter than the readers' limit): the server
 #: holds several images in memory at once. 2**26 is 8192 x 8192.
@@ -131,8 +132,9 @@ class ServedModel:
         if name.endswith(".png"):
             with open(path, "rb") as f:
                 head = f.read(24)
-            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":  # width, height: big-endian
-                cols, rows = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            size = png_size(head)
+            if size is not None:
+                cols, rows = size
         if rows is None and name.endswith(_PIL_SUFFIXES):
             from PIL import Image
 

@@ -45,6 +45,13 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's first 24 bytes (signature and IHDR), or None when they are not a PNG's."""
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def safe_suffix(filename: str | None, head: bytes, allowed: list[str]) -> str | None:
     """The suffix to store an upload under: its extension when a reader takes it, else one sniffed
     from the content; None when neither (the caller refuses the upload)."""
