@@ -132,6 +132,9 @@ def test_thresholds_never_sit_on_a_score_so_engine_noise_cannot_flip_a_predictio
         chosen = p[p >= t]
         if len(chosen) and (p < t).any():  # halfway between the lowest positive and the next score down
             assert t == pytest.approx((chosen.min() + p[p < t].max()) / 2)
+    # the lowest score is a positive, so sensitivity=1 calls everything positive: halfway down to 0
+    y, p = np.array([1, 0, 1, 0]), np.array([0.2, 0.4, 0.9, 0.3])
+    assert choose_threshold(y, p, "sensitivity=1") == pytest.approx(0.1)
 
 
 def rates(y, p, t):

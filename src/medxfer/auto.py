@@ -160,14 +160,12 @@ class _Search:
         self.reserve = max(5.0, 0.08 * parse_budget(cfg.auto.time_budget))  # for the ensemble and its report
 
     def params(self, trial) -> dict:
-        """A trial's settings. Strategies that train a head on cached features (linear-probe) use neither
-        the learning rate nor augmentation, so they are not drawn for them: trials that differ only there
-        would be the same model."""
+        """A trial's settings; the learning rate and augmentation only where :func:`draws_recipe`."""
         sp = self.space
         p = {"strategy": trial.suggest_categorical("strategy", sp["strategy"]),
              "source": trial.suggest_categorical("source", sp["source"]),
              "image_size": trial.suggest_categorical("image_size", sp["image_size"])}
-        if get_strategy(p["strategy"]).feature_cache:
+        if not draws_recipe(p["strategy"]):
             return {**p, "augment": self.cfg.optim.augment, "lr_factor": 1.0}
         p["augment"] = trial.suggest_categorical("augment", sp["augment"])
         lo, hi = sp["lr_factor"]
@@ -268,6 +266,13 @@ def study_for(cfg: AutoConfig, out: Path):
     return study
 
 
+def draws_recipe(strategy: str) -> bool:
+    """Whether trials of ``strategy`` draw a learning rate and an augmentation preset. Strategies that train a
+    head on cached features (linear-probe) use neither: trials that differed only there would be the same
+    model, so neither the sampler nor the study's first trial sets them."""
+    return not get_strategy(strategy).feature_cache
+
+
 def default_trial(cfg: AutoConfig) -> dict | None:
     """The settings of 'medxfer train' with these options, as the study's first trial (None when the search
     space excludes them): the search starts from the default recipe, so its result is never worse on
@@ -278,7 +283,7 @@ def default_trial(cfg: AutoConfig) -> dict | None:
     p = {"strategy": cfg.optim.strategy, "source": cfg.model.source if cfg.model.source in sp["source"] else
          sp["source"][0], "image_size": cfg.model.image_size if cfg.model.image_size in sp["image_size"] else
          sp["image_size"][0]}
-    if not get_strategy(p["strategy"]).feature_cache:
+    if draws_recipe(p["strategy"]):
         lo, hi = sp["lr_factor"]
         p["augment"] = cfg.optim.augment if cfg.optim.augment in sp["augment"] else sp["augment"][0]
         p["lr_factor"] = min(max(1.0, lo), hi)

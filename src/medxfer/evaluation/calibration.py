@@ -142,8 +142,11 @@ def _between_scores(thr: np.ndarray, i: int) -> float:
     if i == 0:  # nothing positive: thr[0] is already the next float above the top score
         top = float(np.nextafter(hi, -np.inf))
         return (top + 1.0) / 2 if top < 1.0 else hi
-    lo = float(thr[i + 1]) if i + 1 < len(thr) else min(0.0, hi)
-    return (hi + lo) / 2
+    if i + 1 < len(thr):
+        return (hi + float(thr[i + 1])) / 2
+    # everything positive: no lower score to go halfway to; probabilities go halfway to 0, and a score
+    # below 0 (not a probability: no floor is known) stays the threshold itself
+    return hi / 2 if hi > 0 else hi
 
 
 def _confidence_bins(y_true, probs, n_bins: int):
