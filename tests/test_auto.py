@@ -63,6 +63,24 @@ def test_the_first_trial_is_the_default_recipe_within_the_space(small_npz, tmp_p
     assert lp == {"strategy": "linear-probe", "source": "test_resnet", "image_size": 64}
 
 
+def test_the_leaderboard_gives_image_sizes_in_whole_pixels_beside_a_trial_with_no_settings():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from medxfer.auto import _leaderboard_html, leaderboard
+
+    study = optuna.create_study()
+    dist = {"image_size": CategoricalDistribution([64, 96])}
+    study.add_trial(create_trial(params={"image_size": 96}, distributions=dist, value=0.2))
+    study.add_trial(create_trial(state=TrialState.PRUNED))  # stopped by the budget before drawing anything
+    board = leaderboard(study)
+    assert board["image_size"].tolist()[0] == 96 and board["image_size"].isna().tolist() == [False, True]
+    assert "96.0" not in board.to_csv(index=False)
+    page = _leaderboard_html(board, [])
+    assert "<td>96</td>" in page and "&lt;NA&gt;" not in page and ">nan<" not in page
+
+
 def test_the_ensemble_is_chosen_among_distinct_trials():
     from medxfer.auto import distinct
 

@@ -297,6 +297,8 @@ def leaderboard(study) -> pd.DataFrame:
                      "val_auc": t.user_attrs.get("val_auc"), "seconds": t.user_attrs.get("seconds"),
                      "run_dir": t.user_attrs.get("run_dir")})
     df = pd.DataFrame(rows)
+    if "image_size" in df:  # whole pixels, also beside a trial pruned before it drew one (NaN)
+        df["image_size"] = df["image_size"].astype("Int64")
     return df.sort_values("val_log_loss", na_position="last").reset_index(drop=True) if len(df) else df
 
 
@@ -396,8 +398,10 @@ def _test_metrics(run: Run, n_bootstrap: int) -> dict:
 def _leaderboard_html(board: pd.DataFrame, chosen: list[str]) -> str:
     cols = [c for c in ("trial", "state", "strategy", "source", "image_size", "augment", "lr_factor", "val_log_loss",
                         "val_auc", "seconds") if c in board]
-    def cell(v) -> str:  # NaN: a setting the trial did not draw
-        return html.num(None if pd.isna(v) else v) if isinstance(v, float) else html.esc(v)
+    def cell(v) -> str:  # NaN / NA: a setting the trial did not draw
+        if not isinstance(v, str) and pd.isna(v):
+            return html.num(None)
+        return html.num(v) if isinstance(v, float) else html.esc(v)
 
     rows = [[html.esc(r["trial"]), html.esc(r["state"])] + [cell(r[c]) for c in cols[2:]]
             + ["yes" if r.get("run_dir") in chosen else ""] for _, r in board.iterrows()]
