@@ -83,6 +83,58 @@ def test_select_loss_keeps_the_lowest_validation_loss(small_npz, tmp_path):
     assert run.metrics["best_epoch"] == int(hist.loc[hist["val_loss"].idxmin(), "epoch"])
 
 
+def test_calibrated_loss_is_the_loss_at_the_best_temperature():
+    from typing import get_args, get_type_hints
+
+    from medxfer.config import OptimOptions
+    from medxfer.engine.objectives import objective
+
+    assert get_args(get_type_hints(OptimOptions)["select"]) == H.SELECT  # the option and the handler agree
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (300,), generator=g)
+    logits = torch.randn(300, 2, generator=g) + 8 * torch.nn.functional.one_hot(y, 2)  # right but over-confident
+    flip = torch.rand(300, generator=g) < 0.15
+    logits[flip] = logits[flip].flip(1)
+    for kind, n, target in (("single", 2, y), ("multilabel", 2, torch.nn.functional.one_hot(y, 2)),
+                            ("ordinal", 3, torch.randint(0, 3, (300,), generator=g))):
+        obj = objective(kind, n)
+        z = logits[:, : obj.outputs]
+        grid = min(obj.nll(z / t, target) for t in np.exp(np.linspace(np.log(1 / 20), np.log(20), 4001)))
+        got = obj.validate(z, target)
+        assert got["val_loss_calibrated"] == pytest.approx(grid, abs=1e-4)
+        assert got["val_loss_calibrated"] <= got["val_loss"] + 1e-12
+    assert objective("single", 2).validate(logits, y)["val_loss_calibrated"] < 0.6 * objective("single", 2).validate(
+        logits, y)["val_loss"]  # the over-confidence is what it removes
+
+
+def test_select_calibrated_loss_keeps_a_sharp_epoch_over_a_timid_one():
+    """Seen on BreastMNIST: a first epoch near the prior had a lower raw validation loss than later epochs that
+    ranked far better but were over-confident, and --select loss kept the first epoch (validation AUC 0.69)."""
+    net = torch.nn.Linear(1, 1)
+    timid = {"epoch": 1, "val_loss": 0.53, "val_loss_calibrated": 0.52, "val_auc": 0.69}
+    sharp = {"epoch": 2, "val_loss": 0.72, "val_loss_calibrated": 0.33, "val_auc": 0.89}
+
+    class State:
+        stop = False
+
+    class FakeLoop:
+        state = State()
+
+        @staticmethod
+        def handler(kind):
+            return None  # no EMA: validation judges the model itself
+
+    best = {}
+    for monitor in ("loss", "calibrated-loss", "auc"):
+        stop = H.EarlyStopping(net, patience=5, monitor=monitor)
+        for record in (timid, sharp):
+            stop.on_epoch_end(FakeLoop(), record)
+        best[monitor] = stop.best_epoch
+    assert best == {"loss": 1, "calibrated-loss": 2, "auc": 2}
+    with pytest.raises(medxfer.MedxferError, match="calibrated-loss"):
+        H.EarlyStopping(net, patience=5, monitor="nll")
+
+
 def test_tta_defaults_to_4_views_for_2d_models_and_none_for_3d(tiny_run):
     """Chosen on validation: 4 views lowered the best recipe's log-loss on BreastMNIST and PneumoniaMNIST."""
     from medxfer.config import DEFAULT_TTA_2D, TrainConfig

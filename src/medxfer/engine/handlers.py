@@ -24,6 +24,8 @@ from medxfer.errors import MedxferError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "medxfer-loop-checkpoint/2"
+#: what --select ranks epochs by (listed again in medxfer.config's options, which stay free of torch)
+SELECT = ("auc", "loss", "calibrated-loss")
 
 
 class EMA(Handler):
@@ -115,8 +117,8 @@ class EarlyStopping(Handler):
     name = "early_stopping"
 
     def __init__(self, model: nn.Module, patience: int, monitor: str = "auc", restore: bool = True):
-        if monitor not in ("auc", "loss"):
-            raise MedxferError(f"The 'select' parameter must be 'auc' or 'loss'. Got '{monitor}' instead.")
+        if monitor not in SELECT:
+            raise MedxferError(f"The 'select' parameter must be one of {', '.join(SELECT)}. Got '{monitor}' instead.")
         self.model, self.patience, self.monitor, self.restore = model, patience, monitor, restore
         self.best_score, self.best_epoch, self.waited, self.best_state = -math.inf, 0, 0, None
 
@@ -124,6 +126,8 @@ class EarlyStopping(Handler):
         auc, loss = record.get("val_auc", math.nan), record.get("val_loss", math.nan)
         if self.monitor == "auc" and not math.isnan(auc):
             return auc
+        if self.monitor == "calibrated-loss":
+            return -record.get("val_loss_calibrated", loss)
         return -loss
 
     def on_start(self, loop: Loop) -> None:

@@ -5,7 +5,7 @@ Usage::
     obj = objective("multilabel", n_labels=14, pos_weight=w)   # or "single" (binary/multiclass), "ordinal"
     obj.outputs                     # the head's width: K (single, multilabel) or K-1 (ordinal, CORN)
     loss = obj.loss(logits, y)      # y: class indices, or the (N, K) 0/1 matrix of a multi-label task
-    obj.validate(logits, y)         # {"val_loss": ..., "val_auc": ...} for early stopping and the history
+    obj.validate(logits, y)         # {"val_loss", "val_loss_calibrated", "val_auc"}: early stopping, history
 
 * ``single``: cross-entropy (optionally class-weighted); AUC (one-vs-rest macro for K > 2).
 * ``multilabel``: binary cross-entropy per finding (optional per-finding positive weights); the
@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,16 +61,39 @@ class Objective:
             return corn_probabilities(logits)
         return logits.softmax(1)
 
-    def validate(self, logits: torch.Tensor, y: torch.Tensor) -> dict:
-        logits = logits.float()
-        p = self.probabilities(logits)
+    def nll(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """The validation loss: cross-entropy, BCE per finding, or the NLL of the CORN grade probabilities."""
         if self.kind == "single":
             loss = F.cross_entropy(logits, y)
         elif self.kind == "multilabel":
             loss = F.binary_cross_entropy_with_logits(logits, y.float())
         else:
-            loss = -torch.log(p[torch.arange(len(y)), y].clamp_min(1e-12)).mean()
-        return {"val_loss": float(loss.item()), "val_auc": auc_score(self.kind, y.numpy(), p.numpy())}
+            loss = -torch.log(self.probabilities(logits)[torch.arange(len(y)), y].clamp_min(1e-12)).mean()
+        return float(loss.item())
+
+    def calibrated_nll(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """The loss after the best single temperature (logits / T, T in [1/20, 20]): what the epoch's ranking is
+        worth once the run's temperature scaling removes its over- or under-confidence."""
+        nll = lambda log_t: self.nll(logits / math.exp(log_t), y)  # noqa: E731
+        lo, hi = -math.log(20.0), math.log(20.0)
+        g = (math.sqrt(5) - 1) / 2
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        fa, fb = nll(a), nll(b)
+        for _ in range(40):  # golden-section search; the loss is unimodal in the temperature
+            if fa < fb:
+                hi, b, fb = b, a, fa
+                a = hi - g * (hi - lo)
+                fa = nll(a)
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + g * (hi - lo)
+                fb = nll(b)
+        return min(fa, fb, nll(0.0))
+
+    def validate(self, logits: torch.Tensor, y: torch.Tensor) -> dict:
+        logits = logits.float()
+        return {"val_loss": self.nll(logits, y), "val_loss_calibrated": self.calibrated_nll(logits, y),
+                "val_auc": auc_score(self.kind, y.numpy(), self.probabilities(logits).numpy())}
 
 
 def objective(kind: str, n_labels: int, class_weights: torch.Tensor | None = None) -> Objective:
