@@ -79,7 +79,7 @@ class Objective:
         g = (math.sqrt(5) - 1) / 2
         a, b = hi - g * (hi - lo), lo + g * (hi - lo)
         fa, fb = nll(a), nll(b)
-        for _ in range(40):  # golden-section search; the loss is unimodal in the temperature
+        for _ in range(40):  # golden-section search (softmax and sigmoid NLL are convex in 1/T)
             if fa < fb:
                 hi, b, fb = b, a, fa
                 a = hi - g * (hi - lo)
