@@ -26,7 +26,7 @@ import yaml
 
 from medxfer.data.intensity import parse_frame, parse_intensity, parse_slice, parse_window
 from medxfer.errors import MedxferError, did_you_mean
-from medxfer.strategies import MIN_PATIENCE_STEPS, get_strategy, help_text
+from medxfer.strategies import MIN_PATIENCE_STEPS, SELECT, get_strategy, help_text
 from medxfer.strategies import NAMES as STRATEGY_NAMES
 
 #: --tta when not given, for 2-D models: 4 views lowered the validation log-loss of the best recipe so far on
@@ -200,13 +200,13 @@ class OptimOptions(Options):
     warmup_epochs: float = option(1.0, "Linear learning-rate warm-up, then cosine decay.", low=0.0)
     patience: int = option(10, "Early stopping: epochs without a better validation measure (--select; at least 60 "
                            "steps).", low=1)
-    select: Literal["auc", "loss", "calibrated-loss"] = option(
+    select: str = option(
         "calibrated-loss", "The best epoch (kept, and early stopping's measure): lowest validation NLL after the best "
         "temperature (calibrated-loss, the default: the run applies temperature scaling anyway, and an over-confident "
         "later epoch no longer loses to an early one that ranks worse); lowest raw validation NLL (loss); or highest "
         "validation AUC, which saturates on easy sets (PneumoniaMNIST 0.99+) and cannot rank epochs there. "
         "calibrated-loss lowered the validation log-loss against loss on BreastMNIST (6 seeds) and tied on "
-        "PneumoniaMNIST.")
+        "PneumoniaMNIST.", choices=SELECT)
     average: Literal["none", "ema", "swa"] = option("none", "Weight averaging: an exponential moving average "
                                                     "(validated and saved), or SWA over the last quarter of the "
                                                     "epochs (saved; BatchNorm statistics recomputed).")

@@ -27,6 +27,8 @@ MAX_AUTO_EPOCHS = 60
 #: early stopping waits at least this many optimiser steps: on a tiny train set (one step per epoch)
 #: 10 epochs of patience would stop a run before it has learned anything
 MIN_PATIENCE_STEPS = 60
+#: what --select ranks epochs by (early stopping in medxfer.engine.handlers, the option in medxfer.config)
+SELECT = ("auc", "loss", "calibrated-loss")
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,10 @@ from torch import nn
 from medxfer import files, progress
 from medxfer.engine.loop import Handler, Loop
 from medxfer.errors import MedxferError
+from medxfer.strategies import SELECT
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "medxfer-loop-checkpoint/2"
-#: what --select ranks epochs by (listed again in medxfer.config's options, which stay free of torch)
-SELECT = ("auc", "loss", "calibrated-loss")
 
 
 class EMA(Handler):
