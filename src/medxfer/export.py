@@ -169,7 +169,7 @@ def _write_and_check(model, meta: ModelMeta, fmt: str, tmp: Path, images: torch.
         runner = OnnxRunner(tmp)
         report = check_parity(model, runner, images, meta)
         one = runner(images[:1].float().div(255).numpy())  # the batch really is dynamic
-        if one.shape != (1, len(meta.labels)):
+        if one.shape != (1, meta.outputs):
             raise MedxferError(f"the exported model gave shape {one.shape} for one image.")
         return report
     export_torchscript_file(model, meta, tmp, images[:8])

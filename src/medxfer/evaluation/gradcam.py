@@ -156,7 +156,7 @@ def predict_classes(model: nn.Module, meta, images) -> tuple[np.ndarray, np.ndar
     x = _as_float(images)
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy() if len(x) else \
-            np.zeros((0, len(meta.labels)))
+            np.zeros((0, meta.outputs))
     probs = probabilities(meta.task, logits, meta.temperature)
     return probs, decide(probs, meta)
 
