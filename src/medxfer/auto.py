@@ -43,11 +43,11 @@ from medxfer.config import (AUGMENT_PRESETS, Config, DataOptions, EvalOptions, M
                             RuntimeOptions, TrainConfig, option)
 from medxfer.engine.handlers import Deadline, Handler
 from medxfer.engine.loop import Loop
-from medxfer.ensemble import build_ensemble, log_loss
+from medxfer.ensemble import build_ensemble, labels_of, log_loss, val_probabilities
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html
 from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import label_matrix, write_report
+from medxfer.evaluation.report import write_report
 from medxfer.evaluation.tasks import evaluate_task
 from medxfer.pipeline import train
 from medxfer.runs import Run, RunDirectory, is_finished, staging_dir
@@ -145,11 +145,8 @@ class OptunaPruning(Handler):
 
 
 def val_log_loss(run: Run) -> float:
-    """The run's calibrated validation log-loss (the search's objective)."""
-    p = run.predictions[run.predictions["split"] == "val"]
-    index = {c: i for i, c in enumerate(run.model.labels)}
-    return log_loss(p["label"].astype(str).map(index).to_numpy(int),
-                    p[[f"prob_{c}" for c in run.model.labels]].to_numpy(float))
+    """The run's calibrated validation log-loss (the search's objective; multi-label: mean over findings)."""
+    return log_loss(*val_probabilities(run))
 
 
 class _Search:
@@ -354,10 +351,6 @@ def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
     if len(top) == 1:
         log.info("one finished trial: it is the model")
     model = out / "model"
-    if len(top) >= 2 and Run.load(top[0]).model.task not in ("binary", "multiclass"):
-        log.info("a %s task: the best trial is the model (ensembles are for binary and multi-class runs)",
-                 Run.load(top[0]).model.task)
-        top = top[:1]
     if len(top) >= 2:
         run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600,
                              bootstrap=cfg.evaluation.bootstrap)
@@ -386,10 +379,7 @@ def _test_metrics(run: Run, n_bootstrap: int) -> dict:
     """The run's test metrics again from its predictions, with ``n_bootstrap`` resamples (by patient when known)."""
     preds, labels, task = run.test_predictions, [str(c) for c in run.model.labels], run.model.task
     probs = preds[[f"prob_{c}" for c in labels]].to_numpy(float)
-    if task == "multilabel":
-        y = label_matrix(preds["label"].fillna("").astype(str).tolist(), labels)
-    else:
-        y = preds["label"].astype(str).map({c: i for i, c in enumerate(labels)}).to_numpy(int)
+    y = labels_of(preds["label"], labels, task)
     groups = preds["patient_id"].astype(str).to_numpy() if "patient_id" in preds else None
     return evaluate_task(task, y, probs, labels, positive=run.model.positive_index, threshold=run.metrics["threshold"],
                          groups=groups, n_bootstrap=n_bootstrap, seed=int(run.metrics.get("seed") or 0))

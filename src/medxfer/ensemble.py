@@ -7,9 +7,11 @@ Usage::
     run = build_ensemble(runs, out="runs/ens", method="uniform")                     # every run, equal weights
     medxfer ensemble runs/a runs/b runs/c --out runs/ens [--method auto|greedy|uniform]
 
-Members must share labels, data channels, reader options and their validation and test samples (one
-split). Their weights are chosen on validation: ``greedy`` is Caruana et al.'s forward selection with
-replacement (2004) minimising the validation log-loss of the averaged probabilities; ``uniform`` weighs
+Members must share task, labels, data channels, reader options, 2-D or 3-D input and their validation and
+test samples (one split). Every task averages: binary and multi-class (class probabilities), multi-label
+(the probability of each finding) and ordinal (grade probabilities); see :mod:`medxfer.models.ensemble`. Their weights are chosen on validation: ``greedy`` is Caruana et al.'s forward selection with
+replacement (2004) minimising the validation log-loss of the averaged probabilities (multi-label: the mean binary log-loss
+over findings); ``uniform`` weighs
 every run equally; ``auto`` keeps whichever has the lower validation log-loss. The ensemble's own
 temperature and threshold are then fitted on validation, and it is evaluated on test once, like a single
 run; its val/test probabilities come from running the ensemble network itself on the images.
@@ -29,10 +31,9 @@ from medxfer.data.prepare import images_of
 from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.trainer import predict_logits
 from medxfer.errors import MedxferError
-from medxfer.evaluation.calibration import apply_temperature, choose_threshold, fit_temperature
-from medxfer.evaluation.metrics import evaluate
 from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import write_report
+from medxfer.evaluation.report import label_matrix, write_report
+from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
 from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net
 
 METHODS = ("auto", "greedy", "uniform")
@@ -44,7 +45,8 @@ def _check_members(runs: list[Run]) -> None:
         raise MedxferError(f"an ensemble needs at least 2 runs. Got {len(runs)}.")
     first = runs[0]
     for r in runs[1:]:
-        for what, a, b in (("labels", first.model.labels, r.model.labels),
+        for what, a, b in (("task", first.model.task, r.model.task), ("labels", first.model.labels, r.model.labels),
+                           ("spatial dimensions", first.model.spatial_dims, r.model.spatial_dims),
                            ("data channels", first.model.data_chans, r.model.data_chans),
                            ("reader options", first.model.read, r.model.read)):
             if a != b:
@@ -60,14 +62,26 @@ def _check_members(runs: list[Run]) -> None:
                                    "data and split seed.")
 
 
-def _val_probs(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(labels as indices, calibrated probabilities) of the run's validation rows, in sample_id order."""
+def labels_of(values, labels: list[str], task: str) -> np.ndarray:
+    """predictions.csv's label texts as the task's targets: class indices, or a multi-label 0/1 matrix."""
+    if task == "multilabel":
+        return label_matrix(list(values), labels)
+    index = {c: i for i, c in enumerate(labels)}
+    return np.asarray([index[str(v)] for v in values], dtype=int)
+
+
+def val_probabilities(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, calibrated probabilities) of the run's validation rows, in sample_id order."""
     p = run.predictions[run.predictions["split"] == "val"].sort_values("sample_id")
-    index = {c: i for i, c in enumerate(run.model.labels)}
-    return p["label"].map(index).to_numpy(int), p[[f"prob_{c}" for c in run.model.labels]].to_numpy(float)
+    labels = [str(c) for c in run.model.labels]
+    return labels_of(p["label"], labels, run.model.task), p[[f"prob_{c}" for c in labels]].to_numpy(float)
 
 
 def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    """Validation log-loss: of the true class (y: indices), or the mean binary one over findings (y: 0/1 matrix)."""
+    if y.ndim == 2:
+        p = np.clip(probs, 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
@@ -90,8 +104,8 @@ def choose_weights(runs: list[Run], method: str) -> tuple[list[float], dict]:
     """Member weights chosen on validation, and a record of the choice."""
     if method not in METHODS:
         raise MedxferError(f"The 'method' parameter must be one of {list(METHODS)}. Got '{method}' instead.")
-    y, _ = _val_probs(runs[0])
-    probs = [_val_probs(r)[1] for r in runs]
+    y, _ = val_probabilities(runs[0])
+    probs = [val_probabilities(r)[1] for r in runs]
     uniform = [1.0] * len(runs)
     greedy = [float(c) for c in greedy_weights(y, probs)]
     loss = {name: log_loss(y, sum(w * p for w, p in zip(ws, probs)) / sum(ws))
@@ -106,22 +120,19 @@ def _meta(runs: list[Run], weights: list[float], size: int) -> dict:
     members = [{"run": str(r.dir), "arch": r.model.arch, "source": r.model.source, "strategy": r.model.strategy,
                 "in_chans": r.model.in_chans, "data_chans": r.model.data_chans, "image_size": r.model.image_size,
                 "mean": r.model.mean, "std": r.model.std, "temperature": r.model.temperature, "tta": r.model.tta,
-                "tta_hflip": r.model.tta_hflip, "weight": w, "weights_sha256": r.weights_digest()}
+                "tta_hflip": r.model.tta_hflip, "inflate": r.model.inflate, "weight": w,
+                "weights_sha256": r.weights_digest()}
                for r, w in zip(runs, weights) if w > 0]
     return {"arch": "ensemble", "source": "+".join(sorted({m["source"] for m in members})), "labels": first.labels,
             "in_chans": first.in_chans, "data_chans": first.data_chans, "image_size": size, "mean": first.mean,
             "std": first.std, "grey_mode": first.grey_mode, "read": first.read, "strategy": "ensemble",
-            "input": first.input, "members": members}
+            "input": first.input, "task": first.task, "spatial_dims": first.spatial_dims, "members": members}
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "auto", overwrite: bool = False,
                    bootstrap: int | None = None, report: bool = True, wait: float = 0) -> Run:
     """Average ``run_dirs`` into the ensemble run ``out`` (see the module docstring)."""
     runs = [Run.load(d) for d in run_dirs]
-    odd = [r for r in runs if r.model.task not in ("binary", "multiclass")]
-    if odd:
-        raise MedxferError(f"'{odd[0].dir}' is a {odd[0].model.task} run: ensembles average class probabilities of "
-                           "binary and multi-class runs only, for now.")
     _check_members(runs)
     weights, choice = choose_weights(runs, method)
     kept = [(r, w) for r, w in zip(runs, weights) if w > 0]
@@ -148,19 +159,19 @@ def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size
     weights_sha256 = files.write_weights(staging / "model.safetensors", net.state_dict())  # bare members
     runtime = with_members_tta(net, kept)
     logits = {s: predict_logits(runtime, images[s]).numpy() for s in ids}
-    index = {c: i for i, c in enumerate(meta["labels"])}
-    ys = {s: preds.loc[preds["split"] == s, "label"].astype(str).map(index).to_numpy(int) for s in ids}
-    temperature = fit_temperature(logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" else 1.0
-    probs = {s: apply_temperature(logits[s], temperature) for s in ids}
+    task, labels = meta["task"], [str(c) for c in meta["labels"]]
+    ys = {s: labels_of(preds.loc[preds["split"] == s, "label"], labels, task) for s in ids}
+    temperature = fit_calibration(task, logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" \
+        else 1.0
+    probs = {s: probabilities(task, logits[s], temperature) for s in ids}
     pos = first.model.positive_index
-    threshold = choose_threshold(ys["val"], probs["val"][:, pos], cfg.evaluation.threshold, positive=pos) \
-        if pos is not None else None
+    threshold = choose_task_threshold(task, ys["val"], probs["val"], cfg.evaluation.threshold, pos)
     groups = {s: preds.loc[preds["split"] == s, "patient_id"].astype(str).to_numpy() if "patient_id" in preds else None
               for s in ids}
     n_boot = cfg.evaluation.bootstrap if bootstrap is None else bootstrap
-    metrics = {s: evaluate(ys[s], probs[s], meta["labels"], positive=pos, threshold=threshold, groups=groups[s],
-                           n_bootstrap=n_boot if s == "test" else 0, seed=seed) for s in ids}
-    metrics.update({"temperature": temperature, "threshold": threshold, "seed": seed, "strategy": "ensemble",
+    metrics = {s: evaluate_task(task, ys[s], probs[s], labels, positive=pos, threshold=threshold, groups=groups[s],
+                                n_bootstrap=n_boot if s == "test" else 0, seed=seed) for s in ids}
+    metrics.update({"task": task, "temperature": temperature, "threshold": threshold, "seed": seed, "strategy": "ensemble",
                     "source": meta["source"], "ensemble": choice, "members": len(kept), "train_seconds": round(
                         sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)})
     meta.update(temperature=temperature, threshold=threshold,

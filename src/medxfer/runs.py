@@ -205,10 +205,12 @@ class Run:
 
 def ensemble_net(meta: ModelMeta) -> EnsembleNet:
     """The network of an ensemble run from its model.json (random weights; the members bare, without TTA)."""
-    nets = [target_model(mm["arch"], len(meta.labels), mm["in_chans"], mm["mean"], mm["std"], mm["data_chans"])
+    nets = [target_model(mm["arch"], meta.outputs, mm["in_chans"], mm["mean"], mm["std"], mm["data_chans"],
+                         meta.spatial_dims, mm.get("inflate") or "i3d")
             for mm in meta.members]
     return EnsembleNet(nets, [mm["weight"] for mm in meta.members], [mm["temperature"] for mm in meta.members],
-                       [mm["image_size"] for mm in meta.members], meta.image_size, meta.data_chans).eval()
+                       [mm["image_size"] for mm in meta.members], meta.image_size, meta.data_chans,
+                       task=meta.task, spatial_dims=meta.spatial_dims).eval()
 
 
 # ------------------------------------------------------------------------------------- run directory

@@ -78,11 +78,23 @@ def corn_probabilities(logits):
     gradient), anything else comes back as a float64 numpy array."""
     is_tensor = isinstance(logits, torch.Tensor)
     z = _as_logits(logits, "corn_probabilities")
-    above = torch.cumprod(torch.sigmoid(z), dim=1)     # P(grade > k), k = 0..K-2
+    above = torch.exp(torch.cumsum(F.logsigmoid(z), dim=1))  # P(grade > k), k = 0..K-2 (a product of sigmoids:
+    # summed in log space, which ONNX can export (it has CumSum, no CumProd): an ensemble's graph holds this)
     ones = torch.ones_like(above[:, :1])
     zeros = torch.zeros_like(above[:, :1])
     probs = torch.cat([ones, above], dim=1) - torch.cat([above, zeros], dim=1)
     return probs if is_tensor else probs.numpy()
+
+
+def corn_logits_from_probabilities(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The inverse of :func:`corn_probabilities`: (N, K) grade probabilities -> (N, K-1) CORN logits, so
+    that an average of several models' grade probabilities is again the output of an ordinal head.
+    P(grade > k) = 1 - P(grade <= k); the conditional P(grade > k | grade > k-1) is its ratio to the
+    previous one (tensors in, tensors out; pure torch ops, so it exports to ONNX)."""
+    above = (1 - torch.cumsum(probs, dim=1)[:, :-1]).clamp(eps, 1.0)      # P(grade > k), k = 0..K-2
+    before = torch.cat([torch.ones_like(above[:, :1]), above[:, :-1]], dim=1)
+    cond = (above / before).clamp(eps, 1 - eps)
+    return torch.log(cond) - torch.log1p(-cond)
 
 
 def corn_predict(logits):
