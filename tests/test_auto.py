@@ -123,6 +123,30 @@ def test_tiny_search_writes_a_run_that_predict_uses(small_npz, tmp_path, capsys)
     assert len(pd.read_csv(out / "leaderboard.csv")) == 3
 
 
+def test_a_multilabel_search_scores_its_trials_and_ensembles_them(tmp_path, capsys):
+    """Trials of a multi-label task are scored by the mean binary log-loss over findings (the class-index
+    log-loss read 'A|B' labels as garbage indices), and the best of them are averaged per finding."""
+    from medxfer.ensemble import labels_of, log_loss
+    from medxfer.runs import Run
+
+    cxr = Path(__file__).resolve().parents[1] / "data" / "cxr14_nih1000_64.npz"
+    out = tmp_path / "auto"
+    assert main(["auto", "--data", str(cxr), *TINY, "--strategies", "linear-probe,full", "--n-trials", "2",
+                 "--time-budget", "5m", "--out", str(out)]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    done = board[board["state"] == "COMPLETE"]
+    for _, row in done.iterrows():
+        run = Run.load(row["run_dir"])
+        val = run.predictions[run.predictions["split"] == "val"]
+        y = labels_of(val["label"], run.model.labels, "multilabel")
+        assert y.shape[1] == 14 and row["val_log_loss"] == pytest.approx(
+            log_loss(y, val[[f"prob_{c}" for c in run.model.labels]].to_numpy(float)))
+    model = Run.load(out / "model")
+    assert model.model.task == "multilabel" and len(model.model.threshold) == 14
+    assert model.model.is_ensemble == (len(done) >= 2)
+    assert f"test macro AUC {model.metrics['test']['auc']:.3f} (95% CI" in capsys.readouterr().out
+
+
 def test_a_single_best_trial_gets_its_test_intervals(small_npz, tmp_path):
     out = tmp_path / "auto"
     assert main(["auto", "--data", str(small_npz), *TINY, "--strategies", "linear-probe", "--n-trials", "1",

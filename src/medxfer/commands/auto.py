@@ -19,8 +19,16 @@ def register(app: typer.Typer) -> None:
         --storage postgresql://... lets several machines work on one study; --resume continues a study."""
         cfg = given.config(cls=AutoConfig)
         run = auto(cfg)
-        t = run.metrics["test"]
-        ci = f" (95% CI {t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f})" if t.get("auc_ci") else ""
-        acc = t.get("argmax", {}).get("accuracy", t.get("accuracy"))
-        out.print(f"medxfer auto: test AUC {t['auc']:.3f}{ci}, accuracy (argmax) {acc:.3f}; model: {run.dir}; "
+        out.print(f"medxfer auto: {summary(run.model.task, run.metrics['test'])}; model: {run.dir}; "
                   f"leaderboard: {run.dir.parent / 'leaderboard.csv'}", highlight=False)
+
+
+def summary(task: str, t: dict) -> str:
+    """The final model's test line: its task's AUC with the CI, and accuracy at argmax (MedMNIST's) or QWK."""
+    name = {"multilabel": "macro AUC", "ordinal": "cut AUC"}.get(task, "AUC")
+    auc = "-" if t.get("auc") is None else f"{t['auc']:.3f}"
+    line = f"test {name} {auc}" + (f" (95% CI {t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f})" if t.get("auc_ci") else "")
+    if task == "ordinal" and t.get("qwk") is not None:
+        return line + f", QWK {t['qwk']:.3f}"
+    acc = (t.get("argmax") or {}).get("accuracy", t.get("accuracy"))
+    return line + (f", accuracy (argmax) {acc:.3f}" if task != "multilabel" and acc is not None else "")
