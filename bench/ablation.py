@@ -12,6 +12,7 @@ Rows, in order (each starts from the best recipe so far):
   average ema        exponential moving average of the weights
   augment <preset>   the modality preset (ultrasound for BreastMNIST, xray for PneumoniaMNIST)
   tta 4              logits averaged over 4 fixed views
+  select calibrated-loss  best epoch on the validation NLL after the best single temperature
   ensemble           ``medxfer ensemble`` of every run of this seed above (greedy on validation)
   size 96 / 128      the chosen recipe at a larger input
 
@@ -136,7 +137,7 @@ def main() -> None:
     preset = DATA[args.data][1]
     for name, change in (("lp-ft", {"strategy": "lp-ft"}), ("select loss", {"select": "loss"}),
                          ("average ema", {"average": "ema"}), (f"augment {preset}", {"augment": preset}),
-                         ("tta 4", {"tta": "4"})):
+                         ("tta 4", {"tta": "4"}), ("select calibrated-loss", {"select": "calibrated-loss"})):
         row = trial(name, {**_recipe(best), **change})
         kept = better(row, best)
         emit({**row, "kept": "kept" if kept else "dropped"})
