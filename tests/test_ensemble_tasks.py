@@ -20,8 +20,8 @@ from medxfer.runs import Run
 ROOT = Path(__file__).resolve().parents[1]
 CXR = ROOT / "data" / "cxr14_nih1000_64.npz"
 ADRENAL = ROOT / "data" / "adrenalmnist3d_28.npz"
-TINY = ["--source", "test_resnet", "--weights", "none", "--split-seed", "0", "--bootstrap", "50", "--no-report", "--num-threads", "1",
-        "--augment", "none", "-q"]
+TINY = ["--source", "test_resnet", "--weights", "none", "--split-seed", "0", "--bootstrap", "50", "--no-report",
+        "--num-threads", "1", "--augment", "none", "-q"]
 
 
 def test_corn_logits_give_the_grade_probabilities_back():

@@ -9,10 +9,11 @@ Usage::
 
 Members must share task, labels, data channels, reader options, 2-D or 3-D input and their validation and
 test samples (one split). Every task averages: binary and multi-class (class probabilities), multi-label
-(the probability of each finding) and ordinal (grade probabilities); see :mod:`medxfer.models.ensemble`. Their weights are chosen on validation: ``greedy`` is Caruana et al.'s forward selection with
-replacement (2004) minimising the validation log-loss of the averaged probabilities (multi-label: the mean binary log-loss
-over findings); ``uniform`` weighs
-every run equally; ``auto`` keeps whichever has the lower validation log-loss. The ensemble's own
+(the probability of each finding) and ordinal (grade probabilities); see :mod:`medxfer.models.ensemble`.
+Their weights are chosen on validation: ``greedy`` is Caruana et al.'s forward selection with
+replacement (2004) minimising the validation log-loss of the averaged probabilities (multi-label: the
+mean binary log-loss over findings); ``uniform`` weighs every run equally; ``auto`` keeps whichever has
+the lower validation log-loss. The ensemble's own
 temperature and threshold are then fitted on validation, and it is evaluated on test once, like a single
 run; its val/test probabilities come from running the ensemble network itself on the images.
 """
@@ -171,9 +172,9 @@ def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size
     n_boot = cfg.evaluation.bootstrap if bootstrap is None else bootstrap
     metrics = {s: evaluate_task(task, ys[s], probs[s], labels, positive=pos, threshold=threshold, groups=groups[s],
                                 n_bootstrap=n_boot if s == "test" else 0, seed=seed) for s in ids}
-    metrics.update({"task": task, "temperature": temperature, "threshold": threshold, "seed": seed, "strategy": "ensemble",
-                    "source": meta["source"], "ensemble": choice, "members": len(kept), "train_seconds": round(
-                        sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)})
+    metrics.update({"task": task, "temperature": temperature, "threshold": threshold, "seed": seed,
+                    "strategy": "ensemble", "source": meta["source"], "ensemble": choice, "members": len(kept),
+                    "train_seconds": round(sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)})
     meta.update(temperature=temperature, threshold=threshold,
                 positive_label=meta["labels"][pos] if pos is not None else None)
     meta["weights_sha256"] = weights_sha256

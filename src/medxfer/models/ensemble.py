@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medxfer.errors import MedxferError
 from medxfer.models.ordinal import corn_logits_from_probabilities, corn_probabilities
 
 TASKS = ("binary", "multiclass", "multilabel", "ordinal")
@@ -41,7 +42,7 @@ class EnsembleNet(nn.Module):
                  task: str = "multiclass", spatial_dims: int = 2):
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"The 'task' parameter must be one of {list(TASKS)}. Got '{task}' instead.")
+            raise MedxferError(f"The 'task' parameter must be one of {list(TASKS)}. Got '{task}' instead.")
         self.members = nn.ModuleList(members)
         w = torch.tensor([float(v) for v in weights])
         self.register_buffer("weights", w / w.sum())
