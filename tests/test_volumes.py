@@ -116,6 +116,29 @@ def test_grad_cam_3d_points_at_the_evidence():
     assert cam[0, 2, 8, 4] == pytest.approx(1.0) and cam[0, 10, 1, 10] == pytest.approx(0.0)
 
 
+def test_a_2d_source_made_by_pretrain_is_inflated_into_a_3d_run(small_npz, small_adrenal, tmp_path):
+    """The 3-D recipe for small volumes: a small 2-D source trained on a medical set, inflated by i3d."""
+    from safetensors.torch import load_file
+
+    from medxfer.models.adapt import build_model
+    from medxfer.models.catalog import resolve_source
+
+    src = tmp_path / "src"
+    assert main(["pretrain", "supervised", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none",
+                 "--image-size", "16", "--epochs", "1", "--num-threads", "1", "--no-report", "--out", str(src),
+                 "-q"]) == 0
+    w2d = load_file(str(src / "model.safetensors"))["conv1.0.weight"]           # (16, 1, 3, 3), trained
+    model, info = build_model(resolve_source(str(src)), 2, 1, spatial_dims=3, inflate="i3d")
+    w3d = model.net.conv1[0].weight                                             # (16, 1, 3, 3, 3)
+    assert info["loaded_keys"] > 0 and w3d.shape == (16, 1, 3, 3, 3)
+    torch.testing.assert_close(w3d.sum(2), w2d)                                 # repeated over depth / 3
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_adrenal), "--source", str(src), "--epochs", "1", "--out", str(out),
+                 *[a for a in TINY if a not in ("test_resnet", "none", "--source", "--weights")]]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["source"] == "src" and meta["spatial_dims"] == 3 and meta["arch"] == "test_resnet"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--spatial-dims", "3", "--data", "SMALL2D"], "needs volumes"),
     (["--slice", "volume", "--data", "ADRENAL"], "train them with --spatial-dims 3"),
