@@ -139,6 +139,33 @@ def test_a_2d_source_made_by_pretrain_is_inflated_into_a_3d_run(small_npz, small
     assert meta["source"] == "src" and meta["spatial_dims"] == 3 and meta["arch"] == "test_resnet"
 
 
+def test_a_3d_source_made_by_pretrain_on_volumes_is_a_source_for_volumes(small_npz, small_adrenal, tmp_path,
+                                                                         capsys):
+    from safetensors.torch import load_file
+
+    from medxfer.models.adapt import build_model
+    from medxfer.models.catalog import resolve_source
+
+    src = tmp_path / "src3d"
+    assert main(["pretrain", "supervised", "--data", str(small_adrenal), "--epochs", "1", "--out", str(src),
+                 *[a for a in TINY if a != "--no-report"], "--no-report"]) == 0
+    meta = json.loads((src / "source.json").read_text())
+    assert meta["spatial_dims"] == 3 and meta["inflate"] == "i3d"
+    w = load_file(str(src / "model.safetensors"))["conv1.0.weight"]
+    model, info = build_model(resolve_source(str(src)), 2, 1, spatial_dims=3, inflate="i3d")
+    assert w.dim() == 5 and torch.equal(model.net.conv1[0].weight, w) and info["loaded_keys"] > 0
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_adrenal), "--source", str(src), "--epochs", "1", "--out", str(out),
+                 *[a for a in TINY if a not in ("test_resnet", "none", "--source", "--weights")]]) == 0
+    assert json.loads((out / "model.json").read_text())["source"] == "src3d"
+    for args, message in ((["--data", str(small_npz)], "is a 3-D source"),
+                          (["--data", str(small_adrenal), "--spatial-dims", "3", "--inflate", "acs"],
+                           "pass --inflate i3d")):
+        code = main(["train", *args, "--source", str(src), "--image-size", "16", "--epochs", "1",
+                     "--out", str(tmp_path / "r"), "-q"])
+        assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--spatial-dims", "3", "--data", "SMALL2D"], "needs volumes"),
     (["--slice", "volume", "--data", "ADRENAL"], "train them with --spatial-dims 3"),

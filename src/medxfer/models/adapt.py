@@ -83,17 +83,39 @@ def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mod
     elif net_chans == 3 and len(mean) == 1:  # a grey source (e.g. pretrained here) into RGB data
         mean, std = tuple(mean) * 3, tuple(std) * 3
     _init_new_head(net)
+    source_3d = _check_source_dims(spec, spatial_dims, inflate)
+    if source_3d:  # a 3-D source's weights have the inflated layout: inflate first, then load
+        _inflate(net, inflate)
     if pretrained:
         sd, digest = source_state_dict(spec, net)
         if sd is not None:
             info.update(_load_backbone(net, sd, spec, net_chans))
             info["weights_sha256"] = digest
     if spatial_dims == 3:
-        from medxfer.models.inflate import inflate_to_3d  # timm's layer classes: only for volumes
-
-        inflate_to_3d(net, inflate)
+        if not source_3d:
+            _inflate(net, inflate)
         info.update(spatial_dims=3, inflate=inflate)
     return MedxferNet(net, mean, std, data_chans, spatial_dims), info
+
+
+def _inflate(net: nn.Module, mode: str) -> None:
+    from medxfer.models.inflate import inflate_to_3d  # timm's layer classes: only for volumes
+
+    inflate_to_3d(net, mode)
+
+
+def _check_source_dims(spec: SourceSpec, spatial_dims: int, inflate: str) -> bool:
+    """Whether ``spec`` is a 3-D source (made by ``medxfer pretrain`` on volumes); refuses what cannot use it."""
+    if int(spec.extra.get("spatial_dims") or 2) != 3:
+        return False
+    mode = spec.extra.get("inflate") or "i3d"
+    if spatial_dims != 3:
+        raise MedxferError(f"source '{spec.name}' is a 3-D source (pretrained on volumes): train volumes with it "
+                           "(--spatial-dims 3), or use a 2-D source for 2-D images.")
+    if mode != inflate:
+        raise MedxferError(f"source '{spec.name}' was made with --inflate {mode}, and its weights have that layout: "
+                           f"pass --inflate {mode} (got {inflate}).")
+    return True
 
 
 def _init_new_head(net: nn.Module) -> None:
@@ -117,7 +139,8 @@ def _load_backbone(net: nn.Module, sd: dict, spec: SourceSpec, net_chans: int) -
     key = f"{first_conv}.weight"
     if key in sd and sd[key].shape[1] != net_chans:
         w = sd[key]  # grey source into RGB data: spread the one channel evenly (same response to grey)
-        sd[key] = w.repeat(1, net_chans, 1, 1) / net_chans if w.shape[1] == 1 else adapt_input_conv(net_chans, w)
+        sd[key] = w.repeat(1, net_chans, *[1] * (w.dim() - 2)) / net_chans if w.shape[1] == 1 \
+            else adapt_input_conv(net_chans, w)
     bad_shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in head_names)
                and not k.endswith("num_batches_tracked")]

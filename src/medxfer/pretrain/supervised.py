@@ -76,6 +76,7 @@ def source_from_run(run_dir: str | Path, out: str | Path, *, method: str = "supe
         "method": method,
         "init": init_record(init),
         "grey_mode": model.grey_mode,
+        **({"spatial_dims": 3, "inflate": model.inflate or "i3d"} if model.spatial_dims == 3 else {}),
         "trained_on": {"data": str(path), "origin": data.get("origin", str(path)), "labels": labels,
                        "counts": data.get("counts"), "image_size": int(model.image_size),
                        "epochs": int(metrics.get("epochs_run") or run.resolved.get("epochs") or 0),
