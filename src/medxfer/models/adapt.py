@@ -62,6 +62,8 @@ def build_model(spec: SourceSpec, num_classes: int, data_chans: int, *, grey_mod
 
     ``spatial_dims=3``: the 2-D network (with the source's 2-D weights) is inflated to 3-D by
     ``inflate`` (``i3d`` or ``acs``, :mod:`medxfer.models.inflate`) and takes volumes (N, C, D, H, W).
+    A 3-D source (``medxfer pretrain`` on volumes; its source.json says ``spatial_dims: 3``) already has
+    the inflated layout: the network is inflated with the source's mode first, then its weights load.
 
     ``grey_mode`` for 1-channel data: ``sum`` (stem weights summed over RGB, timm ``in_chans=1``)
     or ``replicate`` (grey copied to three channels). Raises when the source's backbone keys do not
