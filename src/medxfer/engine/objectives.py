@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_auc_score
 
 from medxfer.models.ordinal import corn_loss, corn_probabilities
@@ -73,22 +74,11 @@ class Objective:
 
     def calibrated_nll(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         """The loss after the best single temperature (logits / T, T in [1/20, 20]): what the epoch's ranking is
-        worth once the run's temperature scaling removes its over- or under-confidence."""
-        nll = lambda log_t: self.nll(logits / math.exp(log_t), y)  # noqa: E731
-        lo, hi = -math.log(20.0), math.log(20.0)
-        g = (math.sqrt(5) - 1) / 2
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        fa, fb = nll(a), nll(b)
-        for _ in range(40):  # golden-section search (softmax and sigmoid NLL are convex in 1/T)
-            if fa < fb:
-                hi, b, fb = b, a, fa
-                a = hi - g * (hi - lo)
-                fa = nll(a)
-            else:
-                lo, a, fa = a, b, fb
-                b = lo + g * (hi - lo)
-                fb = nll(b)
-        return min(fa, fb, nll(0.0))
+        worth once the run's temperature scaling removes its over- or under-confidence. Bounded Brent search on
+        log T (softmax and sigmoid NLL are convex in 1/T), as the run's own temperature fit does."""
+        res = minimize_scalar(lambda log_t: self.nll(logits / math.exp(log_t), y),
+                              bounds=(-math.log(20.0), math.log(20.0)), method="bounded", options={"xatol": 1e-5})
+        return min(float(res.fun), self.nll(logits, y))
 
     def validate(self, logits: torch.Tensor, y: torch.Tensor) -> dict:
         logits = logits.float()

@@ -55,7 +55,7 @@ class FitSettings:
     eval_batch_size: int = 64
     average: str = "none"                  # none | ema (validated and saved) | swa (the last quarter's average)
     ema_epochs: float = 1.0                # the EMA's horizon, in epochs
-    select: str = "auc"                    # the best epoch by validation AUC, loss or calibrated-loss (handlers.SELECT)
+    select: str = "auc"                    # the best epoch by validation AUC, loss or calibrated-loss (strategies.SELECT)
     checkpoint: Path | None = None         # write the loop state here after every epoch (main rank)
     resume: bool = False                   # continue from ``checkpoint``
     signature: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
