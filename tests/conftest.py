@@ -13,6 +13,7 @@ os.environ["COLUMNS"] = "120"  # rich and click wrap at the terminal's width: th
 ROOT = Path(__file__).resolve().parents[1]
 BREAST = ROOT / "src" / "medxfer" / "datasets" / "breastmnist_28.npz"
 PNEUMONIA = ROOT / "data" / "pneumoniamnist_28.npz"
+ADRENAL = ROOT / "data" / "adrenalmnist3d_28.npz"
 
 
 def subset_npz(path: Path, out: Path, n=(120, 40, 40)) -> Path:
@@ -27,9 +28,31 @@ def subset_npz(path: Path, out: Path, n=(120, 40, 40)) -> Path:
     return out
 
 
+def ordinal_npz(path: Path, grades: int = 4, size: int = 28, n=(240, 80, 120)) -> Path:
+    """Ordered grades 0..grades-1: a bright disc whose radius grows with the grade, on noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2
+    out = {}
+    for split, k in zip(("train", "val", "test"), n):
+        y = np.arange(k) % grades
+        x = rng.normal(60, 20, (k, size, size))
+        for i, g in enumerate(y):
+            x[i][(yy - c) ** 2 + (xx - c) ** 2 < (3 + 2 * g + rng.normal(0, 1)) ** 2] += 120
+        out[f"{split}_images"], out[f"{split}_labels"] = np.clip(x, 0, 255).astype(np.uint8), y
+    np.savez(path, **out)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_npz(tmp_path_factory) -> Path:
     return subset_npz(BREAST, tmp_path_factory.mktemp("data") / "breast_small.npz")
+
+
+@pytest.fixture(scope="session")
+def small_adrenal(tmp_path_factory) -> Path:
+    """AdrenalMNIST3D volumes (28^3), balanced: 96 / 40 / 40."""
+    return subset_npz(ADRENAL, tmp_path_factory.mktemp("vol") / "adrenal_small.npz", n=(96, 40, 40))
 
 
 @pytest.fixture(scope="session")

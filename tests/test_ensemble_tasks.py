@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ordinal_npz
 from medxfer.cli import main
 from medxfer.evaluation.report import label_matrix
 from medxfer.evaluation.tasks import probabilities
@@ -19,7 +20,6 @@ from medxfer.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CXR = ROOT / "data" / "cxr14_nih1000_64.npz"
-ADRENAL = ROOT / "data" / "adrenalmnist3d_28.npz"
 TINY = ["--source", "test_resnet", "--weights", "none", "--split-seed", "0", "--bootstrap", "50", "--no-report",
         "--num-threads", "1", "--augment", "none", "-q"]
 
@@ -77,19 +77,6 @@ def _check_ensemble(runs: list[Run], ens: Path, x: np.ndarray) -> Run:
     return run
 
 
-@pytest.fixture(scope="module")
-def adrenal_small(tmp_path_factory) -> Path:
-    d = np.load(ADRENAL)
-    out = tmp_path_factory.mktemp("vol") / "adrenal_small.npz"
-    parts = {}
-    for split, n in (("train", 64), ("val", 32), ("test", 32)):
-        y = d[f"{split}_labels"][:, 0]
-        idx = np.concatenate([np.flatnonzero(y == c)[: n // 2] for c in (0, 1)])
-        parts[f"{split}_images"], parts[f"{split}_labels"] = d[f"{split}_images"][idx], d[f"{split}_labels"][idx]
-    np.savez(out, **parts)
-    return out
-
-
 def test_a_multilabel_ensemble_averages_each_findings_probability(tmp_path):
     runs = [_train(CXR, tmp_path / f"m{s}", s, "--epochs", "1", "--image-size", "32") for s in (0, 1)]
     ens = _check_ensemble(runs, tmp_path / "ens", np.load(CXR)["images"][:8])
@@ -108,20 +95,11 @@ def test_a_multilabel_ensemble_averages_each_findings_probability(tmp_path):
 
 
 def test_an_ordinal_ensemble_averages_grade_probabilities(tmp_path):
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:16, :16]
-    parts = {}
-    for split, n in (("train", 120), ("val", 60), ("test", 60)):
-        y = np.arange(n) % 3
-        x = rng.normal(60, 20, (n, 16, 16))
-        for i, g in enumerate(y):
-            x[i][(yy - 8) ** 2 + (xx - 8) ** 2 < (2 + 2 * g) ** 2] += 120
-        parts[f"{split}_images"], parts[f"{split}_labels"] = np.clip(x, 0, 255).astype(np.uint8), y
-    np.savez(data := tmp_path / "grades.npz", **parts)
+    data = ordinal_npz(tmp_path / "grades.npz", grades=3, size=16, n=(120, 60, 60))
     args = ("--task", "ordinal", "--label-names", "low,mid,high", "--epochs", "2", "--image-size", "16")
     runs = [_train(data, tmp_path / f"o{s}", s, *args) for s in (0, 1)]
     assert main(["export", str(runs[0].dir)]) == 0  # one ordinal run too: K-1 outputs, not one per grade
-    ens = _check_ensemble(runs, tmp_path / "ens", parts["test_images"][:8])
+    ens = _check_ensemble(runs, tmp_path / "ens", np.load(data)["test_images"][:8])
     cols = ["prob_low", "prob_mid", "prob_high"]
     test = ens.predictions[ens.predictions["split"] == "test"].set_index("sample_id")
     members = np.mean([r.predictions[r.predictions["split"] == "test"].set_index("sample_id").loc[test.index, cols]
@@ -133,22 +111,22 @@ def test_an_ordinal_ensemble_averages_grade_probabilities(tmp_path):
     assert main(["ensemble", str(runs[0].dir), str(plain.dir), "--out", str(tmp_path / "e")]) == 2
 
 
-def test_a_3d_ensemble_runs_volumes_through_3d_members(adrenal_small, tmp_path):
+def test_a_3d_ensemble_runs_volumes_through_3d_members(small_adrenal, tmp_path):
     vol = ["--spatial-dims", "3", "--epochs", "1"]
-    runs = [_train(adrenal_small, tmp_path / "v0", 0, *vol, "--image-size", "16"),
-            _train(adrenal_small, tmp_path / "v1", 1, *vol, "--image-size", "12", "--inflate", "acs")]
-    x = np.load(adrenal_small)["test_images"][:6]
+    runs = [_train(small_adrenal, tmp_path / "v0", 0, *vol, "--image-size", "16"),
+            _train(small_adrenal, tmp_path / "v1", 1, *vol, "--image-size", "12", "--inflate", "acs")]
+    x = np.load(small_adrenal)["test_images"][:6]
     ens = _check_ensemble(runs, tmp_path / "ens", x)
     assert [m["inflate"] for m in ens.model.members] == ["i3d", "acs"] and ens.model.image_size == 16
     test = ens.predictions[ens.predictions["split"] == "test"]
-    got = Predictor(ens.dir).probabilities(np.load(adrenal_small)["test_images"])
+    got = Predictor(ens.dir).probabilities(np.load(small_adrenal)["test_images"])
     np.testing.assert_allclose(got, test[["prob_0", "prob_1"]].to_numpy(), atol=1e-5)
 
 
-def test_2d_and_3d_runs_are_not_averaged(adrenal_small, tmp_path, capsys):
+def test_2d_and_3d_runs_are_not_averaged(small_adrenal, tmp_path, capsys):
     common = ("--epochs", "1", "--image-size", "16", "--strategy", "linear-probe")
-    flat = _train(adrenal_small, tmp_path / "flat", 0, *common)
-    vol = _train(adrenal_small, tmp_path / "vol", 0, *common, "--spatial-dims", "3")
+    flat = _train(small_adrenal, tmp_path / "flat", 0, *common)
+    vol = _train(small_adrenal, tmp_path / "vol", 0, *common, "--spatial-dims", "3")
     assert main(["ensemble", str(flat.dir), str(vol.dir), "--out", str(tmp_path / "e")]) == 2
     assert "differ in spatial dimensions (2 vs 3)" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

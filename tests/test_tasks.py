@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
+from conftest import ordinal_npz
 from medxfer.cli import main
 from medxfer.data.manifest import MAX_LABELS
 from medxfer.data.sources import load_manifest
@@ -181,26 +182,11 @@ def test_multilabel_serve_returns_every_finding(ml_run):
 
 
 # ------------------------------------------------------------------------------------------ ordinal
-def _ordinal_npz(path: Path) -> Path:
-    """Grades 0..3: a bright disc whose radius grows with the grade, on noise."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:28, :28]
-    out = {}
-    for split, n in (("train", 240), ("val", 80), ("test", 120)):
-        y = np.arange(n) % 4
-        x = rng.normal(60, 20, (n, 28, 28))
-        for i, g in enumerate(y):
-            x[i][(yy - 14) ** 2 + (xx - 14) ** 2 < (3 + 2 * g + rng.normal(0, 1)) ** 2] += 120
-        out[f"{split}_images"], out[f"{split}_labels"] = np.clip(x, 0, 255).astype(np.uint8), y
-    np.savez(path, **out)
-    return path
-
-
 def test_ordinal_run_reports_kappa_and_mae_that_match_scikit_learn(tmp_path):
     from medxfer.evaluation.ordinal import predict_grade
     from medxfer.predict import Predictor
 
-    data = _ordinal_npz(tmp_path / "grades.npz")
+    data = ordinal_npz(tmp_path / "grades.npz")
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--task", "ordinal", "--label-names", "none,mild,moderate,severe",
                  "--epochs", "20", "--out", str(out), *TINY]) == 0

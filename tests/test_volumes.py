@@ -15,7 +15,6 @@ from medxfer.data.intensity import volume_to_2d
 from medxfer.data.readers import ReadOptions
 from medxfer.data.transforms import resize_to_uint8
 
-ADRENAL = Path(__file__).resolve().parents[1] / "data" / "adrenalmnist3d_28.npz"
 TINY = ["--source", "test_resnet", "--weights", "none", "--image-size", "16", "--bootstrap", "50", "--no-report",
         "--num-threads", "1", "--spatial-dims", "3", "-q"]
 
@@ -28,19 +27,6 @@ def test_volumes_are_kept_whole_and_resized_in_3d():
     assert out.shape == (1, 1, 16, 16, 16) and out.dtype == torch.uint8
     const = resize_to_uint8(torch.full((1, 1, 8, 8, 8), 0.5), 16)   # upsampling keeps a constant volume
     assert (const == 128).all()
-
-
-@pytest.fixture(scope="module")
-def small_adrenal(tmp_path_factory) -> Path:
-    d = np.load(ADRENAL)
-    out = tmp_path_factory.mktemp("vol") / "adrenal_small.npz"
-    parts = {}
-    for split, n in (("train", 96), ("val", 40), ("test", 40)):
-        y = d[f"{split}_labels"][:, 0]
-        idx = np.concatenate([np.flatnonzero(y == c)[: n // 2] for c in (0, 1)])
-        parts[f"{split}_images"], parts[f"{split}_labels"] = d[f"{split}_images"][idx], d[f"{split}_labels"][idx]
-    np.savez(out, **parts)
-    return out
 
 
 @pytest.fixture(scope="module")
