@@ -86,6 +86,8 @@ class ModelMeta:
     torchscript_sha256: str | None = None
     tta: int = 1                                  # test-time augmentation views (the model averages their logits)
     tta_hflip: bool = False                       # mirrored views allowed
+    input_dtype: str | None = None                # the training images' stored type (uint8, uint16, float32...);
+    #                                               None: a run of an earlier release (unknown)
     extra: dict = field(default_factory=dict)    # keys of later versions, kept as they are
 
     @property
