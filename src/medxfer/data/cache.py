@@ -23,6 +23,7 @@ Deleting the cache folder is always safe.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medxfer.errors import MedxferError
+from medxfer.errors import BadFileError, MedxferError
 from medxfer.files import sha256_file
 
-__all__ = ["DecodeCache", "default_cache_dir", "file_digest"]
+__all__ = ["DecodeCache", "cache_root", "default_cache_dir", "file_digest"]
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")
 _digests: dict[tuple[str, int, int], str] = {}
@@ -44,21 +45,48 @@ _digests_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
-    """``$MEDXFER_CACHE_DIR`` when set, else ``~/.cache/medxfer/decode``."""
+    """The decode cache: ``$MEDXFER_CACHE_DIR`` when set, else ``~/.cache/medxfer/decode``."""
     env = os.environ.get("MEDXFER_CACHE_DIR")
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "medxfer" / "decode"
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder every medxfer cache lives under: ``cache_dir`` (``--cache-dir``), else
+    ``$MEDXFER_CACHE_DIR``, else ``~/.cache/medxfer`` (the decode cache in ``decode/`` there)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("MEDXFER_CACHE_DIR")
+    return Path(env).expanduser() if env else default_cache_dir().parent
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns). A folder (a DICOM
-    series) digests its files' names and digests, in name order."""
+    series) digests its files' names and digests, in name order. A file that cannot be read (gone, a broken or
+    looping link, no permission) raises :class:`BadFileError`, so the bad-file policy decides."""
     path = os.path.abspath(path)
+    try:
+        return _digest(path)
+    except OSError as e:
+        raise BadFileError(path, _os_reason(e)) from None
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "a link that loops (it leads back to itself)"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (a broken link, or the file was removed)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return e.strerror or type(e).__name__
+
+
+def _digest(path: str) -> str:
     if os.path.isdir(path):
-        parts = [f"{name}:{file_digest(os.path.join(path, name))}" for name in sorted(os.listdir(path))
-                 if os.path.isfile(os.path.join(path, name))]
-        return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+        parts = [f"{name}:{_digest(os.path.join(path, name))}" for name in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, name))]  # any file name: its bytes, as the disk holds them
+        return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
     st = os.stat(path)
     memo = (path, st.st_size, st.st_mtime_ns)
     with _digests_lock:

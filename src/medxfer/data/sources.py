@@ -10,19 +10,20 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medxfer.data.dicom import dicom_folder_manifest, has_dicom_preamble
+from medxfer.data.folders import IGNORED_NAMES, read_layout
 from medxfer.data.manifest import (SPLITS, Manifest, check_split_values, labels_from_values, multilabel_from_matrix,
                                    multilabel_from_text)
 from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id, sample_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".npy"}
-IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
 def suffix_of(path: Path) -> str:
@@ -162,31 +163,15 @@ def is_image_file(f: Path) -> bool:
 def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
     """``root/<class>/*`` or ``root/{train,val,test}/<class>/*``; class names are folder names.
 
-    Samples are named by :func:`medxfer.privacy.sample_id` of their path relative to ``root``
-    (file names can hold patient names). Empty class folders and non-image files are counted in the
-    manifest's notes (config.yaml, the log), never dropped silently.
+    The layout is decided by what the folders hold (:mod:`medxfer.data.folders`): hidden and system
+    folders and medxfer's own runs are left out, an ambiguous layout is refused. Samples are named by
+    :func:`medxfer.privacy.sample_id` of their path relative to ``root`` (file names can hold patient
+    names). Whatever is left out (empty class folders, non-image files, folders that are not data,
+    broken links) is counted in the manifest's notes (config.yaml, the log), never dropped silently.
     """
-    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
-    has_splits = "train" in subdirs and subdirs <= set(SPLITS)
-    rows, ignored, empty = [], 0, []
-    for split in (SPLITS if has_splits else (None,)):
-        base = root / split if split else root
-        if not base.is_dir():
-            continue
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            found = 0
-            for f in sorted(class_dir.rglob("*")):
-                if not f.is_file():
-                    continue
-                if is_image_file(f):
-                    rel = f.relative_to(root).as_posix()
-                    rows.append({"sample_id": sample_id(rel), "path": str(f.resolve()), "label_raw": class_dir.name,
-                                 "split": split})
-                    found += 1
-                elif f.name not in IGNORED_NAMES:
-                    ignored += 1
-            if not found:
-                empty.append(f"{split}/{class_dir.name}" if split else class_dir.name)
+    layout = read_layout(root, is_image_file, lambda f: suffix_of(f) in IMAGE_SUFFIXES)
+    rows = [{"sample_id": sample_id(f.relative_to(root).as_posix()), "path": os.path.realpath(f), "label_raw": cls,
+             "split": split} for split, cls, f in layout.samples]
     if not rows:
         raise MedxferError(f"folder '{root}' has no images in class sub-folders (e.g. {root}/benign/001.png). "
                            f"Readable suffixes: {', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files without a suffix.")
@@ -194,10 +179,7 @@ def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
     y, names = labels_from_values(table.pop("label_raw"), label_names, f"'{root}'")
     table["label"] = y
     m = Manifest(table, names, f"folder:{root}")
-    if ignored:
-        m.notes.append(f"ignored {ignored} files that are not images (by suffix and content)")
-    if empty:
-        m.notes.append(f"warning: {len(empty)} class folder(s) hold no images and give no samples: {', '.join(empty)}")
+    m.notes += layout.notes
     return m
 
 
