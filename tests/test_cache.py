@@ -125,3 +125,34 @@ def test_clear(tmp_path, image_file):
     cache.put(cache.key(image_file, {}), np.zeros((1, 2, 2), np.uint8))
     cache.clear()
     assert _entries(cache) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_link_is_a_bad_file_not_a_crash(tmp_path, kind):
+    from medxfer.errors import BadFileError
+
+    link = tmp_path / "x.png"
+    os.symlink(tmp_path / "gone.png" if kind == "dangling" else link, link)
+    with pytest.raises(BadFileError, match="loop" if kind == "loop" else "not found"):
+        DecodeCache(tmp_path / "c").key(link, {})
+
+
+def test_a_series_folder_with_a_name_that_is_not_utf8_digests(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / os.fsdecode(b"slice_\xff.dcm")).write_bytes(b"slice")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / os.fsdecode(b"slice_\xfe.dcm")).write_bytes(b"slice")
+    assert file_digest(series) != file_digest(other)       # names are part of a series' digest
+
+
+def test_every_cache_lives_under_the_folder_given(tmp_path, monkeypatch):
+    from medxfer.engine.features import feature_cache_dir
+
+    monkeypatch.setenv("MEDXFER_CACHE_DIR", str(tmp_path / "x" / "cache"))
+    assert feature_cache_dir(None, False).is_relative_to(tmp_path / "x" / "cache")
+    assert feature_cache_dir(str(tmp_path / "given"), False).is_relative_to(tmp_path / "given")
+    monkeypatch.delenv("MEDXFER_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert feature_cache_dir(None, False).is_relative_to(tmp_path / "home" / ".cache" / "medxfer")

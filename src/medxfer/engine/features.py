@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from medxfer import progress
-from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.data.cache import DecodeCache, cache_root
 from medxfer.engine.trainer import as_input, auc_of, autocast
 
 
@@ -41,11 +41,12 @@ def source_key_parts(spec, info: dict, size: int, read, seed: int) -> dict:
 
 
 def feature_cache_dir(cache_dir: str | None, no_cache: bool) -> Path | None:
-    """Features live in ``--cache-dir`` (beside the decode cache by default); None with ``--no-cache``.
+    """Features live in ``features/`` under the cache folder given (``--cache-dir``, else
+    ``$MEDXFER_CACHE_DIR``, else ``~/.cache/medxfer``, beside the decode cache); None with ``--no-cache``.
     The folder is checked to be writable before any work."""
     if no_cache:
         return None
-    folder = Path(cache_dir) if cache_dir else default_cache_dir().parent
+    folder = cache_root(cache_dir)
     DecodeCache(folder).check_writable()
     return folder
 
