@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-__all__ = ["DEFAULT_SALT", "default_salt", "hash_id", "sample_id"]
+__all__ = ["DEFAULT_SALT", "default_salt", "hash_id", "raw_bytes", "sample_id"]
 
 #: Public, NOT secret: the salt used when neither ``salt=`` nor ``$MEDXFER_SALT`` is given.
 DEFAULT_SALT = "medxfer-public-salt-v1"
@@ -45,18 +45,33 @@ def hash_id(value: str, salt: str | None = None) -> str:
     if salt is None:
         salt = default_salt()
     text = str(value).strip()
-    digest = hashlib.sha256(f"{salt}\x00{text}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(f"{salt}\x00".encode("utf-8") + raw_bytes(text)).hexdigest()
     return "p-" + digest[:12]
 
 
-def sample_id(text: str, salt: str | None = None) -> str:
+def sample_id(text: str | bytes | os.PathLike, salt: str | None = None) -> str:
     """Pseudonymous, stable id of a sample known by a file path: ``'s-'`` + 16 hex characters.
 
     File names can carry patient names (``Doe_Jane_19700101.dcm``): outputs, reports and messages
     name samples by this id (plus an index) and never by the path. ``text`` is the path relative
-    to the data root (or as the user gave it), so the id survives moving the data folder.
+    to the data root (or as the user gave it), so the id survives moving the data folder. The raw
+    bytes of the name are hashed, so a name that is not valid UTF-8 (``b"img_\\xff.png"``, common on
+    old NAS copies) has an id too; a valid UTF-8 name keeps the id it always had.
     """
     if salt is None:
         salt = default_salt()
-    digest = hashlib.sha256(f"{salt}\x00sample\x00{text}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(f"{salt}\x00sample\x00".encode("utf-8") + raw_bytes(text)).hexdigest()
     return "s-" + digest[:16]
+
+
+def raw_bytes(text: str | bytes | os.PathLike) -> bytes:
+    """The bytes of a name as the disk holds them: UTF-8, with the bytes Python could not decode (held
+    as lone surrogates, PEP 383) given back as they were, as ``os.fsencode`` does on Linux and macOS.
+    The same on every machine: the locale does not change an id."""
+    text = os.fspath(text)
+    if isinstance(text, bytes):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (text made in memory): kept, never a crash
+        return text.encode("utf-8", "surrogatepass")

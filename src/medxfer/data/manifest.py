@@ -11,8 +11,9 @@ Usage::
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,18 +171,24 @@ def labels_from_values(values: pd.Series, names: list[str] | None, where: str) -
     return raw.map(lookup).to_numpy(), distinct
 
 
+#: a number as a label may spell it: signed, with a decimal part or an exponent ('-1', '+2', '1.0', '2e1');
+#: not '1_000', 'inf' or 'nan', which float() reads but which are names
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(text: str) -> float | None:
+    return float(text) if _NUMBER.fullmatch(text) else None
+
+
 def _canonical(value) -> str | None:
-    """One spelling per class: integral numbers as integers ('1.0' -> '1'); None for a fraction."""
+    """One spelling per class: integral numbers as integers ('1.0' -> '1', '+2' -> '2'); None for a fraction."""
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    if not np.isfinite(number):
+    number = _number(text)
+    if number is None or not np.isfinite(number):  # '1e400': too large to be a class index, kept as written
         return text
     return str(int(number)) if number == int(number) else None
 
@@ -291,4 +298,17 @@ def _check_split_findings(manifest: Manifest) -> None:
 
 
 def _natural_key(s: str):
-    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+    """Numbers first, in numeric order (-1 < 0 < 1 < 2.5 < 10), then names in text order."""
+    number = _number(s)
+    return (0, number, s) if number is not None else (1, 0.0, s)
+
+
+def order_note(names: list[str]) -> str | None:
+    """The log line that says how numeric class labels were ordered (the positive class of a binary task
+    is the last one unless --positive-label says otherwise; ordinal grades rise in this order)."""
+    numbers = [_number(n) for n in names]
+    if len(names) < 2 or None in numbers or numbers != sorted(numbers):  # names given in another order: theirs
+        return None
+    then = (f"a binary task's positive class is the last, '{names[-1]}', unless --positive-label names the other"
+            if len(names) == 2 else "ordinal grades rise in this order")
+    return f"class labels are numbers, in numeric order: {' < '.join(names)} ({then})"

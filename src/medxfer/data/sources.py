@@ -19,7 +19,7 @@ import pandas as pd
 from medxfer.data.dicom import dicom_folder_manifest, has_dicom_preamble
 from medxfer.data.folders import IGNORED_NAMES, read_layout
 from medxfer.data.manifest import (SPLITS, Manifest, check_split_values, labels_from_values, multilabel_from_matrix,
-                                   multilabel_from_text)
+                                   multilabel_from_text, order_note)
 from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id, sample_id
 
@@ -76,6 +76,9 @@ def check_task(m: Manifest, task: str, label_columns=None) -> Manifest:
         raise MedxferError(f"--task ordinal needs at least three ordered grades; {m.origin} has {len(m.labels)}.")
     if label_columns and not m.multilabel:
         raise MedxferError("--label-columns is for a CSV/Parquet manifest of multi-label data.")
+    note = None if m.multilabel else order_note(m.labels)
+    if note and note not in m.notes:  # every source passes here: the log says which class is which
+        m.notes.append(note)
     return m
 
 
@@ -170,13 +173,14 @@ def from_folder(root: Path, label_names: list[str] | None = None) -> Manifest:
     broken links) is counted in the manifest's notes (config.yaml, the log), never dropped silently.
     """
     layout = read_layout(root, is_image_file, lambda f: suffix_of(f) in IMAGE_SUFFIXES)
-    rows = [{"sample_id": sample_id(f.relative_to(root).as_posix()), "path": os.path.realpath(f), "label_raw": cls,
-             "split": split} for split, cls, f in layout.samples]
-    if not rows:
+    if not layout.samples:
         raise MedxferError(f"folder '{root}' has no images in class sub-folders (e.g. {root}/benign/001.png). "
                            f"Readable suffixes: {', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files without a suffix.")
-    table = pd.DataFrame(rows)
-    y, names = labels_from_values(table.pop("label_raw"), label_names, f"'{root}'")
+    split, classes, files = zip(*layout.samples)
+    # paths as Python objects: a name that is not UTF-8 cannot be an (Arrow, UTF-8) string column
+    table = pd.DataFrame({"sample_id": [sample_id(f.relative_to(root).as_posix()) for f in files],
+                          "path": pd.Series([os.path.realpath(f) for f in files], dtype=object), "split": list(split)})
+    y, names = labels_from_values(pd.Series(classes, dtype=object), label_names, f"'{root}'")
     table["label"] = y
     m = Manifest(table, names, f"folder:{root}")
     m.notes += layout.notes
@@ -204,13 +208,21 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
     if missing_cols:
         raise MedxferError(f"manifest '{path}' lacks column(s) {missing_cols}; it has {list(df.columns)}. "
                            f"Needed: path,{label_column} (or --label-columns); optional: patient_id, split.")
-    files = [(path.parent / p).resolve() for p in df["path"].astype(str)]
+    rel = df["path"].astype(str)
+    listed = [path.parent / p for p in rel]
+    files = [Path(os.path.realpath(f)) for f in listed]  # one file, one spelling ('./a.png', 'b/../a.png', a link)
     absent = [i for i, f in enumerate(files) if not f.exists()]
     if absent:
-        raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: data row {absent[0] + 1}); "
-                           "paths are relative to the manifest's folder. Fix the paths or remove those rows.")
+        links = sum(listed[i].is_symlink() for i in absent)
+        raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: data row {absent[0] + 1}"
+                           f"{f'; {links} of them broken or looping links' if links else ''}); paths are relative to "
+                           "the manifest's folder. Fix the paths or remove those rows.")
+    _refuse_repeats(files, rel, path)
+    notes = []
+    if label_column in df and not label_columns:
+        df[label_column] = _unlist(df[label_column], notes)
     multilabel = bool(label_columns) or task == "multilabel" or no_finding is not None or (
-        df[label_column].dtype == object and df[label_column].astype(str).str.contains("|", regex=False).any())
+        label_column in df and df[label_column].map(lambda v: isinstance(v, str) and "|" in v).any())
     if label_columns:
         y, names = multilabel_from_matrix(df[list(label_columns)].to_numpy(), label_names or list(label_columns),
                                           f"--label-columns ({','.join(label_columns)}) of '{path}'")
@@ -218,7 +230,6 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
         y, names = multilabel_from_text(df[label_column], label_names, no_finding, f"'{path}'")
     else:
         y, names = labels_from_values(df[label_column], label_names, f"'{path}'")
-    rel = df["path"].astype(str)
     table = pd.DataFrame({"sample_id": [sample_id(p) for p in rel], "path": [str(f) for f in files], "label": y})
     if "patient_id" in df:
         table["patient_id"] = [hash_id(v) if pd.notna(v) and str(v).strip() else None for v in df["patient_id"]]
@@ -228,11 +239,42 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
     for col in df.columns:
         if col not in used and col not in table:
             table[col] = df[col].to_numpy()  # extra columns: --split-by COLUMN, subgroups
-    if rel.duplicated().any():
-        dup = int(np.flatnonzero(rel.duplicated().to_numpy())[0])
-        raise MedxferError(f"manifest '{path}' lists one file twice (data row {dup + 1} repeats an earlier row); "
-                           "each file may appear once.")
-    return Manifest(table, names, f"table:{path}", multilabel=multilabel)
+    return Manifest(table, names, f"table:{path}", notes=notes, multilabel=multilabel)
+
+
+def _refuse_repeats(files: list[Path], rel: pd.Series, path: Path) -> None:
+    """One file listed in two rows (the same path, another spelling of it, or a link to it) would train twice."""
+    first: dict[Path, int] = {}
+    repeats = []
+    for i, f in enumerate(files):
+        if f in first:
+            repeats.append((i, first[f]))
+        else:
+            first[f] = i
+    if repeats:
+        i, j = repeats[0]
+        n = len({files[i] for i, _ in repeats})
+        how = "the same path" if rel.iloc[i] == rel.iloc[j] else "another spelling of its path, or a link to it"
+        raise MedxferError(f"manifest '{path}' lists {n} file{'s' if n > 1 else ''} twice ({len(repeats)} repeated "
+                           f"rows; first: data row {i + 1} names the same file as data row {j + 1}, {how}). Each file "
+                           "may appear once: remove the repeated rows.")
+
+
+def _unlist(values: pd.Series, notes: list[str]) -> pd.Series:
+    """Labels stored as lists (Parquet list columns): one element is that element; several are findings
+    ('a|b', a multi-label row); none is an empty cell. Said in ``notes``."""
+    def is_list(v) -> bool:
+        return isinstance(v, (list, tuple, np.ndarray))
+
+    lists = values.map(is_list)
+    if not lists.any():
+        return values
+    sizes = values[lists].map(len)
+    out = values.astype(object).map(lambda v: (v[0] if len(v) == 1 else "|".join(str(x) for x in v) if len(v)
+                                               else None) if is_list(v) else v)
+    notes.append(f"labels are lists: {int((sizes == 1).sum())} of one element (the class), {int((sizes > 1).sum())} "
+                 f"of several (findings of a multi-label row), {int((sizes == 0).sum())} empty")
+    return out
 
 
 def from_dicom_folder(root: Path, labels_csv: Path, label_names: list[str] | None = None,
