@@ -1,0 +1,61 @@
+"""The data-aware input size: the rule, and native sizes read from headers without decoding pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medxfer.data.manifest import Manifest
+from medxfer.data.sizing import MAX_3D, MIN_2D, choose_size, header_side, native_size
+
+
+@pytest.mark.parametrize("native, source, dims, want", [
+    (28, 224, 2, 64),        # small images: raised to the least size the stride-32 network keeps a map at
+    (64, 224, 2, 64),        # native kept
+    (100, 224, 2, 128),      # rounded up to a multiple of 32
+    (512, 224, 2, 224),      # never past the source's own size
+    (300, 256, 2, 256),
+    (28, 224, 3, 28),        # volumes keep their grid
+    (30, 224, 3, 32),
+    (256, 224, 3, MAX_3D),   # ... up to the 3-D cap
+])
+def test_rule(native, source, dims, want):
+    size, why = choose_size(native, source, dims)
+    assert size == want and why
+
+
+def test_unknown_native_falls_back_to_the_source():
+    assert choose_size(None, 224)[0] == 224
+    assert MIN_2D == 64
+
+
+def _manifest(paths):
+    return Manifest(pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(paths))], "label": 0,
+                                  "path": [str(p) for p in paths]}), ["a"], "test")
+
+
+def test_native_size_from_file_headers(tmp_path, monkeypatch):
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (310, 240), (500, 400)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (w, h)).save(paths[-1])
+    np.save(tmp_path / "v.npy", np.zeros((40, 30), np.uint8))
+    assert header_side(tmp_path / "v.npy") == 40
+    # no pixel is decoded: PIL's loader would fail if it were called
+    monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert native_size(_manifest(paths)) == 310          # the median of the larger sides
+
+
+def test_native_size_of_arrays():
+    m = _manifest([])
+    assert native_size(Manifest(m.table, ["a"], "t", arrays=np.zeros((5, 28, 28), np.uint8))) == 28
+    assert native_size(Manifest(m.table, ["a"], "t", arrays=np.zeros((5, 28, 32, 3), np.uint8))) == 32
+    assert native_size(Manifest(m.table, ["a"], "t", arrays=np.zeros((5, 20, 28, 28), np.uint8))) == 28
+
+
+def test_unreadable_headers_give_none(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    assert native_size(_manifest([bad])) is None
