@@ -20,6 +20,7 @@ from medxfer.data.dicom import dicom_folder_manifest, has_dicom_preamble
 from medxfer.data.folders import IGNORED_NAMES, read_layout
 from medxfer.data.manifest import (SPLITS, Manifest, check_split_values, labels_from_values, multilabel_from_matrix,
                                    multilabel_from_text, order_note)
+from medxfer.data.npzfile import NpzArchive
 from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id, sample_id
 
@@ -82,14 +83,9 @@ def check_task(m: Manifest, task: str, label_columns=None) -> Manifest:
     return m
 
 
-def _npz_array(npz, key: str, path: Path) -> np.ndarray:
-    try:
-        return npz[key]
-    except ValueError:  # object arrays need pickle, which is never allowed
-        raise MedxferError(f"npz '{path}' holds an object (pickled) array in '{key}', which medxfer never loads: save "
-                           "it as a numeric or string array.") from None
-    except (OSError, EOFError, KeyError) as e:
-        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}): the archive is damaged.") from None
+def _npz_array(npz: NpzArchive, key: str) -> np.ndarray:
+    """One array of an npz whose headers were checked (object arrays are refused there)."""
+    return npz.load(key)
 
 
 def _npz_labels(y: np.ndarray, label_names, where: str, n: int) -> tuple[np.ndarray, list[str], bool]:
@@ -107,35 +103,50 @@ def _npz_labels(y: np.ndarray, label_names, where: str, n: int) -> tuple[np.ndar
 def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
     """An npz in the MedMNIST layout (``{train,val,test}_images`` / ``_labels``), or one ``images`` / ``labels``
     pair with optional ``label_names`` and ``patient_id`` (medxfer then makes the split). Labels (N,) or
-    (N,1) are classes; (N,K) with K > 1 are K findings (multi-label)."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
-    except Exception as e:  # noqa: BLE001 - corrupt archive
-        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from e
-    splits = [s for s in SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
-    if "train" not in splits and not {"images", "labels"} <= keys:
-        raise MedxferError(
-            f"npz '{path}' has keys {sorted(keys)}; medxfer needs train_images and train_labels (and val_/test_ "
-            "for given splits, MedMNIST layout), or images and labels (optional label_names, patient_id): images "
-            "(N,H,W), (N,H,W,3) or (N,D,H,W), labels (N,), (N,1) or (N,K) 0/1 findings."
-        )
-    if label_names is None and "label_names" in keys:
-        label_names = [str(v) for v in _npz_array(npz, "label_names", path)]
-    parts = [(s, f"{s}_images", f"{s}_labels") for s in splits] if "train" in splits else [(None, "images", "labels")]
-    images, labels, split_col, ids = [], [], [], []
-    for s, xk, yk in parts:
-        x, y = _npz_array(npz, xk, path), _npz_array(npz, yk, path)
-        if x.ndim not in (3, 4):
-            raise MedxferError(f"npz '{path}': {xk} has shape {x.shape}; expected (N,H,W), (N,H,W,3) or (N,D,H,W).")
-        if len(y) != len(x):
-            raise MedxferError(f"npz '{path}': {yk} has shape {y.shape} for {len(x)} images; give one label row per "
-                               "image.")
-        images.append(x)
-        labels.append(y.reshape(len(y), -1) if y.ndim == 2 else y)
-        split_col += [s] * len(x)
-        ids += [f"{s}/{i:06d}" if s else f"{i:06d}" for i in range(len(x))]
-    arrays = np.concatenate(images)
+    (N,1) are classes; (N,K) with K > 1 are K findings (multi-label).
+
+    Every array is checked from its .npy header before any data is read (:mod:`medxfer.data.npzfile`):
+    image shapes (no empty split, no side of 0, one image size and pixel type across splits), the
+    pixel / voxel limits per image, one label row per image, and the total against the memory."""
+    with NpzArchive(path) as npz:
+        keys = set(npz.keys())
+        splits = [s for s in SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
+        if "train" not in splits and not {"images", "labels"} <= keys:
+            raise MedxferError(
+                f"npz '{path}' has keys {sorted(keys)}; medxfer needs train_images and train_labels (and val_/test_ "
+                "for given splits, MedMNIST layout), or images and labels (optional label_names, patient_id): images "
+                "(N,H,W), (N,H,W,3) or (N,D,H,W), labels (N,), (N,1) or (N,K) 0/1 findings."
+            )
+        parts = [(s, f"{s}_images", f"{s}_labels") for s in splits] if "train" in splits else [(None, "images", "labels")]
+        image_keys = [xk for _, xk, _ in parts]
+        npz.check_images(image_keys, hint="; give images for every split, or leave out the val_ and test_ arrays "
+                         "and medxfer makes the split" if len(parts) > 1 else "")
+        first = image_keys[0]
+        for xk in image_keys[1:]:
+            if npz.shape(xk)[1:] != npz.shape(first)[1:]:
+                sides = {k: "x".join(map(str, npz.shape(k)[1:])) for k in (first, xk)}
+                raise MedxferError(f"npz '{path}': {first} are {sides[first]} but {xk} are {sides[xk]}; give every "
+                                   "split images of one size (resize them), so that one model takes them all.")
+            if npz.dtype(xk) != npz.dtype(first):
+                raise MedxferError(f"npz '{path}': {first} are {npz.dtype(first)} but {xk} are {npz.dtype(xk)}; give "
+                                   "every split one pixel type, or the splits would be scaled differently.")
+        for _, xk, yk in parts:
+            shape, n = npz.shape(yk), npz.shape(xk)[0]
+            if len(shape) not in (1, 2) or shape[0] != n:
+                raise MedxferError(f"npz '{path}': {yk} has shape {shape} for {n} images; give one label row per "
+                                   "image: (N,), (N,1) or an (N,K) 0/1 array of findings.")
+        extra = [k for k in ("label_names", "patient_id") if k in keys]
+        npz.check_memory(image_keys + [yk for _, _, yk in parts] + extra)
+        if label_names is None and "label_names" in keys:
+            label_names = [str(v) for v in _npz_array(npz, "label_names")]
+        arrays = npz.load_stacked(image_keys)
+        labels, split_col, ids = [], [], []
+        for s, xk, yk in parts:
+            y, n = _npz_array(npz, yk), npz.shape(xk)[0]
+            labels.append(y.reshape(len(y), -1) if y.ndim == 2 else y)
+            split_col += [s] * n
+            ids += [f"{s}/{i:06d}" if s else f"{i:06d}" for i in range(n)]
+        pid = _npz_array(npz, "patient_id") if "patient_id" in keys else None
     widths = {lab.shape[1] if lab.ndim == 2 else 1 for lab in labels}
     if len(widths) > 1:
         raise MedxferError(f"npz '{path}': the splits' labels have different widths {sorted(widths)}.")
@@ -146,8 +157,7 @@ def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
     table = pd.DataFrame({"sample_id": ids, "label": y_idx, "row": np.arange(len(arrays)), "split": split_col})
     if len(splits) < 3:
         table["split"] = None  # partial or no splits: make our own from all samples
-    if "patient_id" in keys:
-        pid = _npz_array(npz, "patient_id", path)
+    if pid is not None:
         if len(pid) != len(arrays):
             raise MedxferError(f"npz '{path}': patient_id has {len(pid)} entries for {len(arrays)} images.")
         table["patient_id"] = [hash_id(str(v)) for v in pid]
