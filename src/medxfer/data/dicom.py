@@ -17,17 +17,21 @@ the returned tables: errors name the file path; patient IDs are hashed with
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from medxfer.data.folders import walk
 from medxfer.data.intensity import MAX_VOXELS, check_pixels, parse_window, select_frame, to_unit_range
 from medxfer.errors import BadFileError, MedxferError, did_you_mean
 from medxfer.privacy import hash_id, sample_id
 
 __all__ = ["dicom_folder_manifest", "has_dicom_preamble", "read_dicom"]
+
+log = logging.getLogger(__name__)
 
 # Transfer syntax UID prefix -> (name, pip packages) for compressed DICOM.
 _CODECS = {
@@ -219,16 +223,26 @@ _KEYS = ("path", "SOPInstanceUID", "StudyInstanceUID", "PatientID")
 
 
 def _find_dicom_files(folder: Path) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            p = Path(root) / name
-            if p.suffix.lower() in (".dcm", ".dicom") or has_dicom_preamble(p):
-                found.append(p)
-    return found
+    """The DICOM files under ``folder``, walked as class folders are (:func:`medxfer.data.folders.walk`: hidden,
+    system and medxfer output folders left out, links followed), what is left out said in the log. A broken
+    link named ``.dcm`` is kept (the bad-file policy decides); one without the suffix is counted. Folder by
+    folder, files first, in name order (the order ``os.walk`` gave: a split made from it does not move)."""
+    found = walk(folder)
+    named = {p for p in found.broken if p.suffix.lower() in (".dcm", ".dicom")}
+    files = [p for p in found.files if not p.name.startswith(".")
+             and (p.suffix.lower() in (".dcm", ".dicom") or has_dicom_preamble(p))]
+    said = [f"{n} {why}" for why, n in sorted(found.left_out.items())]
+    if found.left_out:
+        log.info("DICOM folder: left out %d folders (%s)", sum(found.left_out.values()), ", ".join(said))
+    if found.broken:
+        log.warning("DICOM folder: %d broken links (target gone, or a loop): %d named .dcm kept as unreadable "
+                    "samples (--on-bad-file decides), %d ignored", len(found.broken), len(named),
+                    len(found.broken) - len(named))
+    return sorted([*files, *named], key=lambda p: _walk_order(p.relative_to(folder).parts))
+
+
+def _walk_order(parts: tuple[str, ...]) -> list:
+    return [(1, d) for d in parts[:-1]] + [(0, parts[-1])]
 
 
 def _read_header(path: Path, pydicom) -> dict | None:
