@@ -102,8 +102,11 @@ def test_images_outside_class_folders_are_counted(tmp_path):
     root = splits(tmp_path / "d")
     png(root / "stray.png")
     png(root / "train" / "stray.png")
+    os.symlink(root / "nowhere", root / "lost.png")
+    os.symlink(root / "loop", root / "loop")                   # a link that loops, beside the class folders
     m = load_manifest(root)
     assert len(m.table) == 12 and "2 images outside class folders" in notes(m)
+    assert "2 broken links outside class folders" in notes(m)
 
 
 def test_empty_folder_beside_split_folders_is_ignored_and_said(tmp_path):

@@ -2,7 +2,8 @@
 
 Usage::
 
-    layout = read_layout(Path("images"))   # images/<class>/... or images/{train,val,test}/<class>/...
+    layout = read_layout(Path("images"), is_image_file, named_as_image)   # images/<class>/..., or
+                                           # images/{train,val,test}/<class>/...
     layout.samples                         # (split or None, class, file) in a stable order
     layout.notes                           # what was left out, counted (the manifest's notes: the log)
 
@@ -30,8 +31,9 @@ from medxfer.errors import MedxferError
 #: folders that operating systems, NAS boxes and archivers write beside data (hidden ones are left out anyway)
 SYSTEM_DIRS = frozenset({"__MACOSX", "__pycache__", "@eaDir", "$RECYCLE.BIN", "System Volume Information",
                          "lost+found"})
-#: any one of these files marks a folder medxfer wrote (an unfinished run's checkpoint, cv, compare, auto, pretrain)
+#: files that desktops write beside images: not counted as ignored files
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+#: any one of these files marks a folder medxfer wrote (an unfinished run's checkpoint, cv, compare, auto, pretrain)
 OUTPUT_FILES = frozenset({"checkpoint.pt", "cv.json", "comparison.json", "study.db", "source.json"})
 
 
@@ -168,14 +170,14 @@ def read_layout(root: Path, is_image, looks_like_image) -> Layout:
                 "meant. Put every class folder under train/, val/ and test/ (train/<class>/...), move the split "
                 "folders away, or give a CSV manifest.")
         skipped += [f"{n} (no images)" for n in classes_of]
-        parts += list(classes_of.values())  # what they held besides images is still counted
+        parts += [(None, imgs) for imgs in classes_of.values()]  # what they held is still counted
         for split in (s for s in SPLITS if s in splits):
             classes, in_split, skipped_in = splits[split]
             direct, skipped = direct + in_split, skipped + skipped_in
             layout.samples += [(split, name, f) for name, imgs in classes for f in imgs.files]
             parts += [(f"{split}/{name}", imgs) for name, imgs in classes]
     else:
-        if tops and {f.name for f in tops} <= set(SPLITS) and any(in_split for _, in_split, _ in splits.values()):
+        if tops and {f.name for f in tops} <= set(SPLITS) and any(n["images"] for _, n, _ in splits.values()):
             raise MedxferError(f"folder '{root}': {', '.join(f.name for f in tops)} hold images but no class folders. "
                                "Put each split's images in one folder per class (train/<class>/...), or give a CSV "
                                "manifest.")
@@ -187,14 +189,17 @@ def read_layout(root: Path, is_image, looks_like_image) -> Layout:
     return layout
 
 
-def _folders(base: Path, prefix: str, is_image) -> tuple[list[Path], int, list[str]]:
-    """The sub-folders of ``base`` that may hold data (sorted), the number of images directly in ``base``, and
-    the folders left out, named with their reason."""
-    folders, direct, skipped = [], 0, []
+def _folders(base: Path, prefix: str, is_image) -> tuple[list[Path], Counter, list[str]]:
+    """The sub-folders of ``base`` that may hold data (sorted), the images and broken links directly in
+    ``base`` (counted: they are in no class folder), and the folders left out, named with their reason."""
+    folders, direct, skipped = [], Counter(), []
     for e in sorted(os.scandir(base), key=lambda e: e.name):
         path = Path(e.path)
         if not _is_dir(e):
-            direct += bool(_is_file(e) and is_image(path))
+            if _is_file(e):
+                direct["images"] += bool(is_image(path))
+            elif e.is_symlink():
+                direct["broken links"] += 1
             continue
         why = left_out(path)
         if why is None:
@@ -204,12 +209,10 @@ def _folders(base: Path, prefix: str, is_image) -> tuple[list[Path], int, list[s
     return folders, direct, skipped
 
 
-def _notes(skipped: list[str], direct: int, parts: list) -> list[str]:
-    """What was left out, counted, for the manifest's notes."""
-    total = Counter()
-    empty = []
-    for part in parts:
-        name, imgs = part if isinstance(part, tuple) else (None, part)
+def _notes(skipped: list[str], direct: Counter, parts: list) -> list[str]:
+    """What was left out, counted, for the manifest's notes. ``parts``: (class folder or None, its images)."""
+    total, empty = Counter(), []
+    for name, imgs in parts:
         total.update(imgs.counts)
         if name is not None and not imgs.files:
             empty.append(name)
@@ -221,8 +224,9 @@ def _notes(skipped: list[str], direct: int, parts: list) -> list[str]:
     if inner:
         out.append(f"left out {sum(inner.values())} folders inside class folders: "
                    + ", ".join(f"{n} {why}" for why, n in sorted(inner.items())))
-    if direct:
-        out.append(f"warning: ignored {direct} images outside class folders (no class to learn from them)")
+    for what, n in sorted(direct.items()):
+        if n:
+            out.append(f"warning: ignored {n} {what} outside class folders (no class to learn from them)")
     if total["ignored"]:
         out.append(f"ignored {total['ignored']} files that are not images (by suffix and content)")
     if total["broken"]:
