@@ -285,3 +285,51 @@ def test_options_key_and_reader_choice(tmp_path):
         "window": "lung", "frame": "middle", "slice": "middle", "intensity": "auto"}
     assert type(reader_for("a/b.NII.GZ")).__name__ == "NiftiReader"
     assert type(reader_for("x.JPEG")).__name__ == "PILReader"
+
+
+# ------------------------------------------------------------------ empty arrays and the run's input type
+
+
+def test_an_empty_npy_is_refused_by_name(tmp_path):
+    np.save(tmp_path / "e.npy", np.zeros((0, 5)))
+    with pytest.raises(BadFileError, match="0x5 pixels.*empty"):
+        read_image(tmp_path / "e.npy")
+
+
+def test_the_runs_input_type_decides_the_scaling():
+    from medxfer.data.intensity import OffContract
+
+    u8 = np.array([[0, 51, 102, 255]], np.uint8)
+    eight = ReadOptions(input_dtype="uint8")                      # a run trained on 8-bit images
+    np.testing.assert_allclose(to_unit_range(u8 / 255, eight), to_unit_range(u8, eight), atol=1e-7)
+    dim = np.array([[0.2, 0.4]], np.float32)
+    np.testing.assert_array_equal(to_unit_range(dim, eight), dim)   # never stretched to [0, 1]
+    with pytest.raises(OffContract, match=r"floats from 0 to 255.*8-bit.*\[0, 1\] \(x / 255\)"):
+        to_unit_range(u8.astype(np.float32), eight)
+    with pytest.raises(OffContract, match="type uint16.*8-bit"):
+        to_unit_range(u8.astype(np.uint16), eight)
+    wide = ReadOptions(input_dtype="uint16")                      # trained on 16-bit: per image, uint8 too
+    np.testing.assert_allclose(to_unit_range(np.array([[10, 20, 30]], np.uint8), wide), [[0, 0.5, 1]])
+    own = ReadOptions()                                           # training, earlier runs: each by its own type
+    np.testing.assert_allclose(to_unit_range(np.array([[0, 51]], np.uint8), own), [[0, 0.2]])
+    np.testing.assert_allclose(to_unit_range(np.array([[10, 30]], np.float32), own), [[0, 1]])
+    assert eight.key()["input_dtype"] == "uint8" and "input_dtype" not in ReadOptions().key()
+    with pytest.raises(MedxferError, match="input_dtype"):
+        ReadOptions(input_dtype="pixels")
+
+
+def test_a_16bit_png_is_refused_where_the_run_takes_8bit(tmp_path):
+    Image.fromarray(np.arange(0, 60000, 1000, dtype=np.uint16).reshape(6, 10)).save(tmp_path / "a.png")
+    with pytest.raises(BadFileError, match="uint16.*trained on 8-bit images"):
+        read_image(tmp_path / "a.png", ReadOptions(input_dtype="uint8"))
+    assert read_image(tmp_path / "a.png", ReadOptions(input_dtype="uint16")).max() == 1.0
+
+
+def test_an_8bit_nifti_keeps_its_type(tmp_path):
+    """uint8 is divided by 255 in every format: a NIfTI of stored uint8 is not min-max stretched."""
+    nib = pytest.importorskip("nibabel")
+    vol = np.full((4, 5, 6), 10, np.uint8)
+    vol[1, 2, 3] = 200
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    x = read_image(tmp_path / "v.nii.gz", ReadOptions(slice="volume"))
+    assert x.max() == pytest.approx(200 / 255) and x.min() == pytest.approx(10 / 255)

@@ -7,7 +7,11 @@ Usage::
     probs = p.probabilities(array)                    # (H,W), (N,H,W), (N,C,H,W), (N,H,W,C) or PIL images
 
 Images go through exactly the training preprocessing (reader options, size, channels, uint8
-quantisation, per-image intensity scaling for arrays); probabilities are calibrated with the run's
+quantisation, per-image intensity scaling for arrays) under the run's input contract (``input_dtype``
+in model.json): a model trained on 8-bit images takes uint8 as it is and floats in [0, 1] as
+``x * 255``, and refuses other floats and wider types (a 16-bit PNG) in one line; a model trained on
+16-bit or float images scales every input per image; a window applies as in training; runs of earlier
+releases (no ``input_dtype``) scale each input by its own type. Probabilities are calibrated with the run's
 temperature(s); ``predicted`` applies the threshold chosen on validation (binary), the median grade
 (ordinal) or the argmax; a multi-label run gives every finding at its own validation threshold,
 joined by '|' (empty: none).
@@ -44,7 +48,7 @@ class Predictor:
         self.run = Run.load(run_dir)
         self.run_dir, self.engine, self.batch_size = Path(run_dir), engine, batch_size
         self.meta = self.run.model
-        self.read = ReadOptions(**self.meta.read)
+        self.read = ReadOptions(**{**self.meta.read, "input_dtype": self.meta.input_dtype or ""})
         self.network = self.run.load_model(tta=False)   # the network alone (Grad-CAM explains it)
         self.model = self.run.load_model()              # what predicts: with the run's test-time augmentation
         self.runner = TorchRunner(self.model) if engine == "torch" else self._onnx(spinning)

@@ -8,7 +8,11 @@ Usage::
 
 Files are named by a pseudonymous id of their path as given (file names can hold patient names),
 npz rows by ``<split>/<index>`` as in a run's predictions.csv. Arrays follow the npz rule: uint8 is
-divided by 255, other types are scaled per image by the run's intensity options.
+divided by 255, other types are scaled per image by the run's intensity options, within the run's
+input contract (``read.input_dtype``, :mod:`medxfer.data.intensity`): a model trained on 8-bit images
+takes uint8 and floats in [0, 1] and refuses other types and ranges in one line. An npz is checked
+from its headers (shapes, pixel limits, its size against the memory) before any array is read, and
+read one array at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 import torch
 
 from medxfer.data.dicom import series_files
-from medxfer.data.intensity import parse_slice
+from medxfer.data.intensity import OffContract, contract_problem, parse_slice
 from medxfer.data.loading import Skipped, decode_arrays
+from medxfer.data.npzfile import NpzArchive
 from medxfer.data.readers import PILReader, read_image
 from medxfer.data.sources import is_image_file, suffix_of
 from medxfer.data.transforms import match_channels, match_channels_uint8, resize_to_uint8
@@ -78,19 +83,19 @@ def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_ba
             yield ids, torch.stack(chunk)
 
 
-def npz_images(path: Path) -> list[tuple[str, np.ndarray]]:
-    """(key, array) for every ``*images`` array of an npz; object (pickled) arrays are refused."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-        keys = [k for k in npz.files if k.endswith("images")]
+def npz_images(path: Path):
+    """(key, array) for every ``*images`` array of an npz, one loaded at a time, after every one was checked
+    from its header: numbers (object arrays are refused), (N,H,W), (N,H,W,3) or (N,D,H,W) with no side of
+    0, the pixel limits, and each array's size against the memory."""
+    with NpzArchive(path) as npz:
+        keys = [k for k in npz.keys() if k.endswith("images")]
         if not keys:
-            raise MedxferError(f"npz '{path}' has no '*_images' array (keys: {npz.files}).")
-        return [(k, npz[k]) for k in keys]
-    except ValueError as e:  # object arrays need pickle, which is never allowed
-        raise MedxferError(f"npz '{path}' holds an object (pickled) array, which medxfer never loads: save the images "
-                           f"as a numeric array ({str(e).splitlines()[0][:80]}).") from None
-    except (OSError, EOFError) as e:
-        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from None
+            raise MedxferError(f"npz '{path}' has no '*_images' array (keys: {npz.keys()}).")
+        npz.check_images(keys, hint=": nothing to predict on in it")
+        for k in keys:
+            npz.check_memory([k])
+        for k in keys:
+            yield k, npz.load(k)
 
 
 def images_from_arrays(x, size: int, chans: int, read) -> torch.Tensor:
@@ -103,13 +108,19 @@ def images_from_arrays(x, size: int, chans: int, read) -> torch.Tensor:
     if isinstance(x, Image.Image):
         x = [x]
     if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
-        imgs = [match_channels(PILReader.from_image(i, read), chans) for i in x]
+        try:
+            imgs = [match_channels(PILReader.from_image(i, read), chans) for i in x]
+        except OffContract as e:
+            raise MedxferError(f"the PIL images given (mode {x[0].mode}): {e}.") from None
         return torch.cat([resize_to_uint8(i[None], size) for i in imgs])
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise MedxferError(f"images must be numbers (uint8 or float). Got an array of dtype {arr.dtype}.")
+    problem = contract_problem(arr, read)   # the whole array at once: one line, not one per image
+    if problem:
+        raise MedxferError(f"the arrays given: {problem}.")
     if parse_slice(read.slice) == "volume":  # a 3-D model: volumes (D, H, W) or (N, D, H, W)
         arr = arr[None] if arr.ndim == 3 else arr
         if arr.ndim != 4 or min(arr.shape) < 1:

@@ -10,6 +10,21 @@ Usage::
 
 The option strings are parsed here (``parse_*``); a bad value raises MedxferError with what is
 allowed and what was given.
+
+The input contract: under ``intensity="auto"`` a run scales its inputs the way its training images were
+scaled, which the type of those pixels decides (``ReadOptions.input_dtype``, from ``model.json``):
+
+* trained on 8-bit images (uint8): uint8 is divided by 255 and floats in [0, 1] are taken as they are
+  (``x / 255``, what torchvision's ``ToTensor`` gives); other floats and wider integers (a 16-bit
+  file) are refused (:class:`OffContract`), never stretched;
+* trained on other types (16-bit, floats, DICOM or NIfTI in physical units; or 8-bit files mixed with
+  wider ones, which training then scales per image too): every input is min-max scaled per image,
+  uint8 included;
+* training itself, and runs of earlier releases (no type recorded): each image by its own type
+  (uint8 / 255, others min-max).
+
+A window (``--window``, or a DICOM's own) comes first and needs no contract.
+:func:`pixel_types` collects the types the intensity step is given, for a run to record them.
 """
 
 from __future__ import annotations
@@ -17,6 +32,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,7 +48,11 @@ MAX_PIXELS = int(os.environ.get("MEDXFER_MAX_PIXELS", 2**26))
 MAX_VOXELS = int(os.environ.get("MEDXFER_MAX_VOXELS", 2**28))
 
 
-class NonFinitePixels(ValueError):
+class BadPixels(ValueError):
+    """An image whose pixels cannot be scaled honestly; callers name the sample (refused or skipped)."""
+
+
+class NonFinitePixels(BadPixels):
     """An image holds NaN or infinite values: there is no honest way to scale it."""
 
     def __init__(self, count: int, total: int):
@@ -39,13 +60,21 @@ class NonFinitePixels(ValueError):
         super().__init__(f"{count} of {total} pixels are non-finite (NaN or inf)")
 
 
+class OffContract(BadPixels):
+    """Pixels of a type or range the run was not trained on (see the module docstring)."""
+
+
 def check_pixels(path, *shape: int, limit: int = MAX_PIXELS) -> None:
-    """Raise BadFileError when an image of ``shape`` would exceed ``limit`` pixels."""
+    """Raise BadFileError when an image of ``shape`` has a side of 0 or would exceed ``limit`` pixels
+    (voxels when ``limit`` is :data:`MAX_VOXELS`)."""
+    size = "x".join(str(int(s)) for s in shape)
+    unit, env = ("voxels", "MEDXFER_MAX_VOXELS") if limit == MAX_VOXELS != MAX_PIXELS else \
+        ("pixels", "MEDXFER_MAX_PIXELS")
+    if any(int(s) < 1 for s in shape):
+        raise BadFileError(path, f"image of {size} {unit}: an empty image (a side of 0)")
     if math.prod(int(s) for s in shape) > limit:
-        raise BadFileError(
-            path, f"image of {'x'.join(str(s) for s in shape)} pixels is above the limit of "
-            f"{limit} pixels (possible decompression bomb; set MEDXFER_MAX_PIXELS to allow larger images)"
-        )
+        raise BadFileError(path, f"image of {size} {unit} is above the limit of {limit} {unit} (possible "
+                           f"decompression bomb; set {env} to allow larger images)")
 
 
 #: CT window presets in HU: name -> (center, width).
@@ -134,6 +163,77 @@ def parse_intensity(value: str):
     raise _bad("intensity", allowed, value, ["auto", "minmax"])
 
 
+#: the types whose scaling does not depend on the image: uint8 / 255, bool as 0 / 1
+EIGHT_BIT = frozenset({"uint8", "bool"})
+_seen: ContextVar[list | None] = ContextVar("medxfer_pixel_types", default=None)
+
+
+@contextmanager
+def pixel_types():
+    """Collect, in a list, the type name of every pixel array the intensity step is given in the block."""
+    seen: list[str] = []
+    token = _seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen.reset(token)
+
+
+@lru_cache(maxsize=64)
+def parse_input_dtype(value: str) -> str:
+    """The pixel type a run was trained on ('uint8', 'uint16', 'float32'...; '' none), checked."""
+    try:
+        ok = value == "" or np.dtype(value).kind in "biuf" and np.dtype(value).name == value
+    except TypeError:
+        ok = False
+    if not ok:
+        raise MedxferError(f"The 'input_dtype' of a run must be a numpy pixel type such as 'uint8' or 'float32'. Got "
+                           f"{value!r} instead: model.json is damaged; train the run again.")
+    return value
+
+
+def widest(types) -> str:
+    """The widest of pixel type names (by size, then bool < unsigned < signed < float), '' for none."""
+    order = "buif"
+    return max(types, key=lambda t: (np.dtype(t).itemsize, order.index(np.dtype(t).kind)), default="")
+
+
+def contract(opts) -> str:
+    """How ``intensity="auto"`` scales an input (the module docstring): '8-bit', 'per-image' or 'own'."""
+    trained = parse_input_dtype(opts.input_dtype)
+    return "own" if not trained else "8-bit" if trained in EIGHT_BIT else "per-image"
+
+
+def dtype_problem(dtype, opts) -> str | None:
+    """Why pixels of ``dtype`` do not fit the run's contract, whatever their values; None when they may."""
+    dtype = np.dtype(dtype)
+    if parse_intensity(opts.intensity) != "auto" or contract(opts) != "8-bit" or dtype.name in EIGHT_BIT or \
+            dtype.kind == "f":
+        return None
+    return (f"pixels of type {dtype.name}, but this model was trained on 8-bit images ({opts.input_dtype}): give "
+            "8-bit images (uint8, 0-255) or floats in [0, 1] (x / 255), or train a model on images of this type")
+
+
+def contract_problem(arr: np.ndarray, opts) -> str | None:
+    """Why ``arr`` does not fit the run's contract (its type, or floats outside [0, 1]); None when it does."""
+    arr = np.asarray(arr)
+    problem = dtype_problem(arr.dtype, opts)
+    if problem or arr.dtype.kind != "f" or not arr.size or parse_intensity(opts.intensity) != "auto" or \
+            contract(opts) != "8-bit":
+        return problem
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0 or high > 1:
+        return (f"floats from {low:.4g} to {high:.4g}, but this model was trained on 8-bit images "
+                f"({opts.input_dtype}): give floats in [0, 1] (x / 255) or 8-bit images (uint8, 0-255), not "
+                "normalised or 0-255 floats")
+    return None
+
+
+def divides_uint8(opts) -> bool:
+    """Whether uint8 images are divided by 255 under ``opts`` (when no window applies)."""
+    return parse_intensity(opts.intensity) == "auto" and contract(opts) != "per-image"
+
+
 def select_frame(n_frames: int, frame: str, path: str | Path | None = None) -> int:
     """The frame index for ``frame`` ('middle' or 'N') among ``n_frames``."""
     choice = parse_frame(frame)
@@ -180,23 +280,33 @@ def to_unit_range(arr: np.ndarray, opts, *, dicom_window=None) -> np.ndarray:
     Order: a window when one applies (``opts.window`` a preset or 'C,W'; or 'auto' and
     ``dicom_window`` = (center, width[, VOILUTFunction]) given), else ``opts.intensity``:
     'auto' divides uint8 by 255 (bool -> 0/1) and min-max scales everything else (uint16, int,
-    float: the whole image, all channels together); 'minmax'; 'pA-pB' clips at those
-    percentiles. A constant image gives zeros, never NaN. An image with NaN or inf pixels raises
+    float: the whole image, all channels together), as the run's input contract allows
+    (``opts.input_dtype``, see the module docstring; it raises :class:`OffContract` where the contract
+    refuses); 'minmax'; 'pA-pB' clips at those percentiles. A constant image gives zeros, never NaN. An image with NaN or inf pixels raises
     :class:`NonFinitePixels` (callers name the sample): it is refused or skipped, never blanked.
     """
     arr = np.asarray(arr)
     if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
         raise NonFinitePixels(int((~np.isfinite(arr)).sum()), int(arr.size))
+    seen = _seen.get()
+    if seen is not None:
+        seen.append(arr.dtype.name)
     window = parse_window(opts.window)
     if window == "auto":
         window = dicom_window
     if window is not None:
         return apply_window(arr, *window)
     mode = parse_intensity(opts.intensity)
-    if mode == "auto" and arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if mode == "auto" and arr.dtype == np.bool_:
-        return arr.astype(np.float32)
+    if mode == "auto":
+        problem = contract_problem(arr, opts)
+        if problem:
+            raise OffContract(problem)
+        if arr.dtype == np.uint8 and divides_uint8(opts):
+            return arr.astype(np.float32) / np.float32(255.0)
+        if arr.dtype == np.bool_ and contract(opts) != "per-image":
+            return arr.astype(np.float32)
+        if arr.dtype.kind == "f" and contract(opts) == "8-bit":   # checked to lie in [0, 1]: taken as it is
+            return arr.astype(np.float32)
     x = arr.astype(np.float32 if arr.dtype.itemsize <= 2 else np.float64)
     if mode in ("auto", "minmax"):
         low, high = float(x.min()), float(x.max())

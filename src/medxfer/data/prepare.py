@@ -44,6 +44,7 @@ class Prepared:
     skipped: list[Skipped]
     read: ReadOptions
     duplicates: pd.DataFrame
+    input_dtype: str | None = None       # the training pixels' type(s), for model.json's input contract
 
     @property
     def labels(self) -> list[str]:
@@ -109,7 +110,8 @@ def prepare_data(opts, size: int, seed: int, *, splits: dict | pd.Series | None 
         check_split_classes(manifest)
         for note in manifest.notes:
             log.info(note)
-    return Prepared(manifest, images, loaded.skipped, read, duplicates)
+    manifest.notes.extend(loaded.notes)  # logged where they arose; kept for config.yaml
+    return Prepared(manifest, images, loaded.skipped, read, duplicates, loaded.input_dtype)
 
 
 def label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):

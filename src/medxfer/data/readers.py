@@ -37,9 +37,10 @@ from medxfer.data.dicom import has_dicom_preamble, read_dicom, read_dicom_series
 from medxfer.data.intensity import (
     MAX_PIXELS,
     MAX_VOXELS,
-    NonFinitePixels,
+    BadPixels,
     check_pixels,
     parse_frame,
+    parse_input_dtype,
     parse_intensity,
     parse_slice,
     parse_window,
@@ -74,6 +75,8 @@ class ReadOptions:
     mid-planes as 3 channels).
     ``intensity``: used when no window applies: ``"auto"`` (8-bit /255, otherwise min-max),
     ``"minmax"`` or percentile clipping ``"p0.5-p99.5"``.
+    ``input_dtype``: the pixel types a run was trained on (``model.json``), which fix how ``"auto"``
+    scales its inputs and which it refuses (:mod:`medxfer.data.intensity`); ``""`` when training.
 
     Invalid values raise :class:`~medxfer.errors.MedxferError` when the options are built.
     """
@@ -82,16 +85,18 @@ class ReadOptions:
     frame: str = "middle"
     slice: str = "middle"
     intensity: str = "auto"
+    input_dtype: str = ""
 
     def __post_init__(self):
         parse_window(self.window)
         parse_frame(self.frame)
         parse_slice(self.slice)
         parse_intensity(self.intensity)
+        parse_input_dtype(self.input_dtype)
 
     def key(self) -> dict:
-        """All fields as a dict, for cache keys and config.yaml."""
-        return asdict(self)
+        """The fields as a dict, for cache keys and config.yaml (``input_dtype`` only when set)."""
+        return {k: v for k, v in asdict(self).items() if k != "input_dtype" or v}
 
 
 def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | None = None) -> np.ndarray:
@@ -104,21 +109,22 @@ def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | 
 
     Raises BadFileError for a missing, empty, corrupt, truncated or unsupported file, a DICOM
     without pixel data, a missing decompression codec (the reason names the pip package), images
-    above :data:`MAX_PIXELS` pixels (checked from the header, before decoding) and images with
-    NaN or infinite pixels.
+    above :data:`MAX_PIXELS` pixels or with a side of 0 (checked from the header, before decoding),
+    images with NaN or infinite pixels, and pixels the run's input contract refuses
+    (``opts.input_dtype``: a 16-bit file to a model trained on 8-bit images).
     """
     path = Path(path)
-    if path.is_dir() and parse_slice(opts.slice) == "volume":   # a folder of DICOM slices: one 3-D sample
-        return np.ascontiguousarray(np.clip(read_dicom_series(path, opts), 0.0, 1.0))
-    if not path.is_file():
-        raise BadFileError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise BadFileError(path, "empty file")
-    reader = reader_for(path)
     try:
+        if path.is_dir() and parse_slice(opts.slice) == "volume":   # a folder of DICOM slices: one 3-D sample
+            return np.ascontiguousarray(np.clip(read_dicom_series(path, opts), 0.0, 1.0))
+        if not path.is_file():
+            raise BadFileError(path, "file not found")
+        if path.stat().st_size == 0:
+            raise BadFileError(path, "empty file")
+        reader = reader_for(path)
         arr = reader.read(path, opts) if size is None or not isinstance(reader, PILReader) else \
             reader.read(path, opts, size=size)
-    except NonFinitePixels as e:
+    except BadPixels as e:
         raise BadFileError(path, str(e)) from None
     want = 4 if parse_slice(opts.slice) == "volume" else 3   # (C, D, H, W) for a 3-D model, else (C, H, W)
     if arr.ndim == 3 and want == 4:
@@ -231,7 +237,8 @@ class NiftiReader(Reader):
     The image is reoriented to the closest canonical (RAS+) orientation, then arranged as a
     (D, H, W) volume of axial slices: D = superior axis, H = anterior (anterior at the top row),
     W = the left-right axis. 4D images pick the volume per ``frame``; 2D images are one slice.
-    Voxel scaling (scl_slope/scl_inter) is applied, so CT is in HU for the window presets.
+    Voxel scaling (scl_slope/scl_inter) is applied, so CT is in HU for the window presets; without
+    it the stored type is kept (a uint8 volume is divided by 255, as every 8-bit image).
     """
 
     suffixes = (".nii", ".nii.gz")
@@ -248,11 +255,10 @@ class NiftiReader(Reader):
                 raise BadFileError(path, f"NIfTI image with {len(shape)} dimensions; expected 2-4")
             check_pixels(path, *shape[:3], limit=MAX_VOXELS)
             img = nibabel.as_closest_canonical(img)
-            if len(shape) == 4:
-                t = select_frame(shape[3], opts.frame, path)
-                data = np.asarray(img.dataobj[..., t], dtype=np.float32)
-            else:
-                data = np.asarray(img.get_fdata(dtype=np.float32))
+            data = np.asanyarray(img.dataobj[..., select_frame(shape[3], opts.frame, path)] if len(shape) == 4
+                                 else img.dataobj)
+            if data.dtype.kind not in "biuf" or data.dtype.kind == "f" and data.dtype != np.float32:
+                data = data.astype(np.float32)   # scaled voxels: float32, as before
         except BadFileError:
             raise
         except Exception as err:  # nibabel raises many types for corrupt or truncated files
