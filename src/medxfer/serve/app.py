@@ -1,4 +1,6 @@
-"""The HTTP app of ``medxfer serve``: routes, guards (API key, upload size), batching, the page.
+"""The HTTP app of ``medxfer serve``: routes, guards (API key, upload size, a memory budget for
+decoding), batching, the page. Running it (uvicorn, workers) is :mod:`medxfer.serve.launch`; the
+limits on connections (timeouts, head size, connection cap) are :mod:`medxfer.serve.protocol`.
 
 Usage::
 
@@ -22,37 +24,45 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import numpy as np
 import torch
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from medxfer.errors import MedxferError
 from medxfer.serve.batching import Batcher
+from medxfer.serve.budget import MemoryBudget
 from medxfer.serve.errors import ApiError
 from medxfer.serve.model import ServedModel
+from medxfer.serve.protocol import Limits
 from medxfer.serve.uploads import UploadDir, png_size, safe_suffix
 
 log = logging.getLogger("medxfer.serve")
 
 _SNIFF_BYTES = 352  # enough for the DICOM preamble (132) and the NIfTI-1 magic (344)
-_CONFIG_ENV = "MEDXFER_SERVE_CONFIG"
 
 
 @dataclass
 class ServeConfig:
-    """Everything ``medxfer serve`` takes; ``api_key`` None means no key (loopback only)."""
+    """Everything ``medxfer serve`` takes; ``api_key`` None means no key (loopback only).
+
+    ``api_key_file``: where the key came from; worker processes read it there themselves, so the
+    key never travels through the environment or a command line. The limits against hostile
+    clients (timeouts in seconds, sizes in KB / MB) are described in :mod:`medxfer.serve.protocol`
+    and :mod:`medxfer.serve.budget`.
+    """
 
     run_dir: str
     engine: str = "auto"
@@ -60,32 +70,63 @@ class ServeConfig:
     port: int = 8000
     workers: int = 1
     api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
     max_upload_mb: float = 32.0
     max_files: int = 32
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     threads: int | None = None
     log_level: str = "info"
+    header_timeout: float = 10.0
+    body_timeout: float = 20.0
+    keep_alive: float = 5.0
+    max_header_kb: float = 32.0
+    max_connections: int = 1000
+    max_inflight_mb: float = 1024.0
+    queue_timeout: float = 10.0
+    graceful_timeout: float = 5.0
+    worker_timeout: float = 60.0
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    def limits(self) -> Limits:
+        return Limits(header_timeout=float(self.header_timeout), body_timeout=float(self.body_timeout),
+                      max_header_bytes=int(self.max_header_kb * 1024), max_connections=int(self.max_connections))
+
     def check(self) -> None:
         """Raise MedxferError for values no server can run with."""
         if not 1 <= int(self.port) <= 65535:
             raise MedxferError(f"The 'port' parameter must be between 1 and 65535. Got {self.port} instead.")
-        for name in ("workers", "max_files", "max_batch"):
+        for name in ("workers", "max_files", "max_batch", "max_connections"):
             if int(getattr(self, name)) < 1:
                 raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be >= 1. "
                                    f"Got {getattr(self, name)} instead.")
-        if not self.max_upload_mb > 0:
-            raise MedxferError(f"The 'max-upload-mb' parameter must be > 0. Got {self.max_upload_mb} instead.")
-        if self.batch_wait_ms < 0:
-            raise MedxferError(f"The 'batch-wait-ms' parameter must be >= 0. Got {self.batch_wait_ms} instead.")
+        for name in ("max_upload_mb", "header_timeout", "body_timeout", "keep_alive", "max_header_kb",
+                     "max_inflight_mb", "worker_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be > 0. "
+                                   f"Got {getattr(self, name)} instead.")
+        for name in ("batch_wait_ms", "queue_timeout", "graceful_timeout"):
+            if float(getattr(self, name)) < 0:
+                raise MedxferError(f"The '{name.replace('_', '-')}' parameter must be >= 0. "
+                                   f"Got {getattr(self, name)} instead.")
         if self.api_key is not None and not self.api_key.strip():
             raise MedxferError("the API key is empty. Pass a non-empty --api-key or --api-key-file.")
         check_host(self.host, self.api_key)
+
+
+def read_key_file(path: str | Path) -> str:
+    """The API key in ``path``: its first line, stripped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MedxferError(f"cannot read the API key file '{path}' ({type(e).__name__}).") from None
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise MedxferError(f"the API key file '{path}' is empty.")
+    return key
 
 
 def is_loopback(host: str) -> bool:
@@ -108,8 +149,10 @@ def check_host(host: str, api_key: str | None) -> None:
 
 # --------------------------------------------------------------------------------- errors, JSON
 def error_response(err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="medxfer"'} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = dict(err.headers)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="medxfer"'
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 def _log_unexpected(where: str, exc: BaseException) -> None:
@@ -126,6 +169,10 @@ def api(endpoint):
         except ApiError as e:
             log.info("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.code, e.message)
             return error_response(e)
+        except ClientDisconnect:  # a normal event: the answer has nobody to go to
+            log.info("%s %s: the client disconnected before its request was read", request.method,
+                     request.url.path)
+            return error_response(ApiError(400, "client_disconnected", "the client disconnected"))
         except Exception as e:  # noqa: BLE001
             _log_unexpected(f"{request.method} {request.url.path}", e)
             return error_response(ApiError(500, "internal_error", "internal error; the server log has the details"))
@@ -149,8 +196,10 @@ class UploadTooLarge(Exception):
 class Guard:
     """Pure ASGI middleware: security headers everywhere; on ``/v1/*`` the API key and the upload limit.
 
-    A body declared larger than the limit is read and discarded (up to a cap) before the 413 goes
-    out, so that clients that send the whole body before reading the answer still get it.
+    Both are checked from the request head, before any of the body is read. An answer that goes out
+    before the request's body was read says ``Connection: close``: the server does not read a body it
+    has refused (the connection layer, :mod:`medxfer.serve.protocol`, lets the client finish sending
+    for a moment so that it can read the answer, then closes).
     """
 
     def __init__(self, app, api_key: str | None, max_bytes: int):
@@ -162,6 +211,22 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        body_left = headers.get(b"content-length", b"0").strip() not in (b"0", b"") or b"transfer-encoding" in headers
+        seen = 0
+        tripped = False
+
+        async def limited_receive():
+            nonlocal seen, tripped, body_left
+            message = await receive()
+            if message["type"] == "http.request":
+                body_left = bool(message.get("more_body", False))
+                if not tripped:
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_bytes:
+                        tripped = True
+                        raise UploadTooLarge()
+            return message
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -170,19 +235,19 @@ class Guard:
                             (b"x-frame-options", b"DENY")]
                 if scope["path"].startswith("/v1/"):
                     headers.append((b"cache-control", b"no-store"))
+                if body_left:  # answered before the body was read: do not read it
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
         if not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send_with_headers)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+            return await self.app(scope, limited_receive, send_with_headers)
         if self.key is not None:
             err = self._auth_error(headers)
             if err is not None:
                 log.info("%s %s -> 401 unauthorized: %s", scope.get("method"), scope["path"], err.message)
                 return await error_response(err)(scope, receive, send_with_headers)
         declared = headers.get(b"content-length")
-        too_large = upload_too_large(self.max_bytes)
         if declared is not None:
             try:
                 n = int(declared)
@@ -191,21 +256,7 @@ class Guard:
                     scope, receive, send_with_headers)
             if n > self.max_bytes:
                 log.info("%s %s -> 413 upload_too_large (%d bytes declared)", scope.get("method"), scope["path"], n)
-                await drain(receive, cap=max(4 * self.max_bytes, 64 * 2**20))
-                return await error_response(too_large)(scope, receive, send_with_headers)
-        seen = 0
-        tripped = False
-
-        async def limited_receive():
-            nonlocal seen, tripped
-            message = await receive()
-            if message["type"] == "http.request" and not tripped:
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    tripped = True
-                    raise UploadTooLarge()
-            return message
-
+                return await error_response(upload_too_large(self.max_bytes))(scope, receive, send_with_headers)
         await self.app(scope, limited_receive, send_with_headers)
 
     def _auth_error(self, headers: dict) -> ApiError | None:
@@ -228,24 +279,10 @@ def upload_too_large(max_bytes: int) -> ApiError:
                     "(--max-upload-mb); send fewer or smaller files")
 
 
-async def drain(receive, cap: int) -> None:
-    """Read and drop the rest of a request body, at most ``cap`` bytes."""
-    total = 0
-    while total <= cap:
-        try:
-            message = await receive()
-        except UploadTooLarge:
-            continue
-        if message["type"] != "http.request":
-            return
-        total += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
 # --------------------------------------------------------------------------------- the app
 class Service:
-    """The state of one server process: the model, its thread, the batcher, the upload folder."""
+    """The state of one server process: the model, its thread, the batcher, the upload folder, the
+    memory budget for decoding."""
 
     def __init__(self, cfg: ServeConfig, model: ServedModel):
         self.cfg = cfg
@@ -255,9 +292,11 @@ class Service:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medxfer-model")
         self.batcher = Batcher(model.predict, max_batch=cfg.max_batch, max_wait_ms=cfg.batch_wait_ms,
                                executor=self.executor)
+        self.budget = MemoryBudget(int(cfg.max_inflight_mb * 2**20), wait=cfg.queue_timeout)
 
-    def decode_all(self, files: list[tuple[bytes, str]]) -> list[torch.Tensor]:
-        """Uploads (bytes, safe suffix) -> uint8 (C, S, S) each; ApiError names the failing index.
+    def decode_all(self, files: list[tuple[bytes | BinaryIO, str]]) -> list[torch.Tensor]:
+        """Uploads (bytes or binary file, safe suffix) -> uint8 (C, S, S) each; ApiError names the
+        failing index. One file at a time: one decoded image in memory at once.
 
         A list, not a stacked tensor: the event loop hands it on without calling torch (see Batcher)."""
         images = []
@@ -270,6 +309,28 @@ class Service:
             finally:
                 path.unlink(missing_ok=True)
         return images
+
+    def decode_cost(self, files: list[tuple[BinaryIO, str]]) -> int:
+        """Peak bytes of :meth:`decode_all` for these files (the largest one's, from its header)."""
+        cost = 0
+        for i, (f, suffix) in enumerate(files):
+            try:
+                cost = max(cost, self.model.decode_cost(f, suffix))
+            except ApiError as e:
+                raise ApiError(e.status, e.code, f"file {i}: {e.message}") from None
+        return cost
+
+    async def decode(self, uploads: list[tuple[UploadFile, str]]) -> list[torch.Tensor]:
+        """Decode a request's uploads: small PNGs on the event loop, the rest in a thread within the
+        memory budget (ApiError 503 with Retry-After when it stays full for --queue-timeout)."""
+        if sum(f.size or 0 for f, _ in uploads) <= INLINE_DECODE_BYTES:
+            small = [(await f.read(), suffix) for f, suffix in uploads]
+            if cheap_to_decode(small):
+                return self.decode_all(small)  # about 1 ms: cheaper than a thread hop and its GIL hand-offs
+        files = [(f.file, suffix) for f, suffix in uploads]
+        cost = await anyio.to_thread.run_sync(self.decode_cost, files)
+        async with self.budget.hold(cost):
+            return await anyio.to_thread.run_sync(self.decode_all, files)
 
 
 def _page(cfg: ServeConfig, model: ServedModel) -> str:
@@ -322,6 +383,7 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
         info = model.info()
         info["server"] = {"max_upload_mb": cfg.max_upload_mb, "max_files": cfg.max_files,
                           "max_batch": cfg.max_batch, "batch_wait_ms": cfg.batch_wait_ms,
+                          "max_header_kb": cfg.max_header_kb, "max_inflight_mb": cfg.max_inflight_mb,
                           "api_key_required": cfg.api_key is not None}
         return JSONResponse(info)
 
@@ -334,11 +396,8 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
         explain = flag in _TRUE
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise ApiError(415, "not_multipart", "send the images as multipart/form-data in the field 'files'")
-        files = await _read_uploads(request, svc)
-        if cheap_to_decode(files):
-            images = svc.decode_all(files)  # about 1 ms: cheaper than a thread hop and its GIL hand-offs
-        else:
-            images = await anyio.to_thread.run_sync(svc.decode_all, files)
+        async with _uploads(request, svc) as files:
+            images = await svc.decode(files)
         probs = np.stack(await svc.batcher.submit(images))
         classes = model.predicted(probs)
         pngs = None
@@ -365,15 +424,18 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
     async def lifespan(app):
         await svc.batcher.start()
         app.state.service = svc
-        log.info("serving model %s (%s engine, %d classes, %d px) from %s; batching: max %d images, wait %g ms",
+        log.info("serving model %s (%s engine, %d classes, %d px) from %s; batching: max %d images, wait %g ms; "
+                 "limits: head %g KB in %g s, body pauses %g s, %d connections, %g MB decoding",
                  model.model_id, model.engine, len(model.labels), model.image_size, Path(cfg.run_dir).name,
-                 cfg.max_batch, cfg.batch_wait_ms)
+                 cfg.max_batch, cfg.batch_wait_ms, cfg.max_header_kb, cfg.header_timeout, cfg.body_timeout,
+                 cfg.max_connections, cfg.max_inflight_mb)
         try:
             yield
         finally:
             st = svc.batcher.stats()
-            log.info("stopping: %d images predicted in %d model calls (mean batch %.1f)", st["images"], st["calls"],
-                     st["mean_batch"])
+            log.info("stopping: %d images predicted in %d model calls (mean batch %.1f); decoding memory peak %.0f MB, "
+                     "%d requests refused busy", st["images"], st["calls"], st["mean_batch"],
+                     svc.budget.peak / 2**20, svc.budget.refused)
             await svc.batcher.stop()
             svc.executor.shutdown(wait=False, cancel_futures=True)
             svc.uploads.cleanup()
@@ -386,15 +448,14 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
     return app
 
 
-async def _read_uploads(request: Request, svc: Service) -> list[tuple[bytes, str]]:
-    """The multipart field ``files`` -> [(bytes, safe suffix)]; client names are dropped here."""
-    from starlette.datastructures import UploadFile
-
+@contextlib.asynccontextmanager
+async def _uploads(request: Request, svc: Service):
+    """The multipart field ``files`` -> [(UploadFile, safe suffix)], open while the block runs; client
+    names are dropped here. Parts above 1 MB wait on disk (Starlette's spooling), not in memory."""
     cfg = svc.cfg
     try:
         form = await request.form(max_files=cfg.max_files, max_fields=64)
     except UploadTooLarge:
-        await drain(request.receive, cap=max(4 * cfg.max_upload_bytes, 64 * 2**20))
         raise upload_too_large(cfg.max_upload_bytes) from None
     except HTTPException as e:  # starlette turns multipart errors into HTTP 400
         if "too many files" in str(e.detail).lower():
@@ -409,96 +470,20 @@ async def _read_uploads(request: Request, svc: Service) -> list[tuple[bytes, str
         for i, item in enumerate(items):
             if not isinstance(item, UploadFile):
                 raise ApiError(400, "not_a_file", f"file {i}: the field 'files' must hold file uploads, not text")
-            data = await item.read()
-            if not data:
+            head = await item.read(_SNIFF_BYTES)
+            await item.seek(0)
+            if not head:
                 raise ApiError(400, "empty_file", f"file {i} is empty (0 bytes)")
-            suffix = safe_suffix(item.filename, data[:_SNIFF_BYTES], svc.allowed)
+            suffix = safe_suffix(item.filename, head, svc.allowed)
             if suffix is None:
                 raise ApiError(415, "unsupported_type", f"file {i} is not an image type this server reads "
                                f"(by extension or content); accepted: {' '.join(svc.allowed)}, and DICOM "
                                "without an extension")
-            out.append((data, suffix))
-        return out
+            out.append((item, suffix))
+        yield out
     finally:
         await form.close()
 
 
 # --------------------------------------------------------------------------------- running
-def log_config(level: str = "info") -> dict:
-    """uvicorn's logging config plus the ``medxfer.serve`` logger on the same handler."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    conf = json.loads(json.dumps(LOGGING_CONFIG))
-    conf["loggers"]["medxfer"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return conf
-
-
-def app_from_env() -> Starlette:
-    """App factory for uvicorn worker processes (``--workers N``): the config comes in the environment."""
-    cfg = ServeConfig(**json.loads(os.environ[_CONFIG_ENV]))
-    return create_app(cfg)
-
-
-def run(cfg: ServeConfig) -> None:
-    """Serve until interrupted (uvicorn)."""
-    import uvicorn
-
-    cfg.check()
-    common = dict(host=cfg.host, port=int(cfg.port), log_config=log_config(cfg.log_level), log_level=cfg.log_level,
-                  server_header=False, forwarded_allow_ips="")
-    if cfg.workers > 1:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        cfg.threads = cfg.threads or max(1, cores // cfg.workers)
-        ServedModel.from_run(cfg.run_dir, cfg.engine, threads=1, max_batch=1)  # fail here, not in N workers
-        os.environ[_CONFIG_ENV] = json.dumps(asdict(cfg))
-        uvicorn.run("medxfer.serve.app:app_from_env", factory=True, workers=cfg.workers, **common)
-    else:
-        uvicorn.run(create_app(cfg), **common)
-
-
-class BackgroundServer:
-    """uvicorn in a thread on a free loopback port, for tests, benchmarks and notebooks::
-
-        with BackgroundServer(create_app(cfg)) as srv:
-            httpx.get(srv.url + "/healthz")
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "info", access_log: bool = True):
-        import socket
-        import threading
-
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=access_log,
-                                server_header=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="medxfer-serve", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-    def __enter__(self) -> "BackgroundServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+from medxfer.serve.launch import BackgroundServer, log_config, run  # noqa: E402,F401 - the public names, kept here

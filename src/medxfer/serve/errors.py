@@ -9,13 +9,15 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    """A request the server refuses: ``status`` (4xx/5xx), ``code`` (snake_case) and ``message``."""
+    """A request the server refuses: ``status`` (4xx/5xx), ``code`` (snake_case), ``message`` and
+    extra response ``headers`` (e.g. ``Retry-After`` on a 503)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}

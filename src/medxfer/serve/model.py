@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -162,6 +163,33 @@ class ServedModel:
             raise ApiError(413, "too_many_pixels", f"image of {cols}x{rows} pixels is above the server's limit of "
                            f"{SERVE_MAX_PIXELS} pixels")
 
+    def decode_cost(self, f: BinaryIO, suffix: str) -> int:
+        """Bytes that decoding this upload will hold at its peak, estimated from its header alone.
+
+        ``f``: the upload as a binary file (read from its start, left at its start). Raises ApiError
+        413 above SERVE_MAX_PIXELS. The estimate follows the readers: Pillow holds 1 byte per pixel
+        for grey, 4 for RGB(A), 6 for 16-bit grey (and reduces large images while decoding; JPEG
+        decodes at 1/2 to 1/8 scale); DICOM, NIfTI and .npy add float copies of every element. A
+        header that cannot be read costs twice the file's size (the reader will refuse it quickly).
+        """
+        size = f.seek(0, 2)
+        f.seek(0)
+        try:
+            shape = _header_shape(f, suffix, self.image_size)
+        except ApiError:
+            raise
+        except Exception:  # noqa: BLE001 - unreadable header: the reader says why, after the budget
+            shape = None
+        finally:
+            f.seek(0)
+        if shape is None:
+            return 2 * size
+        pixels, bytes_per_pixel, planar = shape
+        if planar and pixels > SERVE_MAX_PIXELS:
+            raise ApiError(413, "too_many_pixels", f"image of {pixels} pixels is above the server's limit of "
+                           f"{SERVE_MAX_PIXELS} pixels")
+        return int(pixels * bytes_per_pixel * 1.1) + size + 2**20
+
     # ------------------------------------------------------------------------------------ model
     def predict(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (N, C, S, S) -> calibrated probabilities (N, K) (the run's temperature)."""
@@ -237,6 +265,66 @@ class ServedModel:
                         "train_seconds": self._metrics.get("train_seconds")} if self._metrics else None,
             "model_card": self._card,
         }
+
+
+#: Bytes Pillow holds per pixel while decoding an image of each mode (see ServedModel.decode_cost).
+_PIL_BYTES = {"1": 1, "L": 1, "RGB": 4, "RGBA": 4, "RGBX": 4, "LA": 5, "La": 5, "P": 8, "PA": 8,
+              "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6}
+
+
+def _header_shape(f: BinaryIO, suffix: str, side: int) -> tuple[int, float, bool] | None:
+    """(pixels decoded, bytes per pixel, 2-D image?) from a file's header, or None when unknown."""
+    if suffix == ".png":  # the IHDR chunk as it is (Pillow would first refuse a bad checksum)
+        head = f.read(26)
+        size = png_size(head)
+        if size is not None and len(head) == 26:
+            depth, colour = head[24], head[25]
+            per = {0: 6 if depth == 16 else 1, 2: 4, 3: 8, 4: 5, 6: 4}.get(colour, 8)
+            return size[0] * size[1], per * (2 if depth == 16 and colour in (2, 6) else 1), True
+        f.seek(0)
+    if suffix in _PIL_SUFFIXES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                img = Image.open(f)
+            except Image.DecompressionBombError:
+                raise ApiError(413, "too_many_pixels", f"the image is above the limit of {SERVE_MAX_PIXELS} "
+                               "pixels (possible decompression bomb)") from None
+            with img:
+                w, h = img.size
+                per = _PIL_BYTES.get(img.mode, 8)
+                if img.format == "JPEG":  # decoded at 1/2 .. 1/8 scale when much larger than the model's input
+                    scale = min(8, max(1, min(w, h) // (2 * max(1, side))))
+                    scale = 1 << (scale.bit_length() - 1)
+                    return w * h // (scale * scale), per, True
+                return w * h, per, True
+    if suffix in (".dcm", ".dicom"):
+        import pydicom
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warnings can quote header values
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+        return rows * cols * samples, bits / 8 + 20, True  # raw, float64 rescale and window, float32 out
+    if suffix in (".nii", ".nii.gz"):
+        import gzip
+
+        import nibabel
+
+        stream = gzip.GzipFile(fileobj=f) if suffix == ".nii.gz" else f
+        head = stream.read(540)
+        cls = nibabel.Nifti2Header if int.from_bytes(head[:4], "little") in (540, 0x1C020000) else nibabel.Nifti1Header
+        hdr = cls.from_fileobj(io.BytesIO(head))
+        dims = [int(d) for d in hdr.get_data_shape()[:3]]
+        return int(np.prod(dims)), hdr.get_data_dtype().itemsize + 4, False  # raw and a float32 copy
+    if suffix == ".npy":
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return int(np.prod(shape)), 2 * dtype.itemsize + 4, len(shape) < 3
+    return None
 
 
 def _scrub(text: str, path: Path) -> str:

@@ -11,6 +11,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 # Magic numbers -> suffix, for uploads whose extension is missing or not one the readers take.
 _MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -62,6 +63,12 @@ def safe_suffix(filename: str | None, head: bytes, allowed: list[str]) -> str | 
     return found if found in allowed else None
 
 
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class UploadDir:
     """A private temporary folder (0700) for the uploads of one server process.
 
@@ -74,8 +81,9 @@ class UploadDir:
             root = "/dev/shm"
         self.path = Path(tempfile.mkdtemp(prefix="medxfer-serve-", dir=root))
 
-    def write(self, data: bytes, suffix: str) -> Path:
-        """``data`` in a new file (0600) with a random name and ``suffix``."""
+    def write(self, data: bytes | BinaryIO, suffix: str) -> Path:
+        """``data`` (bytes, or a binary file copied from its start in 1 MB pieces) in a new file
+        (0600) with a random name and ``suffix``."""
         while True:
             path = self.path / f"{secrets.token_hex(8)}{suffix}"
             try:
@@ -84,9 +92,13 @@ class UploadDir:
             except FileExistsError:
                 continue
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                _write_all(fd, data)
+            else:
+                data.seek(0)
+                while chunk := data.read(2**20):
+                    _write_all(fd, chunk)
+                data.seek(0)
         finally:
             os.close(fd)
         return path
