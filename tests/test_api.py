@@ -61,10 +61,45 @@ def test_predictor_takes_every_array_form(predictor, small_npz, tmp_path):
     np.testing.assert_allclose(predictor.probabilities(files), ref[[int(f.stem) for f in files]], atol=1e-6)
 
 
-def test_predictor_scales_float_arrays_per_image(predictor):
+def test_a_run_records_the_type_of_its_training_images(predictor):
+    assert predictor.meta.input_dtype == "uint8"                      # bundled BreastMNIST: 8-bit
+
+
+def test_floats_in_0_1_give_the_probabilities_of_the_uint8_images(predictor, small_npz):
+    x = np.load(small_npz)["test_images"][:16]
+    want = predictor.probabilities(x)
+    as_to_tensor = torch.from_numpy(x).float().div(255)[:, None]       # what torchvision's ToTensor gives
+    np.testing.assert_allclose(predictor.probabilities(as_to_tensor), want, atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(x / 255.0), want, atol=1e-6)    # float64 too
+
+
+def test_floats_outside_0_1_and_wider_integers_are_refused(predictor, small_npz):
+    x = np.load(small_npz)["test_images"][:4]
+    for bad in (x.astype(np.float32), (x / 255.0 - 0.5) / 0.25):      # 0-255 floats; normalised images
+        with pytest.raises(medxfer.MedxferError) as info:
+            predictor.probabilities(bad)
+        msg = str(info.value)
+        assert "8-bit" in msg and "[0, 1] (x / 255)" in msg and "uint8" in msg and "\n" not in msg
+    with pytest.raises(medxfer.MedxferError, match="type uint16.*8-bit"):
+        predictor.probabilities(x.astype(np.uint16) * 200)
+    with pytest.raises(medxfer.MedxferError, match="I;16.*8-bit|uint16.*8-bit"):
+        predictor.probabilities(Image.fromarray(x[0].astype(np.uint16) * 200))
+
+
+def test_a_run_trained_on_floats_scales_every_input_per_image(small_npz, tmp_path):
+    """Training images that are floats were min-max scaled each: the run scales every input so, uint8 included."""
+    npz = np.load(small_npz)
+    images = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")]).astype(np.float32) / 255
+    labels = np.concatenate([npz[f"{s}_labels"][:, 0] for s in ("train", "val", "test")])
+    run = medxfer.train((images, labels), source="test_resnet", weights="none", strategy="linear-probe",
+                        image_size=32, bootstrap=0, report=False, tta=1, out=str(tmp_path / "floats"))
+    p = medxfer.Predictor(run.dir)
+    assert p.meta.input_dtype == "float32"
     x = np.random.default_rng(0).normal(size=(4, 28, 28)).astype(np.float32)
-    scaled = x * np.array([1, 10, 100, 1000], np.float32)[:, None, None]  # per-image min-max: the same images
-    np.testing.assert_allclose(predictor.probabilities(scaled), predictor.probabilities(x), atol=1e-6)
+    scaled = x * np.array([1, 10, 100, 1000], np.float32)[:, None, None]
+    np.testing.assert_allclose(p.probabilities(scaled), p.probabilities(x), atol=1e-6)
+    u8 = np.random.default_rng(1).integers(40, 90, (4, 28, 28)).astype(np.uint8)   # a narrow range
+    np.testing.assert_allclose(p.probabilities(u8), p.probabilities(u8.astype(np.float32) * 3 + 7), atol=1e-6)
 
 
 def test_predictor_refuses_odd_shapes(predictor):

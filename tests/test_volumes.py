@@ -54,11 +54,24 @@ def test_a_nifti_volume_is_predicted_whole(vol_run, small_adrenal, tmp_path):
     nib = pytest.importorskip("nibabel")
     from medxfer.predict import Predictor
 
-    vol = np.load(small_adrenal)["test_images"][0].astype(np.float32)   # (D, H, W)
+    vol = np.load(small_adrenal)["test_images"][0]   # (D, H, W) uint8, as the run trained on
     nib.save(nib.Nifti1Image(np.transpose(vol, (2, 1, 0)).copy(), np.eye(4)), tmp_path / "ct.nii.gz")
     df = Predictor(vol_run).predict([str(tmp_path / "ct.nii.gz")])
     assert len(df) == 1 and df[["prob_0", "prob_1"]].to_numpy().sum() == pytest.approx(1.0)
     assert "ct" not in df["sample_id"][0]                                 # pseudonymous id, not the file name
+
+
+def test_a_volume_of_another_type_or_a_2d_npz_is_refused_by_a_3d_run(vol_run, small_npz, tmp_path, capsys):
+    """The run trained on 8-bit volumes: a NIfTI of 0-255 floats is refused (never stretched), and so is an npz
+    of 2-D images, each in one line (they were a confident answer and a traceback)."""
+    nib = pytest.importorskip("nibabel")
+    vol = np.random.default_rng(0).integers(0, 255, (8, 8, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "f.nii.gz")
+    for target, message in ((tmp_path / "f.nii.gz", "trained on 8-bit images"), (small_npz, "are 2-D")):
+        code = main(["predict", str(vol_run), str(target), "--out", str(tmp_path / "p.csv")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "p.csv").exists()
 
 
 def test_3d_onnx_parity_and_grad_cam(vol_run, small_adrenal):
@@ -153,7 +166,7 @@ def test_a_3d_source_made_by_pretrain_on_volumes_is_a_source_for_volumes(small_n
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--spatial-dims", "3", "--data", "SMALL2D"], "needs volumes"),
+    (["--spatial-dims", "3", "--data", "SMALL2D"], "a 3-D model (--spatial-dims 3) takes volumes"),
     (["--slice", "volume", "--data", "ADRENAL"], "train them with --spatial-dims 3"),
     (["--spatial-dims", "3", "--tta", "4", "--data", "ADRENAL"], "--tta views are 2-D"),
 ])

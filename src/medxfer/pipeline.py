@@ -395,6 +395,7 @@ class _Job:
                 "input": f"float32 (N, C, {', '.join(['S'] * cfg.model.spatial_dims)}) in [0, 1]; normalisation is "
                          "inside the model",
                 "tta": cfg.evaluation.tta, "tta_hflip": self.hflip, "task": self.task,
+                "input_dtype": prep.input_dtype,
                 "spatial_dims": cfg.model.spatial_dims, "inflate": cfg.model.inflate if cfg.model.spatial_dims == 3
                 else None}
         meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
