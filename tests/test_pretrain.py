@@ -239,3 +239,21 @@ def test_ssl_on_the_train_split_only(ssl_npz, tmp_path, cli_main):
                      "train"]) == 0
     t = json.loads((out / "source.json").read_text())["trained_on"]
     assert t["splits_used"] == ["train"] and t["counts"] == {"train": 48}
+
+
+def test_unlabelled_folder_leaves_out_hidden_system_and_run_folders(tmp_path):
+    """Self-supervised data from a folder: notebook checkpoints, macOS copies and a run written into the
+    folder are not images to learn from."""
+    from PIL import Image
+
+    from medxfer.errors import MedxferError
+    from medxfer.pretrain.common import _unlabelled_folder
+
+    for rel in ("a/0.png", "a/1.png", "b/2.png", ".ipynb_checkpoints/0.png", "__MACOSX/a/._0.png",
+                "runs/r/plots/roc.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / rel, format="PNG")
+    for name in ("model.json", "model.safetensors"):
+        (tmp_path / "runs/r" / name).write_text("{}")
+    m = _unlabelled_folder(tmp_path, MedxferError("unlabelled"))
+    assert len(m.table) == 3

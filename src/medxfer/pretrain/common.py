@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from medxfer import files
 from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.data.folders import walk
 from medxfer.data.loading import arrays_to_uint8, load_images
 from medxfer.data.manifest import Manifest
 from medxfer.data.prepare import read_options
@@ -191,13 +193,18 @@ def _npz_images(path: Path, splits: tuple[str, ...]):
 
 
 def _unlabelled_folder(root: Path, why: MedxferError):
-    """Every image file under ``root`` (any depth); a top-level train/val/test folder names the split."""
-    found = sorted(f for f in root.rglob("*") if is_image_file(f))
+    """Every image file under ``root`` (any depth); a top-level train/val/test folder names the split. Hidden and
+    system folders and medxfer's own output are left out, as for labelled folders, and counted in the log."""
+    walked = walk(root)
+    found = [f for f in walked.files if is_image_file(f)]
+    if walked.left_out or walked.broken:
+        log.info("left out of '%s': %s%s", root, ", ".join(f"{n} {why}" for why, n in sorted(walked.left_out.items())),
+                 f"; {len(walked.broken)} broken link(s)" if walked.broken else "")
     if not found:
         raise MedxferError(f"folder '{root}' holds no images ({why}).")
     rel = [f.relative_to(root) for f in found]
     top = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
     has_splits = all(t in SPLITS for t in top)
-    table = pd.DataFrame({"sample_id": [sample_id(r.as_posix()) for r in rel], "path": [str(f.resolve()) for f in found],
+    table = pd.DataFrame({"sample_id": [sample_id(r.as_posix()) for r in rel], "path": [os.path.realpath(f) for f in found],
                           "label": 0, "split": top if has_splits else None})
     return Manifest(table, ["unlabelled"], f"folder:{root}")
