@@ -225,3 +225,26 @@ def test_ece_and_reliability_curve_by_hand():
     assert curve["accuracy"][4] == pytest.approx(0.5)
     assert curve["ece"] == pytest.approx(expected)
     assert len(reliability_curve(y, p)["counts"]) == 15
+
+
+def test_a_temperature_at_its_bound_is_a_warning(caplog):
+    """8 validation images whose tiny logits separate perfectly: the NLL falls as T shrinks, the search stops
+    at its lower bound, and the run must say so rather than pass it on as a calibration."""
+    import logging
+
+    from medxfer.evaluation.calibration import T_MIN
+    from medxfer.evaluation.tasks import fit_calibration
+
+    y = np.array([0, 1] * 4)
+    z = np.stack([np.where(y == 0, 0.01, -0.01), np.where(y == 1, 0.01, -0.01)], axis=1)
+    with caplog.at_level(logging.WARNING, logger="medxfer"):
+        t = fit_calibration("binary", z, y)
+    assert t == pytest.approx(T_MIN, rel=0.02)
+    assert "reached its bound" in caplog.text and "8 validation samples" in caplog.text
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    z = np.stack([-(y - 0.5) * 2 + rng.normal(0, 1.5, 200), (y - 0.5) * 2 + rng.normal(0, 1.5, 200)], axis=1)
+    with caplog.at_level(logging.WARNING, logger="medxfer"):
+        fit_calibration("binary", z, y)
+    assert "bound" not in caplog.text

@@ -50,19 +50,31 @@ def _ordinal_nll(z: np.ndarray, y: np.ndarray, t: float) -> float:
 
 
 def fit_calibration(task: str, logits, y):
-    """The temperature(s) for ``task`` that minimise the validation NLL (1.0 when degenerate)."""
+    """The temperature(s) for ``task`` that minimise the validation NLL (1.0 when degenerate). A temperature
+    at the search's bound is logged as a warning: the validation split could not pin it down."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y)
     if task == "multilabel":
-        return [float(v) for v in fit_label_temperatures(z, y)]
-    if task == "ordinal":
-        if len(y) == 0 or not np.all(np.isfinite(z)):
-            return 1.0
-        res = minimize_scalar(lambda lt: _ordinal_nll(z, y.astype(int), math.exp(lt)),
-                              bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded", options={"xatol": 1e-5})
-        t = float(min(max(math.exp(res.x), T_MIN), T_MAX))
-        return t if _ordinal_nll(z, y.astype(int), t) <= _ordinal_nll(z, y.astype(int), 1.0) else 1.0
-    return fit_temperature(z, y)
+        t = [float(v) for v in fit_label_temperatures(z, y)]
+    elif task == "ordinal":
+        t = _fit_ordinal(z, y)
+    else:
+        t = fit_temperature(z, y)
+    at_bound = [v for v in (t if isinstance(t, list) else [t]) if v <= T_MIN * 1.01 or v >= T_MAX * 0.99]
+    if at_bound:
+        log.warning("the calibration temperature reached its bound (%s, allowed %g-%g) on %d validation samples: "
+                    "the calibrated probabilities are unreliable; give more validation samples (or a better model)",
+                    ", ".join(f"{v:.3g}" for v in at_bound), T_MIN, T_MAX, len(y))
+    return t
+
+
+def _fit_ordinal(z: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0 or not np.all(np.isfinite(z)):
+        return 1.0
+    res = minimize_scalar(lambda lt: _ordinal_nll(z, y.astype(int), math.exp(lt)),
+                          bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded", options={"xatol": 1e-5})
+    t = float(min(max(math.exp(res.x), T_MIN), T_MAX))
+    return t if _ordinal_nll(z, y.astype(int), t) <= _ordinal_nll(z, y.astype(int), 1.0) else 1.0
 
 
 def choose_task_threshold(task: str, y_val, p_val, rule, positive: int | None):
