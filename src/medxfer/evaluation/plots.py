@@ -35,8 +35,9 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def training_figure(history) -> Figure:
-    """Train / validation loss and validation AUC per epoch (``history.csv``)."""
+def training_figure(history, best_epoch: int | None = None, select: str | None = None) -> Figure:
+    """Train / validation loss and validation AUC per epoch (``history.csv``). ``best_epoch``: the epoch the
+    run kept (``metrics.json``), chosen by ``select``; marked on both panels. Without it, nothing is marked."""
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     ax_loss, ax_auc = fig.subplots(1, 2)
     epochs = history["epoch"].to_numpy() if "epoch" in history else np.arange(1, len(history) + 1)
@@ -50,12 +51,16 @@ def training_figure(history) -> Figure:
         ax_loss.text(0.5, 0.5, "no loss recorded\n(closed-form head)", ha="center", va="center",
                      transform=ax_loss.transAxes, fontsize=9)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    kept = [i for i, e in enumerate(epochs) if best_epoch is not None and int(e) == int(best_epoch)]
+    label = f"kept: epoch {best_epoch}" + (f" (by {select})" if select else "")
+    if kept and "val_loss" in history and history["val_loss"].notna().iloc[kept[0]]:
+        ax_loss.plot([epochs[kept[0]]], [history["val_loss"].iloc[kept[0]]], color="C3", **_OP_STYLE, label=label)
+        ax_loss.legend(fontsize=8)
     if "val_auc" in history and history["val_auc"].notna().any():
         ax_auc.plot(epochs, history["val_auc"], color="C2", **style)
-        best = int(np.nanargmax(history["val_auc"].to_numpy(dtype=float)))
-        ax_auc.plot([epochs[best]], [history["val_auc"].iloc[best]], color="C3", **_OP_STYLE,
-                    label=f"best: epoch {epochs[best]}")
-        ax_auc.legend(fontsize=8)
+        if kept and history["val_auc"].notna().iloc[kept[0]]:
+            ax_auc.plot([epochs[kept[0]]], [history["val_auc"].iloc[kept[0]]], color="C3", **_OP_STYLE, label=label)
+            ax_auc.legend(fontsize=8)
     ax_auc.set(xlabel="epoch", ylabel="AUC", title="Validation AUC")
     for ax in (ax_loss, ax_auc):
         ax.grid(alpha=0.3)
