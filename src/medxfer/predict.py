@@ -48,7 +48,7 @@ class Predictor:
         self.run = Run.load(run_dir)
         self.run_dir, self.engine, self.batch_size = Path(run_dir), engine, batch_size
         self.meta = self.run.model
-        self.read = ReadOptions(**{**self.meta.read, "input_dtype": self.meta.input_dtype or ""})
+        self.read = ReadOptions.of_run(self.meta)
         self.network = self.run.load_model(tta=False)   # the network alone (Grad-CAM explains it)
         self.model = self.run.load_model()              # what predicts: with the run's test-time augmentation
         self.runner = TorchRunner(self.model) if engine == "torch" else self._onnx(spinning)

@@ -282,8 +282,9 @@ def to_unit_range(arr: np.ndarray, opts, *, dicom_window=None) -> np.ndarray:
     'auto' divides uint8 by 255 (bool -> 0/1) and min-max scales everything else (uint16, int,
     float: the whole image, all channels together), as the run's input contract allows
     (``opts.input_dtype``, see the module docstring; it raises :class:`OffContract` where the contract
-    refuses); 'minmax'; 'pA-pB' clips at those percentiles. A constant image gives zeros, never NaN. An image with NaN or inf pixels raises
-    :class:`NonFinitePixels` (callers name the sample): it is refused or skipped, never blanked.
+    refuses); 'minmax'; 'pA-pB' clips at those percentiles. A constant image gives zeros, never NaN.
+    An image with NaN or inf pixels raises :class:`NonFinitePixels` (callers name the sample): it is
+    refused or skipped, never blanked.
     """
     arr = np.asarray(arr)
     if arr.dtype.kind in "fc" and not np.isfinite(arr).all():

@@ -186,9 +186,9 @@ def _from_files(manifest, size, read, cache, on_bad_file) -> Loaded:
     notes = []
     if set(counts) & EIGHT_BIT and set(counts) - EIGHT_BIT:  # one rule per run: 8-bit files scaled per image too
         wide = widest(counts)
-        notes.append(f"warning: the images mix pixel types: {_listed(counts)}; every image is scaled per image (min-max), "
-                     f"as {wide} images are, 8-bit ones included, in training and predict (model.json records "
-                     f"input_dtype '{wide}'). Convert them to one type to keep 8-bit images at value / 255")
+        notes.append(f"warning: the images mix pixel types: {_listed(counts)}; every image is scaled per image "
+                     f"(min-max), as {wide} images are, 8-bit ones included, in training and predict (model.json "
+                     f"records input_dtype '{wide}'). Convert them to one type to keep 8-bit images at value / 255")
         log.warning(notes[-1].removeprefix("warning: "))
         per_image = dataclasses.replace(read, input_dtype=wide)
         for i in [i for i, t in types.items() if t in EIGHT_BIT]:

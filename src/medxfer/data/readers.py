@@ -98,6 +98,11 @@ class ReadOptions:
         """The fields as a dict, for cache keys and config.yaml (``input_dtype`` only when set)."""
         return {k: v for k, v in asdict(self).items() if k != "input_dtype" or v}
 
+    @classmethod
+    def of_run(cls, meta) -> ReadOptions:
+        """A trained run's options (``ModelMeta``): its reader options and its input contract."""
+        return cls(**{**(meta.read or {}), "input_dtype": meta.input_dtype or ""})
+
 
 def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | None = None) -> np.ndarray:
     """Read any supported file -> float32 array (C, H, W), C in {1, 3}, values in [0, 1].

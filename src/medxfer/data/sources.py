@@ -117,7 +117,8 @@ def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
                 "for given splits, MedMNIST layout), or images and labels (optional label_names, patient_id): images "
                 "(N,H,W), (N,H,W,3) or (N,D,H,W), labels (N,), (N,1) or (N,K) 0/1 findings."
             )
-        parts = [(s, f"{s}_images", f"{s}_labels") for s in splits] if "train" in splits else [(None, "images", "labels")]
+        parts = [(s, f"{s}_images", f"{s}_labels") for s in splits] if "train" in splits else \
+            [(None, "images", "labels")]
         image_keys = [xk for _, xk, _ in parts]
         npz.check_images(image_keys, hint="; give images for every split, or leave out the val_ and test_ arrays "
                          "and medxfer makes the split" if len(parts) > 1 else "")
