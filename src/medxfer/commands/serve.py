@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
                                                        "(431 above)."),
         max_connections: int = typer.Option(1000, help="Connections held at once per process; above it the one "
                                                        "waiting longest for a request is closed."),
-        max_inflight_mb: float = typer.Option(1024.0, help="Memory for images being decoded at once per process, "
+        max_inflight_mb: float = typer.Option(512.0, help="Memory for images being decoded at once per process, "
                                                            "in MB (estimated from each file's header); requests "
                                                            "beyond it wait."),
         queue_timeout: float = typer.Option(10.0, help="Seconds a request waits for --max-inflight-mb; then 503 "

@@ -82,7 +82,7 @@ class ServeConfig:
     keep_alive: float = 5.0
     max_header_kb: float = 32.0
     max_connections: int = 1000
-    max_inflight_mb: float = 1024.0
+    max_inflight_mb: float = 512.0
     queue_timeout: float = 10.0
     graceful_timeout: float = 5.0
     worker_timeout: float = 60.0

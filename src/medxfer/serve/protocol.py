@@ -14,10 +14,10 @@ of 200 MB (httptools buffers it whole) are all held. :class:`GuardedProtocol` is
 - ``max_connections``: connections held at once by this process. Above it the connection that has
   waited longest for a request head is closed (idle and slow clients go first, clients with a
   request in flight stay); when every connection has a request in flight, the new one is closed.
-- ``linger``: when a response goes out before its request body was received (a refused key, an
-  upload over the limit), the server stops reading it: it half-closes, discards what the client
-  still sends for at most this long (so that the client can read the answer instead of a reset),
-  then closes.
+- ``linger``, ``linger_bytes``: when a response goes out before its request body was received (a
+  refused key, an upload over the limit, a head too large), the server stops reading it: it
+  half-closes, discards what the client still sends for at most this long and this many bytes (so
+  that a client that sends before it reads gets the answer instead of a reset), then closes.
 
 uvicorn's own ``timeout_keep_alive`` still closes idle connections between requests.
 Closed connections are counted and logged at most every ``LOG_EVERY`` seconds, one line.
@@ -55,6 +55,7 @@ class Limits:
     max_header_bytes: int = 32 * 1024
     max_connections: int = 1000
     linger: float = 2.0
+    linger_bytes: int = 2**20
 
 
 class Book:
@@ -110,6 +111,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_size = 0      # request line and headers of the head being parsed (exact count)
         self._in_body = False    # head complete, body not yet
         self._done = False       # refused or lingering: input is discarded
+        self._dropped = 0        # bytes discarded since
 
     # ---------------------------------------------------------------------------- connection
     def connection_made(self, transport) -> None:
@@ -155,7 +157,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # ---------------------------------------------------------------------------- input
     def data_received(self, data: bytes) -> None:
-        if self._done:
+        if self._done:  # lingering: drop what the client still sends, up to linger_bytes
+            self._dropped += len(data)
+            if self._dropped > self.limits.linger_bytes and not self.transport.is_closing():
+                self.transport.close()
             return
         if self._in_body:
             self._arm(self.limits.body_timeout, self._body_timed_out)
