@@ -50,7 +50,7 @@ from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
 from medxfer.evaluation.tasks import evaluate_task
 from medxfer.pipeline import train
-from medxfer.runs import Run, RunDirectory, is_finished, staging_dir
+from medxfer.runs import Run, RunDirectory, is_finished, remove_staging
 from medxfer.strategies import NAMES as STRATEGIES, get_strategy
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class _Search:
         try:
             run = train(cfg, handlers=[OptunaPruning(trial), Deadline(self.deadline - self.reserve)])
         except optuna.TrialPruned:
-            shutil.rmtree(staging_dir(cfg.runtime.out), ignore_errors=True)  # a pruned trial is not resumed
+            remove_staging(cfg.runtime.out)  # a pruned trial is not resumed (removed only as the lock's holder)
             raise
         value = val_log_loss(run)
         trial.set_user_attr("run_dir", str(run.dir))

@@ -24,7 +24,8 @@ Usage::
 A run is written into ``OUT.partial/`` (the epoch loop's ``checkpoint.pt`` lives there while it is
 unfinished, for ``--resume``) and moved into place when complete: ``OUT`` is always either the
 previous complete run or the new complete run, never a mix (Linux: one atomic exchange of the two
-folders). An exclusive lock on ``OUT`` stops two runs from writing it at once.
+folders). An exclusive lock on ``OUT`` stops two runs from writing it at once; only its holder removes or swaps
+the staging folder.
 """
 
 from __future__ import annotations
@@ -241,20 +242,14 @@ class RunDirectory:
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
-        from filelock import FileLock, Timeout
-
         parent = self.out.parent
         if parent.exists() and not parent.is_dir():
             raise MedxferError(f"cannot write the run to '{self.out}': '{parent}' is a file, not a folder.")
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._lock = FileLock(str(parent / f".{self.out.name}.lock"))
-            self._lock.acquire(timeout=self.wait)
-        except Timeout:
-            raise MedxferError(f"another medxfer process is writing '{self.out}' (its lock is held). Wait for it to "
-                               "finish, or choose another --out.") from None
         except OSError as e:
             raise write_error(self.out, e) from None
+        self._lock = lock_run(self.out, self.wait)  # set only once held: a refused writer owns nothing
         try:
             self._check()
         except BaseException:
@@ -301,6 +296,7 @@ class RunDirectory:
 
     def commit(self) -> None:
         """Make ``OUT`` the new run: one atomic exchange when ``OUT`` exists (Linux), else a rename."""
+        self._owner("commit")
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
         fsync_dir(self.staging)
         try:
@@ -320,9 +316,19 @@ class RunDirectory:
             raise write_error(self.out, e) from None
 
     def abandon(self) -> None:
-        """After a failure: drop the staging folder unless it holds a checkpoint to resume from."""
-        if self._lock is not None and self.staging.is_dir() and not self.checkpoint.exists():
+        """After a failure: drop the staging folder unless it holds a checkpoint to resume from. Only the lock's
+        holder does: a writer that was refused the lock leaves the other writer's staging folder alone."""
+        if self.owns and self.staging.is_dir() and not self.checkpoint.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    @property
+    def owns(self) -> bool:
+        """Whether this process holds OUT's lock (and so may remove or swap the staging folder)."""
+        return self._lock is not None and self._lock.is_locked
+
+    def _owner(self, what: str) -> None:
+        if not self.owns:
+            raise RuntimeError(f"RunDirectory.{what} without holding the lock of '{self.out}'")
 
     def release(self) -> None:
         if self._lock is not None:
@@ -336,6 +342,37 @@ class RunDirectory:
 def staging_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".partial")
+
+
+def lock_run(out: str | Path, wait: float = 0):
+    """The exclusive lock on run directory ``out`` (held by whoever writes it), acquired; release() it when done.
+    A lock held by another process past ``wait`` seconds is one MedxferError."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out).absolute()
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        raise MedxferError(f"another medxfer process is writing '{out}' (its lock is held). Wait for it to "
+                           "finish, or choose another --out.") from None
+    except OSError as e:
+        raise write_error(out, e) from None
+    return lock
+
+
+def remove_staging(out: str | Path) -> bool:
+    """Delete ``OUT.partial`` (checkpoint included) as the holder of OUT's lock; False, leaving it, when another
+    process holds the lock (it is that process's staging folder)."""
+    try:
+        lock = lock_run(out)
+    except MedxferError:
+        return False
+    try:
+        shutil.rmtree(staging_dir(out), ignore_errors=True)
+        return True
+    finally:
+        lock.release()
 
 
 def checkpoint_path(out: str | Path) -> Path:
