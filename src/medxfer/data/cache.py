@@ -69,10 +69,11 @@ def file_digest(path: str | Path) -> str:
     try:
         return _digest(path)
     except OSError as e:
-        raise BadFileError(path, _os_reason(e)) from None
+        raise BadFileError(path, os_reason(e)) from None
 
 
-def _os_reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """Why a file cannot be opened, in words (a broken or looping link, a missing file, no permission)."""
     if e.errno == errno.ELOOP:
         return "a link that loops (it leads back to itself)"
     if isinstance(e, FileNotFoundError):

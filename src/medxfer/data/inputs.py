@@ -17,6 +17,7 @@ read one array at a time.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,13 @@ from medxfer.data.intensity import OffContract, contract_problem, parse_slice
 from medxfer.data.loading import Skipped, decode_arrays
 from medxfer.data.npzfile import NpzArchive
 from medxfer.data.readers import PILReader, read_image
-from medxfer.data.sources import is_image_file, suffix_of
+from medxfer.data.folders import walk
+from medxfer.data.sources import IMAGE_SUFFIXES, is_image_file, suffix_of
 from medxfer.data.transforms import match_channels, match_channels_uint8, resize_to_uint8
 from medxfer.errors import BadFileError, MedxferError
 from medxfer.privacy import sample_id
+
+log = logging.getLogger(__name__)
 
 
 def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_bad_file: str = "error",
@@ -61,7 +65,7 @@ def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_ba
             files += sorted(f for f in item.rglob("*") if f.is_file() and suffix_of(f) in (".nii", ".nii.gz"))
             files += [d for d in sorted([item, *(d for d in item.rglob("*") if d.is_dir())]) if series_files(d)]
         elif item.is_dir():
-            files += sorted(f for f in item.rglob("*") if is_image_file(f))
+            files += _folder_images(item)
         else:
             files.append(item)
     for i in range(0, len(files), batch_size):
@@ -81,6 +85,20 @@ def iter_inputs(inputs, size: int, chans: int, read, batch_size: int = 64, on_ba
             ids.append(sid)
         if chunk:
             yield ids, torch.stack(chunk)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The images under ``folder``, walked as training walks class folders: hidden and system folders and
+    medxfer's own output are left out (and logged); a broken link named like an image stays, so that the
+    bad-file rule decides on it."""
+    found = walk(folder)
+    broken = [f for f in found.broken if suffix_of(f) in IMAGE_SUFFIXES]
+    if found.left_out or found.broken:
+        log.info("input folder: left out %s%s", ", ".join(f"{n} {why} folder(s)" for why, n in
+                                                           sorted(found.left_out.items())) or "no folder",
+                 f"; {len(found.broken)} broken link(s), {len(broken)} of them named as images and read as bad files"
+                 if found.broken else "")
+    return sorted([f for f in found.files if is_image_file(f)] + broken)
 
 
 def npz_images(path: Path):

@@ -27,12 +27,14 @@ reason (never a header value: identifiers stay out of errors).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medxfer.data.cache import os_reason
 from medxfer.data.dicom import has_dicom_preamble, read_dicom, read_dicom_series
 from medxfer.data.intensity import (
     MAX_PIXELS,
@@ -123,7 +125,7 @@ def read_image(path: str | Path, opts: ReadOptions = ReadOptions(), size: int | 
         if path.is_dir() and parse_slice(opts.slice) == "volume":   # a folder of DICOM slices: one 3-D sample
             return np.ascontiguousarray(np.clip(read_dicom_series(path, opts), 0.0, 1.0))
         if not path.is_file():
-            raise BadFileError(path, "file not found")
+            raise BadFileError(path, _missing(path))
         if path.stat().st_size == 0:
             raise BadFileError(path, "empty file")
         reader = reader_for(path)
@@ -324,3 +326,12 @@ def reader_for(path: str | Path) -> Reader:
     suffix = "".join(Path(path).suffixes[-2:]) or "(none)"
     raise BadFileError(path, f"unsupported file type '{suffix}'; supported: "
                        f"{' '.join(supported_suffixes())} and DICOM files without a suffix")
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` is no file to read: a broken or looping link, a missing file, or a folder."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return os_reason(e)
+    return "not a file (a folder or a device)"
