@@ -15,7 +15,7 @@ from medxfer import files
 from medxfer.evaluation.card import CARD_FILE, card_text, limitations, write_model_card
 from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
 from medxfer.privacy import hash_id, sample_id
-from medxfer.runs import Run
+from medxfer.runs import Run, seal
 from tests.conftest import BREAST
 
 SECTIONS = ("## Model details", "## Intended use and out-of-scope use", "### Intended use", "### Out-of-scope use",
@@ -39,6 +39,7 @@ def _edit_metrics(run_dir: Path, **test) -> None:
     m = files.read_json(run_dir / "metrics.json")
     m["test"].update(test)
     files.write_json(run_dir / "metrics.json", m)
+    seal(run_dir)  # a run written with these results
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_card_never_names_samples_patients_or_files(patient_run):
     leaked = run.split["sample_id"].iloc[0]
     cfg["resolved"]["data"]["notes"] = [f"ignored sample {leaked} while reading"]
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    seal(out)
     text = card_text(Run.load(out))
     assert leaked not in text and "[identifier removed]" in text
 
@@ -131,6 +133,7 @@ def test_limitations_follow_the_data(run_copy):
     _edit_metrics(run_copy, auc_ci=[0.90, 0.95], ece=0.25)
     pd.DataFrame({"sample_id": ["s-0123456789abcdef"], "reason": ["truncated"]}).to_csv(
         run_copy / "skipped.csv", index=False)
+    seal(run_copy)
     run = Run.load(run_copy)
     text = "\n".join(limitations(run))
     assert "Small test set" not in text
@@ -144,6 +147,7 @@ def test_limitations_follow_the_data(run_copy):
     for c in cfg["resolved"]["data"]["counts"].values():
         del c["patients"]
     (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    seal(run_copy)
     text = "\n".join(limitations(Run.load(run_copy)))
     assert "Calibration error" not in text and "Patients unknown" in text
 
@@ -156,6 +160,7 @@ def test_imbalance_rare_classes_and_duplicates(run_copy):
     pd.DataFrame({"group": [0, 0], "sample_id": ["train/000001", "test/000002"], "split": ["train", "test"],
                   "label": ["benign", "benign"], "match": ["pixels"] * 2,
                   "action": ["dropped from train", "kept"]}).to_csv(run_copy / "duplicates.csv", index=False)
+    seal(run_copy)  # a run written with these counts and duplicates
     run = Run.load(run_copy)
     text = "\n".join(limitations(run))
     assert "Class imbalance: benign outnumbers malignant 25.0 to 1" in text
@@ -182,6 +187,7 @@ def test_card_shows_subgroups_and_flags(patient_run, tmp_path):
     assert "| A |" in text
     # saved with the run, the card finds it alone
     write_subgroups(run, sg)
+    seal(run_dir)  # the results are part of the run's record
     assert "Subgroup site = B" in card_text(Run.load(run_dir))
 
 

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from medxfer.runs import seal
+
 SECTIONS = ("data", "source", "training", "roc", "confusion", "calibration", "metrics", "gradcam")
 BINARY_PLOTS = {"training_curves", "roc", "pr", "confusion_matrix", "reliability", "gradcam_malignant",
                 "gradcam_benign"}
@@ -87,6 +89,7 @@ def binary_report(tiny_run, tmp_path_factory) -> tuple[Path, str]:
         df = pd.read_csv(run / name)
         df["patient_id"] = [f"p-secret{i:06d}" for i in range(len(df))]
         df.to_csv(run / name, index=False)
+    seal(run)  # a run written with patient ids
     path = write_report(run)
     assert path == run / "report.html"
     return run, path.read_text()
@@ -152,6 +155,7 @@ def test_report_cli_and_missing_data(tiny_run, tmp_path, capsys):
     data = cfg["data"]["path"]
     cfg["data"]["path"] = str(tmp_path / "moved.npz")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    seal(run)  # a run whose data has moved since
     assert cli_main(["report", str(run)]) == 0  # the report is written; the gallery says why it is missing
     text = (run / "report.html").read_text()
     assert "No Grad-CAM gallery" in text and "--data" in text

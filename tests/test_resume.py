@@ -158,12 +158,14 @@ def test_source_from_a_run_with_default_epochs(tiny_run, tmp_path):
     import yaml
 
     from medxfer.pretrain.supervised import source_from_run
+    from medxfer.runs import seal
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["epochs"] = None
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    seal(run)  # a run written with the default epochs
     meta = source_from_run(run, tmp_path / "src")
     ran = json.loads((run / "metrics.json").read_text())["epochs_run"]
     assert meta["trained_on"]["epochs"] == ran == len(pd.read_csv(run / "history.csv"))

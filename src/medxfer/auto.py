@@ -367,9 +367,10 @@ def _copy_run(run: Run, dest: Path, n_bootstrap: int) -> Run:
     with RunDirectory(dest, overwrite=True, wait=600) as rd:
         shutil.rmtree(rd.staging)
         shutil.copytree(run.dir, rd.staging)
+        copy = Run.load(rd.staging)  # the copy checked against the trial's hash record before it is sealed again
         if n_bootstrap > 0:
-            copy = Run.load(rd.staging)
             files.write_json(rd.staging / "metrics.json", {**copy.metrics, "test": _test_metrics(copy, n_bootstrap)})
+            rd.seal()
             write_model_card(Run.load(rd.staging))
         rd.commit()
     return Run.load(dest)

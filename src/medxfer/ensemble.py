@@ -35,7 +35,7 @@ from medxfer.errors import MedxferError
 from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import label_matrix, write_report
 from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
-from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net
+from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net, write_model_json
 
 METHODS = ("auto", "greedy", "uniform")
 log = logging.getLogger(__name__)
@@ -145,14 +145,14 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "a
     for i, (r, _) in enumerate(kept):  # the members' trained weights, bare (their TTA is recorded in model.json)
         net.members[i].load_state_dict(r.load_model(tta=False).state_dict())
     with RunDirectory(out, overwrite=overwrite, wait=wait) as rd:
-        _finish(rd.staging, net, meta, kept, choice, runs[0], size, bootstrap, report, str(out))
+        _finish(rd, net, meta, kept, choice, runs[0], size, bootstrap, report, str(out))
         rd.commit()
     return Run.load(out)
 
 
-def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size: int, bootstrap, report, out):
+def _finish(rd: RunDirectory, net, meta: dict, kept, choice: dict, first: Run, size: int, bootstrap, report, out):
     """Evaluate the ensemble network on the val/test images, fit temperature and threshold on val, write."""
-    cfg = first.config
+    staging, cfg = rd.staging, first.config
     preds = first.predictions
     ids = {s: preds.loc[preds["split"] == s, "sample_id"].astype(str).tolist() for s in ("val", "test")}
     seed = cfg.optim.seed
@@ -178,7 +178,7 @@ def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size
     meta.update(temperature=temperature, threshold=threshold,
                 positive_label=meta["labels"][pos] if pos is not None else None)
     meta["weights_sha256"] = weights_sha256
-    files.write_json(staging / "model.json", meta)
+    write_model_json(staging / "model.json", meta)
     resolved = {**first.resolved, "image_size": size, "ensemble": {**choice, "members": meta["members"]}}
     files.write_yaml(staging / "config.yaml", {**cfg.to_dict(), "resolved": resolved})
     files.write_json(staging / "metrics.json", metrics)
@@ -188,6 +188,7 @@ def _finish(staging: Path, net, meta: dict, kept, choice: dict, first: Run, size
         sub = preds[preds["split"] == s][[c for c in preds.columns if not c.startswith("prob_")]].reset_index(drop=True)
         rows.append(pd.concat([sub, pd.DataFrame(probs[s], columns=[f"prob_{c}" for c in meta["labels"]])], axis=1))
     files.write_csv(staging / "predictions.csv", pd.concat(rows, ignore_index=True))
+    rd.seal()  # the card and report read the ensemble back, checked like any run
     try:
         write_model_card(Run.load(staging))
     except Exception as e:  # noqa: BLE001 - the ensemble is written; a failed card must not lose it

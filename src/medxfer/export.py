@@ -10,8 +10,11 @@ The exported model is ``MedxferNet``: it takes float32 images in [0, 1] of shape
 dynamic batch, and returns logits; the source's normalisation is inside it. Everything else a
 caller needs (labels, image size, channels, mean/std, temperature, threshold, positive label, reader
 options, the SHA-256 of the weights it was made from) is in the ONNX ``metadata_props`` (JSON values)
-or, for TorchScript, in the ``medxfer.json`` extra file. model.json records the export's SHA-256, so
-``predict`` refuses a damaged export or one made before the run was trained again.
+or, for TorchScript, in the ``medxfer.json`` extra file. model.json and the run's files.sha256 record the
+export's SHA-256 (amended under the run's lock), so ``predict`` refuses a damaged export or one made before
+the run was trained again. ``out`` elsewhere goes through the output guard (:func:`medxfer.runs.check_out`):
+never into a run directory or over an input; an existing file only when it is a medxfer export (its
+contract names medxfer as the producer), or with ``overwrite``.
 
 Parity: the exported model and PyTorch are run on real images (the run's test split, rebuilt as
 training prepared it; or ``check_data`` paths), and the largest absolute difference of the calibrated
@@ -41,7 +44,7 @@ from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.inference import OnnxRunner, TorchRunner
 from medxfer.errors import MedxferError
 from medxfer.evaluation.tasks import probabilities
-from medxfer.runs import ModelMeta, Run
+from medxfer.runs import ModelMeta, Run, amend
 
 PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
@@ -162,6 +165,20 @@ def publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _publish_into_run(run: Run, tmp: Path, out: Path, fmt: str, digest: str, made_from: str) -> None:
+    """The run's own export, under the run's lock: the run checked first (an edit made since it was loaded is
+    refused, not recorded; a run trained again meanwhile is not given this export), then the file, its SHA-256
+    in model.json, and the run's hash record."""
+    with amend(run.dir):
+        recorded = files.read_json(run.dir / "model.json", "model.json")
+        if recorded.get("weights_sha256") not in (None, made_from):
+            raise MedxferError(f"'{run.dir}' was trained again while it was exported; nothing was written. Run "
+                               f"'medxfer export {run.dir}' again.")
+        publish(tmp, out)
+        key = "onnx_sha256" if fmt == "onnx" else "torchscript_sha256"
+        files.write_json(run.dir / "model.json", {**recorded, key: digest})
+
+
 def _write_and_check(model, meta: ModelMeta, fmt: str, tmp: Path, images: torch.Tensor) -> dict:
     """Export to ``tmp`` and compare it with PyTorch on ``images``."""
     if fmt == "onnx":
@@ -190,10 +207,11 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     if fmt not in FORMATS:
         raise MedxferError(f"The 'format' parameter must be one of {list(FORMATS)}. Got '{fmt}' instead.")
     run = Run.load(run_dir)
-    model = run.load_model()
-    meta = run.model.replace(weights_sha256=run.weights_digest())  # runs from before the hash was recorded
     default = run.dir / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
     out = Path(out) if out else default
+    into_run = out.resolve() == default.resolve()  # the run's own export: recorded in the run
+    model = run.load_model()
+    meta = run.model.replace(weights_sha256=run.weights_digest())  # runs from before the hash was recorded
     images, where = path_images(check_data, meta) if check_data else run_test_images(run)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,14 +230,13 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                 f"{report['max_prob_diff']:.2e} (tolerance {tol:g}; logits {report['max_logit_diff']:.2e}). "
                 f"Nothing was written. Report this with the run's model.json.")
         report["sha256"] = files.sha256_file(tmp)
-        publish(tmp, out)
+        if into_run:
+            _publish_into_run(run, tmp, out, fmt, report["sha256"], meta.weights_sha256)
+        else:
+            publish(tmp, out)
     except OSError as e:
         raise files.write_error(out, e) from None
     finally:
         tmp.unlink(missing_ok=True)
-    if out.resolve() == default.resolve():  # model.json records what the run's export is, to check it on load
-        key = "onnx_sha256" if fmt == "onnx" else "torchscript_sha256"
-        recorded = files.read_json(run.dir / "model.json", "model.json")
-        files.write_json(run.dir / "model.json", {**recorded, key: report["sha256"]})
     log.info("exported %s (%s): max probability difference %.2e on %s", out, fmt, report["max_prob_diff"], where)
     return report

@@ -5,6 +5,7 @@ Usage::
 
     write_json(path, obj); write_csv(path, df); digest = write_weights(path, state_dict)
     sha256_file(path)                              # one digest for weights, exports, data files
+    write_hashes(folder, names); read_hashes(folder)   # files.sha256, in the format of sha256sum
     write_checkpoint(path, payload, fmt); read_checkpoint(path, fmt, "training")
     read_json(path, "model.json")                  # a damaged file is one MedxferError, not a traceback
 
@@ -18,6 +19,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -27,16 +29,25 @@ import yaml
 from medxfer.errors import MedxferError
 
 
+HASHES = "files.sha256"
+_HASH_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\]+)")
+
+
 def write_text(path: Path, text: str) -> None:
     """Write then rename: a reader never sees half a file. A full disk or a folder that cannot be
     written is one clear MedxferError naming the file, not a traceback."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """:func:`write_text` for bytes."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +76,46 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_hashes(folder: Path, names, record: str = HASHES) -> dict[str, str]:
+    """Write ``folder/record``: the SHA-256 of each of ``names`` present in ``folder``, one ``<hex>  <name>``
+    line each (the format of ``sha256sum``, so ``sha256sum -c files.sha256`` checks them too). -> {name: hex}"""
+    folder = Path(folder)
+    digests = {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
+    write_text(folder / record, "".join(f"{h}  {n}\n" for n, h in digests.items()))
+    return digests
+
+
+def read_hashes(folder: Path, record: str = HASHES) -> dict[str, str] | None:
+    """The digests recorded by :func:`write_hashes` ({name: hex}); None when there is no record."""
+    path = Path(folder) / record
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MedxferError(f"'{path}' is damaged ({type(e).__name__}): not a readable hash record. Train the run "
+                           "again, or restore the file from a copy.") from None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _HASH_LINE.fullmatch(line)
+        if m is None or m.group(2) in out or m.group(2) in (".", ".."):
+            raise MedxferError(f"'{path}' is damaged: a line is not '<SHA-256>  <file name>' (or names a file twice). "
+                               "Train the run again, or restore the file from a copy.")
+        out[m.group(2)] = m.group(1)
+    return out
+
+
+def first_line(path: Path, limit: int = 1 << 16) -> str | None:
+    """The first line of a text file (without its end), or None when it cannot be read as text (a mark: the
+    header of a CSV medxfer wrote)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+        return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_json(path: Path, obj) -> None:

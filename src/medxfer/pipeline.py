@@ -51,7 +51,7 @@ from medxfer.evaluation.report import write_report
 from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import SourceSpec, resolve_source
-from medxfer.runs import Run, RunDirectory
+from medxfer.runs import Run, RunDirectory, write_model_json
 from medxfer.tracking import tracking_for
 
 log = logging.getLogger("medxfer.train")
@@ -399,14 +399,16 @@ class _Job:
                 "spatial_dims": cfg.model.spatial_dims, "inflate": cfg.model.inflate if cfg.model.spatial_dims == 3
                 else None}
         meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
-        files.write_json(out / "model.json", meta)
+        write_model_json(out / "model.json", meta)
         files.write_yaml(out / "config.yaml", {**cfg.to_dict(), "resolved": self._resolved(result, meta)})
         files.write_json(out / "metrics.json", metrics)
         files.write_csv(out / "history.csv", pd.DataFrame(result.history))
         self._write_tables(out, probs)
+        self.rd.seal()  # the card and report read the run back, checked like any run
         if cfg.evaluation.subgroups:
             cols = list(cfg.evaluation.subgroups)
             write_subgroups(run := Run.load(out), run_subgroups(run, prep.table[["sample_id", *cols]], columns=cols))
+            self.rd.seal()
         try:
             write_model_card(Run.load(out))
         except Exception as e:  # noqa: BLE001 - the run is written; a failed card must not lose it

@@ -14,10 +14,12 @@ Layout::
     skipped.csv        sample_id, reason (only with --on-bad-file skip and skipped samples)
     duplicates.csv     images found in more than one split and what was done with them
     paths.csv          sample_id -> file (only with --keep-paths: file names can hold patient names)
+    files.sha256       the SHA-256 of every file above that the run's answers depend on (config, model, weights,
+                       metrics, tables, exports), written last before the run is moved into place
 
 Usage::
 
-    run = Run.load("runs/breast")          # refuses an unfinished or damaged run with one line
+    run = Run.load("runs/breast")          # refuses an unfinished, damaged or edited run with one line
     run.config.optim.strategy, run.model.labels, run.metrics["test"]["auc"], run.predictions
     is_finished("runs/breast")             # the one definition of a finished run
 
@@ -26,13 +28,20 @@ unfinished, for ``--resume``) and moved into place when complete: ``OUT`` is alw
 previous complete run or the new complete run, never a mix (Linux: one atomic exchange of the two
 folders). An exclusive lock on ``OUT`` stops two runs from writing it at once; only its holder removes or swaps
 the staging folder.
+
+Every reader goes through :meth:`Run.load`: the files are checked against ``files.sha256`` (the weights and
+exports when they are opened), and every value read back is range-checked, so an edited ``model.json``
+(swapped labels, another threshold) is refused, never used. A run of an earlier release (no record) loads
+with a one-line warning. ``export`` amends the record under the run's lock (:func:`amend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -41,10 +50,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from medxfer import files
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
 from medxfer.files import fsync_dir, read_json, read_yaml, sha256_file, verify_file, write_error
 from medxfer.data.augment import TTA
+from medxfer.run_values import check_members, check_meta, check_metrics, check_table
 from medxfer.models.adapt import load_weights, target_model
 from medxfer.models.ensemble import EnsembleNet
 
@@ -52,6 +63,14 @@ CHECKPOINT = "checkpoint.pt"
 #: what a finished run directory always holds (one definition for every command)
 FINISHED_FILES = ("config.yaml", "model.json", "model.safetensors", "metrics.json", "predictions.csv", "split.csv")
 TABLES = ("history", "predictions", "split", "skipped", "duplicates")
+RECORD = files.HASHES
+EXPORTS = ("model.onnx", "model.torchscript.pt")
+#: every file a run's answers depend on: each one present is in files.sha256
+RECORDED = (*FINISHED_FILES, *(f"{t}.csv" for t in TABLES if f"{t}.csv" not in FINISHED_FILES), *EXPORTS)
+#: large files, checked against the record when they are opened (load_model, the ONNX engine), not at every load
+OPENED_LATER = ("model.safetensors", *EXPORTS)
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -117,15 +136,15 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "model.json") -> ModelMeta:
+        """model.json's values, each range-checked: a value medxfer cannot use is one MedxferError naming it."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         needed = ("arch", "labels", "in_chans", "data_chans", "image_size", "mean", "std")
         if not isinstance(d, dict) or any(k not in d for k in needed):
             raise MedxferError(f"'{where}' is damaged: it lacks the model's architecture, labels or input contract. "
                                "Train the run again.")
-        known = {k: v for k, v in d.items() if k in names}
-        t = known.get("temperature")
-        known["temperature"] = [float(v) for v in t] if isinstance(t, list) else float(t or 1.0)
-        known["task"] = known.get("task") or ("binary" if len(d["labels"]) == 2 else "multiclass")
+        known = check_meta({k: v for k, v in d.items() if k in names}, where)
+        if known["arch"] == "ensemble":
+            check_members(d, where, len(known["labels"]), known["task"])
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
     def replace(self, **kw) -> ModelMeta:
@@ -146,10 +165,12 @@ class Run:
     split: pd.DataFrame | None = None
     skipped: pd.DataFrame | None = None
     duplicates: pd.DataFrame | None = None
+    record: dict | None = None                    # files.sha256 ({name: SHA-256}); None: a run of an earlier release
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Run:
-        """Read ``run_dir``; an unfinished, damaged or foreign folder is one clear MedxferError."""
+        """Read ``run_dir``; an unfinished, damaged, edited or foreign folder is one clear MedxferError. Every
+        reader of a run (predict, report, export, explain, serve, ensemble, auto, the card) comes through here."""
         run_dir = Path(run_dir)
         if not is_finished(run_dir):
             missing = [n for n in FINISHED_FILES if not (run_dir / n).is_file()]
@@ -157,25 +178,51 @@ class Run:
                 run_dir.with_name(run_dir.name + ".partial").is_dir()) else ""
             raise MedxferError(f"'{run_dir}' is not a finished run directory (missing {', '.join(missing)}){partial}. "
                                "Train one with 'medxfer train ... --out DIR'.")
+        record = check_record(run_dir)
+        raw_meta = read_json(run_dir / "model.json", "model.json")
+        if record is None:
+            _unrecorded(run_dir, raw_meta)
         raw = read_yaml(run_dir / "config.yaml", "config.yaml") or {}
         if not isinstance(raw, dict):
             raise MedxferError(f"'{run_dir / 'config.yaml'}' is damaged: not a mapping. Train the run again.")
-        run = cls(dir=run_dir, config=TrainConfig.from_dict(raw, f"'{run_dir / 'config.yaml'}'"),
-                  resolved=raw.get("resolved") or {},
-                  model=ModelMeta.from_dict(read_json(run_dir / "model.json", "model.json"), str(run_dir / "model.json")),
-                  metrics=read_json(run_dir / "metrics.json", "metrics.json"))
+        resolved = raw.get("resolved") or {}
+        if not isinstance(resolved, dict):
+            raise MedxferError(f"'{run_dir / 'config.yaml'}' is damaged: 'resolved' is not a mapping. Train the run "
+                               "again.")
+        run = cls(dir=run_dir, config=TrainConfig.from_dict(raw, f"'{run_dir / 'config.yaml'}'"), resolved=resolved,
+                  model=ModelMeta.from_dict(raw_meta, str(run_dir / "model.json")),
+                  metrics=check_metrics(read_json(run_dir / "metrics.json", "metrics.json"),
+                                        str(run_dir / "metrics.json")),
+                  record=record)
         for name in TABLES:
             f = run_dir / f"{name}.csv"
             try:
                 table = pd.read_csv(f, dtype={"sample_id": str, "label": str}) if f.exists() else None
             except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
                 raise MedxferError(f"'{f}' is damaged ({type(e).__name__}); train the run again.") from None
+            if table is not None:
+                check_table(name, table, f, [str(c) for c in run.model.labels])
             setattr(run, name, table)
         return run
 
+    def verify(self, name: str, what: str = "run") -> None:
+        """Refuse ``name`` (weights, an export) when its SHA-256 differs from the one recorded when it was written
+        (files.sha256; model.json's for a run of an earlier release)."""
+        path = self.dir / name
+        if self.record is None or name not in self.record:
+            legacy = {"model.safetensors": self.model.weights_sha256, "model.onnx": self.model.onnx_sha256,
+                      "model.torchscript.pt": self.model.torchscript_sha256}
+            verify_file(path, legacy.get(name), what)
+            return
+        if not path.is_file():
+            raise MedxferError(f"'{path}' is missing from the run; train it again.")
+        if sha256_file(path) != self.record[name]:
+            raise MedxferError(f"'{path}' is damaged or was replaced: its SHA-256 differs from the one recorded in "
+                               f"{RECORD} when the {what} was written. Train the run again (or restore the file).")
+
     def verify_weights(self) -> None:
         """Refuse weights whose SHA-256 differs from the one recorded when they were written."""
-        verify_file(self.dir / "model.safetensors", self.model.weights_sha256, "run")
+        self.verify("model.safetensors")
 
     @property
     def test_predictions(self) -> pd.DataFrame:
@@ -214,6 +261,96 @@ def ensemble_net(meta: ModelMeta) -> EnsembleNet:
     return EnsembleNet(nets, [mm["weight"] for mm in meta.members], [mm["temperature"] for mm in meta.members],
                        [mm["image_size"] for mm in meta.members], meta.image_size, meta.data_chans,
                        task=meta.task, spatial_dims=meta.spatial_dims).eval()
+
+
+# ------------------------------------------------------------------------------------- hash record
+def seal(run_dir: str | Path) -> dict[str, str]:
+    """Write ``files.sha256``: the SHA-256 of every file of :data:`RECORDED` the run holds. The writers call it
+    when their files are complete (RunDirectory.commit does, last); call it yourself only to accept a deliberate
+    edit of a run's files."""
+    return files.write_hashes(Path(run_dir), RECORDED)
+
+
+def check_record(run_dir: str | Path, everything: bool = False) -> dict[str, str] | None:
+    """Check the run's files against ``files.sha256`` (the large :data:`OPENED_LATER` ones only with
+    ``everything``): a changed, missing or unrecorded file is one MedxferError naming it. -> the record, or None
+    for a run of an earlier release (no record)."""
+    run_dir = Path(run_dir)
+    record = files.read_hashes(run_dir)
+    if record is None:
+        return None
+    unknown = [n for n in record if n not in RECORDED] + [n for n in FINISHED_FILES if n not in record]
+    if unknown:
+        raise MedxferError(f"'{run_dir / RECORD}' is damaged: it {'names' if unknown[0] in record else 'lacks'} "
+                           f"'{unknown[0]}'. Train the run again, or restore the file from a copy.")
+    missing = [n for n in record if not (run_dir / n).is_file()]
+    if missing:
+        raise MedxferError(f"'{run_dir}' is damaged: {', '.join(missing)} (recorded in {RECORD}) "
+                           f"{'is' if len(missing) == 1 else 'are'} missing. Train the run again, or restore the files "
+                           "from a copy.")
+    added = [n for n in RECORDED if n not in record and n not in EXPORTS and (run_dir / n).is_file()]
+    if added:
+        raise MedxferError(f"'{run_dir / added[0]}' is not in the run's {RECORD}: it was added after the run was "
+                           "written. Delete it, or train the run again.")
+    changed = [n for n in record if (everything or n not in OPENED_LATER) and sha256_file(run_dir / n) != record[n]]
+    if changed:
+        changed += [n for n in record if not everything and n in OPENED_LATER
+                    and sha256_file(run_dir / n) != record[n]]  # the whole picture, on this path only
+        raise MedxferError(f"'{run_dir}' was changed after it was written: {', '.join(changed)} "
+                           f"{'differs' if len(changed) == 1 else 'differ'} from the SHA-256 recorded in {RECORD} "
+                           "(damaged, edited or replaced). Train the run again, or restore the files from a copy.")
+    return record
+
+
+def _unrecorded(run_dir: Path, raw_meta) -> None:
+    """No record: refused when model.json says the run was written with one; else (a run of an earlier
+    release) a one-line warning, once per run and process."""
+    if isinstance(raw_meta, dict) and raw_meta.get("hashes"):
+        raise MedxferError(f"'{run_dir / RECORD}' is missing: the run's files cannot be checked against the hashes "
+                           "recorded when it was written. Restore it from a copy, or train the run again.")
+    key = str(run_dir.resolve())
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("'%s' was written by an earlier release of medxfer: it has no %s, so edits to its files cannot "
+                    "be detected (its values are still checked). Train it again to record them.", run_dir, RECORD)
+
+
+def write_model_json(path: Path, meta: dict) -> None:
+    """model.json, saying that its run has a hash record (so a removed record is refused, not taken for a run of
+    an earlier release)."""
+    files.write_json(path, {**meta, "hashes": RECORD})
+
+
+def lock_run(out: str | Path, wait: float = 0):
+    """The exclusive lock on run directory ``out`` (held by whoever writes it), acquired; release() it when done.
+    A lock held by another process past ``wait`` seconds is one MedxferError."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out).absolute()
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        raise MedxferError(f"another medxfer process is writing '{out}' (its lock is held). Wait for it to "
+                           "finish, or choose another --out.") from None
+    except OSError as e:
+        raise write_error(out, e) from None
+    return lock
+
+
+@contextlib.contextmanager
+def amend(run_dir: str | Path, wait: float = 30):
+    """Change files of a finished run (export writes model.onnx and its hash into model.json): under the run's
+    lock, every recorded file is checked first (an edit made before is refused, never recorded), and the
+    record is written again after the block."""
+    lock = lock_run(run_dir, wait)
+    try:
+        record = check_record(run_dir, everything=True)
+        yield
+        if record is not None:
+            seal(run_dir)
+    finally:
+        lock.release()
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -294,10 +431,17 @@ class RunDirectory:
             raise MedxferError(f"only {free / 2**20:.0f} MB free where the run is written ('{self.staging}'); it needs "
                                f"about {nbytes / 2**20:.0f} MB. Free space or choose another --out.")
 
+    def seal(self) -> None:
+        """Record the hashes of the staged files (writers call it before reading their own run back)."""
+        self._owner("record")
+        seal(self.staging)
+
     def commit(self) -> None:
-        """Make ``OUT`` the new run: one atomic exchange when ``OUT`` exists (Linux), else a rename."""
+        """Make ``OUT`` the new run: its hash record written last, then one atomic exchange when ``OUT`` exists
+        (Linux), else a rename."""
         self._owner("commit")
         (self.staging / CHECKPOINT).unlink(missing_ok=True)
+        seal(self.staging)
         fsync_dir(self.staging)
         try:
             if self.out.exists():
@@ -344,23 +488,6 @@ def staging_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def lock_run(out: str | Path, wait: float = 0):
-    """The exclusive lock on run directory ``out`` (held by whoever writes it), acquired; release() it when done.
-    A lock held by another process past ``wait`` seconds is one MedxferError."""
-    from filelock import FileLock, Timeout
-
-    out = Path(out).absolute()
-    lock = FileLock(str(out.parent / f".{out.name}.lock"))
-    try:
-        lock.acquire(timeout=wait)
-    except Timeout:
-        raise MedxferError(f"another medxfer process is writing '{out}' (its lock is held). Wait for it to "
-                           "finish, or choose another --out.") from None
-    except OSError as e:
-        raise write_error(out, e) from None
-    return lock
-
-
 def remove_staging(out: str | Path) -> bool:
     """Delete ``OUT.partial`` (checkpoint included) as the holder of OUT's lock; False, leaving it, when another
     process holds the lock (it is that process's staging folder)."""
@@ -401,5 +528,4 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
 
