@@ -148,3 +148,16 @@ def test_npz_shapes_and_splits_are_checked(tmp_path, change, message):
     with pytest.raises(MedxferError) as info:
         load_manifest(tmp_path / "d.npz")
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pretraining_checks_an_npz_as_training_does(tmp_path, no_decoding):
+    """``medxfer pretrain`` reads npz images its own way (splits, or unlabelled ``images``): the same header
+    checks refuse a bomb before any data is read."""
+    from medxfer.pretrain.common import _npz_images
+
+    with pytest.raises(MedxferError, match="8200x8200 pixels.*above the limit"):
+        _npz_images(bomb_npz(tmp_path / "bomb.npz"), ("train", "val"))
+    with zipfile.ZipFile(tmp_path / "unlabelled.npz", "w") as zf:
+        zeros_member(zf, "images", (1, 8200, 8200))
+    with pytest.raises(MedxferError, match="above the limit"):
+        _npz_images(tmp_path / "unlabelled.npz", ("train", "val"))

@@ -174,6 +174,19 @@ class NpzArchive:
                                    f"limit of {limit} {unit} per image (possible decompression bomb; set {env} to "
                                    "allow larger images).")
 
+    def check_alike(self, keys) -> None:
+        """Refuse image arrays (splits) of different image sizes or pixel types: one model takes them all, scaled
+        one way."""
+        first = keys[0]
+        for key in keys[1:]:
+            if self.shape(key)[1:] != self.shape(first)[1:]:
+                sides = {k: "x".join(map(str, self.shape(k)[1:])) for k in (first, key)}
+                raise MedxferError(f"{self.name}: {first} are {sides[first]} but {key} are {sides[key]}; give every "
+                                   "split images of one size (resize them), so that one model takes them all.")
+            if self.dtype(key) != self.dtype(first):
+                raise MedxferError(f"{self.name}: {first} are {self.dtype(first)} but {key} are {self.dtype(key)}; "
+                                   "give every split one pixel type, or the splits would be scaled differently.")
+
     def check_memory(self, keys) -> None:
         """Refuse when the arrays ``keys`` unpack to more than :func:`max_bytes` (nothing is read)."""
         total = sum(self.members[k].nbytes for k in keys)

@@ -122,15 +122,7 @@ def from_npz(path: Path, label_names: list[str] | None = None) -> Manifest:
         image_keys = [xk for _, xk, _ in parts]
         npz.check_images(image_keys, hint="; give images for every split, or leave out the val_ and test_ arrays "
                          "and medxfer makes the split" if len(parts) > 1 else "")
-        first = image_keys[0]
-        for xk in image_keys[1:]:
-            if npz.shape(xk)[1:] != npz.shape(first)[1:]:
-                sides = {k: "x".join(map(str, npz.shape(k)[1:])) for k in (first, xk)}
-                raise MedxferError(f"npz '{path}': {first} are {sides[first]} but {xk} are {sides[xk]}; give every "
-                                   "split images of one size (resize them), so that one model takes them all.")
-            if npz.dtype(xk) != npz.dtype(first):
-                raise MedxferError(f"npz '{path}': {first} are {npz.dtype(first)} but {xk} are {npz.dtype(xk)}; give "
-                                   "every split one pixel type, or the splits would be scaled differently.")
+        npz.check_alike(image_keys)
         for _, xk, yk in parts:
             shape, n = npz.shape(yk), npz.shape(xk)[0]
             if len(shape) not in (1, 2) or shape[0] != n:

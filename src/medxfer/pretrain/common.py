@@ -27,6 +27,7 @@ from medxfer.data.cache import DecodeCache, default_cache_dir
 from medxfer.data.folders import walk
 from medxfer.data.loading import arrays_to_uint8, load_images
 from medxfer.data.manifest import Manifest
+from medxfer.data.npzfile import NpzArchive
 from medxfer.data.prepare import read_options
 from medxfer.data.sources import is_image_file, load_manifest
 from medxfer.data.splits import assign_splits
@@ -164,32 +165,34 @@ def unlabelled_images(opts, size: int, *, seed: int = 0, splits: tuple[str, ...]
 
 def _npz_images(path: Path, splits: tuple[str, ...]):
     """Images straight from an npz: the asked splits when all three are given, or ``images`` when unlabelled.
+    Every array is checked from its header first (shapes, pixel limits, the memory), as for training.
 
     Returns None for labelled npz files with partial splits (they take medxfer's seeded split).
     """
-    try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
-    except Exception as e:  # noqa: BLE001
-        raise MedxferError(f"cannot read npz '{path}' ({type(e).__name__}). Is it a NumPy .npz archive?") from e
-    have = [s for s in SPLITS if f"{s}_images" in keys]
-    if set(have) == set(SPLITS):
-        parts = [npz[f"{s}_images"] for s in splits]
-        record = {"splits_used": list(splits), "labels": "ignored" if any(f"{s}_labels" in keys for s in SPLITS) else "none",
-                  "images": {s: int(len(p)) for s, p in zip(splits, parts)}, "split_rule": "given",
-                  "test_excluded": "test" not in splits}
-        return np.concatenate(parts), record
-    if "train_labels" in keys:
-        return None
-    names = [k for k in sorted(keys) if (k == "images" or k.endswith("_images")) and k != "test_images"]
-    if not names:
-        raise MedxferError(f"npz '{path}' has keys {sorted(keys)}; for pretraining medxfer needs 'images' or "
-                           "'{train,val,test}_images' arrays, (N,H,W) or (N,H,W,3).")
-    parts = [npz[k] for k in names]
-    record = {"splits_used": "all (the data defines no splits)" if names == ["images"] else [k[:-7] for k in names],
-              "labels": "none", "images": {k: int(len(p)) for k, p in zip(names, parts)}, "split_rule": "none",
-              "test_excluded": "test_images" in keys}
-    return np.concatenate(parts), record
+    with NpzArchive(path) as npz:
+        keys = set(npz.keys())
+        have = [s for s in SPLITS if f"{s}_images" in keys]
+        if set(have) == set(SPLITS):
+            names = [f"{s}_images" for s in splits]
+            record = {"splits_used": list(splits),
+                      "labels": "ignored" if any(f"{s}_labels" in keys for s in SPLITS) else "none",
+                      "split_rule": "given", "test_excluded": "test" not in splits}
+        elif "train_labels" in keys:
+            return None
+        else:
+            names = [k for k in sorted(keys) if (k == "images" or k.endswith("_images")) and k != "test_images"]
+            if not names:
+                raise MedxferError(f"npz '{path}' has keys {sorted(keys)}; for pretraining medxfer needs 'images' or "
+                                   "'{train,val,test}_images' arrays, (N,H,W) or (N,H,W,3).")
+            record = {"splits_used": "all (the data defines no splits)" if names == ["images"] else
+                      [k[:-7] for k in names], "labels": "none", "split_rule": "none",
+                      "test_excluded": "test_images" in keys}
+        npz.check_images(names)
+        npz.check_alike(names)
+        npz.check_memory(names)
+        named = list(splits) if record["split_rule"] == "given" else names    # counts by split, or by array
+        record["images"] = {n: int(npz.shape(k)[0]) for n, k in zip(named, names)}
+        return npz.load_stacked(names), record
 
 
 def _unlabelled_folder(root: Path, why: MedxferError):
