@@ -12,11 +12,12 @@ from medxfer.data.sizing import MAX_3D, MIN_2D, choose_size, header_side, native
 
 
 @pytest.mark.parametrize("native, source, dims, want", [
-    (28, 224, 2, 64),        # small images: raised to the least size the stride-32 network keeps a map at
-    (64, 224, 2, 64),        # native kept
-    (100, 224, 2, 128),      # rounded up to a multiple of 32
+    (28, 224, 2, 64),        # about twice the native side, a multiple of 32
+    (20, 224, 2, 64),        # ... at least 64
+    (64, 224, 2, 128),
+    (100, 224, 2, 224),      # 200 -> 224, the source's size
     (512, 224, 2, 224),      # never past the source's own size
-    (300, 256, 2, 256),
+    (90, 256, 2, 192),
     (28, 224, 3, 28),        # volumes keep their grid
     (30, 224, 3, 32),
     (256, 224, 3, MAX_3D),   # ... up to the 3-D cap
@@ -59,3 +60,17 @@ def test_unreadable_headers_give_none(tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not an image")
     assert native_size(_manifest([bad])) is None
+
+
+def test_prepare_data_chooses_the_size_from_the_data(small_npz, caplog):
+    import logging
+
+    from medxfer.config import TrainConfig
+    from medxfer.data.prepare import prepare_data
+
+    cfg = TrainConfig.create(data=str(small_npz))
+    with caplog.at_level(logging.INFO, logger="medxfer"):
+        prep = prepare_data(cfg.data, None, 0, source_size=224)
+    assert prep.size == 64 and prep.images.shape[-1] == 64          # 28 px BreastMNIST -> 64, not 224
+    assert "image size 64 px: about twice the native 28 px" in caplog.text
+    assert prepare_data(cfg.data, 32, 0).size == 32                  # a given size is kept

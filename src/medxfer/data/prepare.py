@@ -28,6 +28,7 @@ from medxfer.data.duplicates import handle_duplicates
 from medxfer.data.loading import Skipped, load_images
 from medxfer.data.manifest import SPLITS, Manifest, check_classes, check_split_classes, check_split_values
 from medxfer.data.readers import ReadOptions
+from medxfer.data.sizing import choose_size, native_size
 from medxfer.data.sources import check_task, load_manifest
 from medxfer.data.splits import assign_splits
 from medxfer.errors import MedxferError
@@ -45,6 +46,7 @@ class Prepared:
     read: ReadOptions
     duplicates: pd.DataFrame
     input_dtype: str | None = None       # the training pixels' type(s), for model.json's input contract
+    size: int = 0                        # the side the images were resized to (given, or chosen from the data)
 
     @property
     def labels(self) -> list[str]:
@@ -84,15 +86,21 @@ def load_source_manifest(opts, source: Manifest | None = None) -> Manifest:
     return source
 
 
-def prepare_data(opts, size: int, seed: int, *, splits: dict | pd.Series | None = None,
-                 source: Manifest | None = None, checks: bool = True) -> Prepared:
-    """See the module docstring. ``seed``: the training seed (split seed unless ``opts.split_seed``,
-    and the label-fraction draw); ``splits``: sample_id -> split, replacing the data's own."""
+def prepare_data(opts, size: int | None, seed: int, *, splits: dict | pd.Series | None = None,
+                 source: Manifest | None = None, checks: bool = True, source_size: int = 224,
+                 spatial_dims: int = 2) -> Prepared:
+    """See the module docstring. ``size``: the side to resize to, or None to choose it from the data's native
+    size (read from headers before decoding) and ``source_size`` (:mod:`medxfer.data.sizing`); ``seed``: the
+    training seed (split seed unless ``opts.split_seed``, and the label-fraction draw); ``splits``:
+    sample_id -> split, replacing the data's own."""
     manifest = load_source_manifest(opts, source)
     if splits is not None:
         manifest = apply_splits(manifest, splits)
     split_seed = seed if opts.split_seed is None else opts.split_seed
     manifest = assign_splits(manifest, seed=split_seed, split_by=opts.split_by)
+    if size is None:
+        size, why = choose_size(native_size(manifest), source_size, spatial_dims)
+        manifest.notes.append(f"image size {size} px: {why} (--image-size to choose another)")   # logged below
     read = read_options(opts)
     cache = None
     if manifest.arrays is None and not opts.no_cache:
@@ -111,7 +119,7 @@ def prepare_data(opts, size: int, seed: int, *, splits: dict | pd.Series | None 
         for note in manifest.notes:
             log.info(note)
     manifest.notes.extend(loaded.notes)  # logged where they arose; kept for config.yaml
-    return Prepared(manifest, images, loaded.skipped, read, duplicates, loaded.input_dtype)
+    return Prepared(manifest, images, loaded.skipped, read, duplicates, loaded.input_dtype, size)
 
 
 def label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):
