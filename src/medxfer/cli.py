@@ -32,10 +32,11 @@ from medxfer.commands.base import (
 )
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
-from medxfer.files import write_csv
+from medxfer.files import first_line, write_csv
 from medxfer.models.catalog import list_sources
 from medxfer.pipeline import train
 from medxfer.predict import Predictor
+from medxfer.runs import check_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning for medical image classification.")
@@ -156,23 +157,36 @@ def predict(
     on_bad_file: str = typer.Option("error", help="error | skip (listed in OUT_skipped.csv)."),
     keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT_paths.csv mapping sample ids to "
                                     "files (file names can hold patient names: keep it private)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that medxfer did not "
+                                   "write (never an input or a file inside a run)."),
 ):
     """Predict calibrated class probabilities with a trained run, from the run directory alone.
 
     Rows are named by their input order (index) and a pseudonymous sample_id, never by file name."""
-    if out_file.exists() and out_file.is_dir():
-        raise MedxferError(f"--out '{out_file}' is a folder; give a CSV file name.")
+    side = {"skipped": (out_file.with_name(out_file.stem + "_skipped.csv"), "sample_id,reason"),
+            "paths": (out_file.with_name(out_file.stem + "_paths.csv"), "sample_id,path")}
+    given = [run_dir, *inputs]
+    check_out(out_file, inputs=given, overwrite=overwrite, ours=_is_predictions_csv)  # before any work
+    for name, (path, header) in side.items():
+        if name == "paths" and keep_paths or name == "skipped" and on_bad_file == "skip":
+            check_out(path, inputs=given, overwrite=overwrite, ours=lambda p, h=header: first_line(p) == h)
     paths: list | None = [] if keep_paths else None
     skipped: list = []
     df = Predictor(run_dir, engine=engine, batch_size=batch_size).predict(inputs, on_bad_file, paths, skipped)
     write_csv(out_file, df)
     if skipped:
-        name = out_file.with_name(out_file.stem + "_skipped.csv")
+        name = side["skipped"][0]
         write_csv(name, pd.DataFrame([(s.sample_id, s.reason) for s in skipped], columns=["sample_id", "reason"]))
         logging.getLogger("medxfer").warning("skipped %d unreadable samples (see %s)", len(skipped), name.name)
     if paths:
-        write_csv(out_file.with_name(out_file.stem + "_paths.csv"), pd.DataFrame(paths, columns=["sample_id", "path"]))
+        write_csv(side["paths"][0], pd.DataFrame(paths, columns=["sample_id", "path"]))
     out.print(f"{len(df)} predictions -> {out_file}", highlight=False)
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    """The mark of a CSV 'medxfer predict' wrote: its header (index, sample_id, the probabilities, predicted)."""
+    header = first_line(path) or ""
+    return header.startswith("index,sample_id,prob_") and header.endswith(",predicted")
 
 
 def _register_commands() -> None:

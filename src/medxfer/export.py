@@ -30,6 +30,7 @@ import logging
 import os
 import tempfile
 import warnings
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -41,10 +42,10 @@ from medxfer.data.inputs import iter_inputs
 from medxfer.data.prepare import images_of
 from medxfer.data.readers import ReadOptions
 from medxfer.data.transforms import match_channels_uint8
-from medxfer.engine.inference import OnnxRunner, TorchRunner
+from medxfer.engine.inference import OnnxRunner, TorchRunner, read_onnx_metadata
 from medxfer.errors import MedxferError
 from medxfer.evaluation.tasks import probabilities
-from medxfer.runs import ModelMeta, Run, amend
+from medxfer.runs import ModelMeta, Run, amend, check_out
 
 PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
@@ -201,8 +202,20 @@ def _write_and_check(model, meta: ModelMeta, fmt: str, tmp: Path, images: torch.
     return check_parity(model, run_ts, images, meta)
 
 
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a model medxfer exported: a TorchScript archive with ``medxfer.json``, or an ONNX
+    file whose contract names medxfer as the producer (the mark that lets a new export replace it)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith("extra/medxfer.json") for n in z.namelist())
+        return str(read_onnx_metadata(path).get("producer", "")).startswith("medxfer")
+    except Exception:  # noqa: BLE001 - anything that cannot be read as an export is not one
+        return False
+
+
 def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
-               check_data: list[str | Path] | None = None, tol: float = PARITY_TOL) -> dict:
+               check_data: list[str | Path] | None = None, tol: float = PARITY_TOL, overwrite: bool = False) -> dict:
     """Export the run's model; check it against PyTorch on real images; write only when it agrees."""
     if fmt not in FORMATS:
         raise MedxferError(f"The 'format' parameter must be one of {list(FORMATS)}. Got '{fmt}' instead.")
@@ -210,6 +223,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     default = run.dir / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
     out = Path(out) if out else default
     into_run = out.resolve() == default.resolve()  # the run's own export: recorded in the run
+    if not into_run:
+        check_out(out, inputs=[run.dir, *(check_data or [])], overwrite=overwrite, ours=is_export)
     model = run.load_model()
     meta = run.model.replace(weights_sha256=run.weights_digest())  # runs from before the hash was recorded
     images, where = path_images(check_data, meta) if check_data else run_test_images(run)

@@ -10,15 +10,21 @@ Parquet (``.parquet``): columns ``sample_id, split, label, f0..fD-1``. Otherwise
 ``features`` (N, D) float32, ``sample_id``, ``split``, ``label`` (class names) and ``labels`` (the
 class list). Features come from :func:`medxfer.engine.features.extract_features`, so they share the
 disk cache with ``train --strategy linear-probe`` (same source, weights, size and reader options).
+
+``out`` (and ``<out>_logistic.json``) go through the output guard (:func:`medxfer.runs.check_out`): never
+over the data or into a run directory; an existing file only when it is a features file medxfer wrote (its
+columns or arrays) or with ``overwrite``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import json
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +40,7 @@ from medxfer.engine.trainer import auc_of, resolve_precision, seed_everything
 from medxfer.errors import MedxferError
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import resolve_source
-from medxfer.runs import Run
+from medxfer.runs import Run, check_out
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +68,28 @@ def _run_model(run_dir: Path, cfg: TrainConfig, given: dict):
             meta)
 
 
+NPZ_ARRAYS = {"features", "sample_id", "split", "label", "labels"}
+
+
+def is_features_file(path: Path) -> bool:
+    """Whether ``path`` is a file :func:`export_features` wrote: a parquet whose columns start sample_id, split,
+    label, f0, an npz holding exactly its arrays, or the logistic head's JSON."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names[:4] == ["sample_id", "split", "label", "f0"]
+        if path.suffix.lower() == ".json":
+            head = json.loads(path.read_text())
+            return isinstance(head, dict) and str(head.get("model", "")).startswith("sklearn LogisticRegressionCV")
+        with zipfile.ZipFile(path) as z:
+            return {n.removesuffix(".npy") for n in z.namelist()} == NPZ_ARRAYS
+    except Exception:  # noqa: BLE001 - anything that cannot be read as a features file is not one
+        return False
+
+
 def export_features(out: str | Path, cfg: TrainConfig, run_dir: str | Path | None = None, head: str | None = None,
-                    given: dict | None = None) -> dict:
+                    given: dict | None = None, overwrite: bool = False) -> dict:
     """Write features for all samples to ``out`` (.parquet or .npz); fit a logistic head when asked.
 
     ``cfg``: the data and model options (``--data``, ``--source``, ``--image-size``...); with ``run_dir``
@@ -81,6 +107,10 @@ def export_features(out: str | Path, cfg: TrainConfig, run_dir: str | Path | Non
         spec = resolve_source(cfg.model.source, cfg.model.weights)
         model, data, meta, size = None, cfg.data, None, cfg.model.image_size or spec.input_size
         what = f"source {spec.name} ({size} px)"
+    inputs = [p for p in (data.path, run_dir) if p]
+    check_out(out, inputs=inputs, overwrite=overwrite, ours=is_features_file)  # before any work
+    if head == "logistic":
+        check_out(out.with_name(out.stem + "_logistic.json"), inputs=inputs, overwrite=overwrite, ours=is_features_file)
     prep = prepare_data(dataclasses.replace(data, label_fraction=1.0), size, seed)
     images = prep.images
     if model is None:  # a source: built as linear-probe training builds it, so the feature cache is shared

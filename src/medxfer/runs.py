@@ -44,8 +44,10 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -529,3 +531,59 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(err, os.strerror(err), str(b))
 
+
+# ------------------------------------------------------------------------------------------- outputs
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory (finished, recorded, being written) or a source with weights."""
+    return is_finished(folder) or any((folder / n).is_file() for n in (RECORD, CHECKPOINT, "model.safetensors"))
+
+
+def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+    """The guard of an output folder (explain's overlays): a folder or nothing yet, not in a run directory."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise MedxferError(f"{what} '{p}' is not a folder; give a folder for the files.")
+    target = p.resolve()
+    run = next((a for a in (target, *target.parents) if holds_run(a)), None)
+    if run is not None:
+        raise MedxferError(f"{what} '{p}' is inside the run directory '{run}': medxfer writes nothing else into a "
+                           "run. Choose a folder outside it.")
+    return p
+
+
+def check_out(path: str | Path, *, inputs=(), overwrite: bool = False, ours: Callable[[Path], bool] | None = None,
+              what: str = "--out") -> Path:
+    """The one guard of every file a command writes (predict's CSV, an export, features, Grad-CAM overlays).
+
+    Refused, each in one line: something that is not a regular file (a folder, FIFO, device, socket); one of
+    ``inputs`` or a file inside an input folder (never, even with ``overwrite``, unless medxfer wrote it); a
+    file inside a run directory (a run's files are written by the commands that make runs); an existing file
+    that medxfer did not write (``ours(path)`` is false) unless ``overwrite``."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError:  # e.g. a file where a folder should be: the write itself says it in one line
+        return p
+    if mode is not None and stat.S_ISDIR(mode):
+        raise MedxferError(f"{what} '{p}' is a folder; give a file name.")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise MedxferError(f"{what} '{p}' is not a regular file (a device, FIFO or socket): medxfer writes only "
+                           "regular files. Give a file name.")
+    target = p.resolve()
+    run = next((a for a in target.parents if holds_run(a)), None)
+    if run is not None:
+        raise MedxferError(f"{what} '{p}' is inside the run directory '{run}': medxfer writes nothing else into a "
+                           "run. Choose a file outside it.")
+    mine = mode is not None and ours is not None and ours(p)
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or (mode is not None and not mine and source in target.parents):
+            where = "" if target == source else " (inside an input folder)"
+            raise MedxferError(f"{what} '{p}' is one of the inputs{where}: medxfer never overwrites what it reads. "
+                               "Choose another file name.")
+    if mode is not None and not mine and not overwrite:
+        raise MedxferError(f"{what} '{p}' exists and was not written by medxfer: pass --overwrite to replace it, or "
+                           "choose another file name.")
+    return p

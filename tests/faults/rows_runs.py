@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from tests.faults.table import Case, train
+from tests.faults.table import Case, png, train
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -115,6 +116,73 @@ def _staging_of_another_writer(env) -> list:
     return train(env, env.data, out=out)
 
 
+# ------------------------------------------------------------------------------------------ --out
+def _fifo(env) -> Path:
+    path = env.tmp / "fifo.csv"
+    os.mkfifo(path)
+    return path
+
+
+def _onto_input(env) -> list:
+    data = env.tmp / "d.npz"
+    data.write_bytes(env.data.read_bytes())
+    _keep_bytes(env, data)
+    return ["predict", env.run, data, "--out", data]
+
+
+def _onto_image_in_input_folder(env) -> list:
+    folder = env.tmp / "scans"
+    image = png(folder / "a.png")
+    png(folder / "b.png", seed=1)
+    _keep_bytes(env, image)
+    return ["predict", env.run, folder, "--out", image, "--overwrite"]
+
+
+def _onto_run_file(name: str, cmd: str = "predict"):
+    def setup(env):
+        _keep_bytes(env, env.run / name)
+        if cmd == "predict":
+            return ["predict", env.run, env.data, "--out", env.run / name]
+        return ["export", env.run, "--out", env.run / name]
+    return setup
+
+
+def _onto_foreign_file(*extra: str):
+    def setup(env):
+        notes = env.tmp / "notes.csv"
+        notes.write_text("my,own\n1,2\n")
+        if not extra:
+            _keep_bytes(env, notes)
+        return ["predict", env.run, env.data, "--out", notes, *extra]
+    return setup
+
+
+def _ours_is_overwritten(env) -> None:
+    """What predict wrote itself is replaced by the next predict without --overwrite."""
+    from tests.faults.conftest import cli
+
+    for _ in range(2):
+        code, text = cli("predict", env.run, env.data, "--out", env.tmp / "p.csv")
+        assert code == 0, text
+    df = pd.read_csv(env.tmp / "p.csv")
+    assert list(df.columns[:2]) == ["index", "sample_id"] and len(df) > 0
+
+
+def _overwritten(env) -> None:
+    assert (env.tmp / "notes.csv").read_text().startswith("index,sample_id,")
+
+
+def _features_onto_input(env) -> list:
+    data = env.tmp / "d.npz"
+    data.write_bytes(env.data.read_bytes())
+    _keep_bytes(env, data)
+    return ["features", env.run, "--data", data, "--out", data]
+
+
+def _explain_into_run(env) -> list:
+    return ["explain", env.run, png(env.tmp / "x.png", size=(28, 28)), "--out", env.run / "cams"]
+
+
 CASES: list[Case] = [
     # ------------------------------------------------------------- 3. every file the answers depend on is hashed
     Case("r2-labels-swapped", _edited("model.json", _swap_labels), says=("model.json", "files.sha256"),
@@ -162,5 +230,25 @@ CASES: list[Case] = [
     # ------------------------------------------------------------- 5. a refused writer leaves the owner's staging
     Case("r2-refused-writer-keeps-the-owners-staging", _staging_of_another_writer, says=("another medxfer process",),
          files=("out.partial/model.json",)),
+    # ------------------------------------------------------------- 6. --out never overwrites what it must not
+    Case("r2-predict-out-onto-its-input", _onto_input, says=("one of the inputs",), check=_unchanged),
+    Case("r2-predict-out-onto-an-image-of-an-input-folder", _onto_image_in_input_folder, says=("one of the inputs",),
+         check=_unchanged),
+    Case("r2-predict-out-onto-the-runs-predictions", _onto_run_file("predictions.csv"), says=("run directory",),
+         check=_unchanged),
+    Case("r2-predict-out-onto-a-fifo", lambda e: ["predict", e.run, e.data, "--out", _fifo(e)],
+         says=("not a regular file",), check=lambda e: _is_fifo(e.tmp / "fifo.csv")),
+    Case("r2-predict-out-onto-a-foreign-file", _onto_foreign_file(), says=("--overwrite",),
+         check=lambda e: (_unchanged(e), _ours_is_overwritten(e))),
+    Case("r2-predict-out-onto-a-foreign-file-overwrite", _onto_foreign_file("--overwrite"), code=0, check=_overwritten),
+    Case("r2-export-out-onto-the-weights", _onto_run_file("model.safetensors", "export"), says=("run directory",),
+         check=_unchanged),
+    Case("r2-features-out-onto-its-input", _features_onto_input, says=("one of the inputs",), check=_unchanged),
+    Case("r2-explain-out-into-the-run", _explain_into_run, says=("run directory",), absent=("run/cams",)),
 ]
 
+
+def _is_fifo(path: Path) -> None:
+    import stat
+
+    assert stat.S_ISFIFO(os.stat(path).st_mode)

@@ -21,10 +21,13 @@ def register(app: typer.Typer) -> None:
                                             show_default="the last feature stage at least 4x4 at the run's size"),
         target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class.",
                                                    show_default="each image's predicted class"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs in --out that medxfer did "
+                                       "not write (never an input or a file inside a run)."),
     ):
         """Grad-CAM overlays: the image, the jet heat map, the predicted class and its probability (files are
         named by sample id: file names can hold patient names)."""
-        paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class)
+        paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class,
+                                         overwrite=overwrite)
         note = "; coarse: --layer NAME takes another stage" if size and min(size) < 8 else ""
         out.print(f"{len(paths)} Grad-CAM overlays -> {out_dir} (layer {name}, {'x'.join(map(str, size))} map{note})",
                   markup=False, highlight=False)

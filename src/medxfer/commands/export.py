@@ -20,9 +20,11 @@ def register(app: typer.Typer) -> None:
                                                 show_default="RUN_DIR/model.onnx or model.torchscript.pt"),
         check_data: list[str] = typer.Option([], "--check-data", help="Images/folders/npz to check parity on.",
                                              show_default="the run's test split"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that is not a "
+                                       "medxfer export (never an input or a file inside a run)."),
     ):
         """Export a trained run for fast inference; checks it against PyTorch on real images first."""
-        r = export_run(run_dir, fmt=fmt, out=out_file, check_data=check_data or None)
+        r = export_run(run_dir, fmt=fmt, out=out_file, check_data=check_data or None, overwrite=overwrite)
         out.print(f"{fmt} vs PyTorch on {r['checked_on']}: max |prob diff| {r['max_prob_diff']:.2e}, max |logit diff| "
                   f"{r['max_logit_diff']:.2e}, same prediction {r['same_argmax']:.1%} (tolerance {r['tolerance']:g})",
                   markup=False, highlight=False)

@@ -26,9 +26,12 @@ def register(app: typer.Typer) -> None:
         out_file: Path = typer.Option(..., "--out", help="FILE.parquet (sample_id, split, label, f0..) or .npz."),
         head: Optional[str] = typer.Option(None, help="logistic: fit LogisticRegressionCV on train+val, report the "
                                            "test AUC."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that medxfer did "
+                                       "not write (never an input or a file inside a run)."),
     ):
         """Export pooled backbone features (embeddings) of every sample, optionally with a logistic head."""
-        r = export_features(out_file, given.config(), run_dir=run_dir, head=head, given=given.explicit)
+        r = export_features(out_file, given.config(), run_dir=run_dir, head=head, given=given.explicit,
+                            overwrite=overwrite)
         split = ", ".join(f"{k} {v}" for k, v in r["per_split"].items())
         out.print(f"{r['n']} x {r['dim']} features from {r['from']} ({split}; cache {r['cache']}) -> {r['path']}",
                   highlight=False)
