@@ -169,6 +169,41 @@ def test_the_budget_is_respected(small_npz, tmp_path):
     assert run.dir == tmp_path / "auto" / "model"
 
 
+def test_a_trial_failed_by_another_process_is_logged_and_the_search_goes_on(tiny_run, small_npz, tmp_path,
+                                                                          monkeypatch, caplog):
+    """Another process marks this process's running trial FAIL (its heartbeat looked stale): Optuna then refuses to
+    tell it ('Cannot tell a FAIL trial'). The search logs that and goes on; the trial's result is not used."""
+    import logging
+
+    from optuna.trial import TrialState
+
+    import medxfer.auto as auto_module
+    from medxfer.runs import Run
+
+    calls = []
+
+    def train(cfg, handlers):
+        trial = handlers[0].trial
+        calls.append(trial.number)
+        if len(calls) == 1:  # what optuna.storages.fail_stale_trials does in the other process
+            trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return Run.load(tiny_run)
+
+    monkeypatch.setattr(auto_module, "train", train)
+    logging.getLogger("medxfer").addHandler(caplog.handler)
+    try:
+        cfg = AutoConfig.create(data=str(small_npz), out=str(tmp_path / "a"), source="test_resnet", image_sizes="32",
+                                augments="light", n_trials=2, bootstrap=0, time_budget="10m")
+        run = auto(cfg)
+    finally:
+        logging.getLogger("medxfer").removeHandler(caplog.handler)
+    assert calls == [0, 1]
+    board = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
+    assert sorted(board["state"]) == ["COMPLETE", "FAIL"]
+    assert "another process" in caplog.text and "trial 0" in caplog.text
+    assert (run.dir / "files.sha256").is_file()  # the best trial copied as the model, with its hash record
+
+
 def _search(data, out, storage, n, env):
     cmd = [sys.executable, "-m", "medxfer", "auto", "--data", str(data), *TINY, "--strategies", "linear-probe,full",
            "--n-trials", str(n), "--time-budget", "10m", "--storage", storage, "--study", "shared", "--out", str(out),

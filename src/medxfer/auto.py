@@ -155,6 +155,8 @@ class _Search:
     def __init__(self, cfg: AutoConfig, deadline: float, out: Path):
         self.cfg, self.deadline, self.out, self.space = cfg, deadline, out, cfg.space()
         self.reserve = max(5.0, 0.08 * parse_budget(cfg.auto.time_budget))  # for the ensemble and its report
+        self.started = 0          # trials this process began
+        self.current = None       # (trial number, whether the objective came to an end of its own)
 
     def params(self, trial) -> dict:
         """A trial's settings; the learning rate and augmentation only where :func:`draws_recipe`."""
@@ -176,6 +178,8 @@ class _Search:
         if left < 10:
             trial.study.stop()
             raise optuna.TrialPruned("no time left in the budget")
+        self.started += 1
+        self.current = (trial.number, False)
         p = self.params(trial)
         strategy = get_strategy(p["strategy"])
         cfg = self.cfg.trial_config().replace(
@@ -187,12 +191,20 @@ class _Search:
         try:
             run = train(cfg, handlers=[OptunaPruning(trial), Deadline(self.deadline - self.reserve)])
         except optuna.TrialPruned:
+            self.current = (trial.number, True)
             remove_staging(cfg.runtime.out)  # a pruned trial is not resumed (removed only as the lock's holder)
             raise
+        except MedxferError:
+            self.current = (trial.number, True)
+            raise
         value = val_log_loss(run)
-        trial.set_user_attr("run_dir", str(run.dir))
-        trial.set_user_attr("val_auc", run.metrics["val"].get("auc"))
-        trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
+        try:
+            trial.set_user_attr("run_dir", str(run.dir))
+            trial.set_user_attr("val_auc", run.metrics["val"].get("auc"))
+            trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process finished the trial meanwhile: optimize() says so (see _optimize)
+        self.current = (trial.number, True)
         log.info("trial %d: %s from %s at %d px, %s, lr x%.2f: validation log-loss %.4f, AUC %s (%.0f s)",
                  trial.number, p["strategy"], p["source"], p["image_size"], p["augment"], p["lr_factor"], value,
                  _f(run.metrics["val"].get("auc")), time.monotonic() - t0)
@@ -327,8 +339,8 @@ def auto(cfg: AutoConfig) -> Run:
     study = study_for(cfg, out)
     search = _Search(cfg, t0 + budget, out)
     with progress.task("medxfer auto", total=int(budget), unit="s") as bar:
-        study.optimize(search, n_trials=cfg.auto.n_trials, timeout=max(1.0, budget - search.reserve),
-                       callbacks=[_progress_callback(bar, t0, budget)], catch=(MedxferError,))
+        _optimize(study, search, cfg.auto.n_trials, t0 + max(1.0, budget - search.reserve),
+                  [_progress_callback(bar, t0, budget)])
     from filelock import FileLock, Timeout
 
     try:  # processes sharing one study and --out build the model one after the other, each from the latest board
@@ -339,6 +351,37 @@ def auto(cfg: AutoConfig) -> Run:
     except Timeout:
         raise MedxferError(f"another medxfer auto process has been writing '{out / 'model'}' for 15 minutes; the "
                            "trials are in the study: run 'medxfer auto ... --resume' later to build the model.") from None
+
+
+def _optimize(study, search: _Search, n_trials: int | None, end: float, callbacks: list) -> None:
+    """``study.optimize`` until ``n_trials`` or the time ``end`` (monotonic), going on when another process
+    finished one of this process's trials meanwhile (marked it failed as stale when its heartbeat was late):
+    Optuna then cannot tell the trial its result ('Cannot tell a FAIL trial') and leaves the loop; the trial is
+    logged, its result is not used, and the search goes on."""
+    while True:
+        left = None if n_trials is None else n_trials - search.started
+        seconds = end - time.monotonic()
+        if (left is not None and left <= 0) or seconds <= 0:
+            return
+        search.current = None
+        try:
+            study.optimize(search, n_trials=left, timeout=seconds, callbacks=callbacks, catch=(MedxferError,))
+            return
+        except Exception:
+            lost = _finished_elsewhere(study, search.current)
+            if lost is None:
+                raise
+            log.warning("trial %d was marked %s by another process (its heartbeat looked stale) before it could "
+                        "report; its result is not used and the search goes on", lost.number, lost.state.name)
+
+
+def _finished_elsewhere(study, current):
+    """The trial this process was running, when its objective had come to an end of its own and the storage
+    already holds it as finished (by another process); else None (an error of its own: raised)."""
+    if current is None or not current[1]:
+        return None
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == current[0]), None)
+    return trial if trial is not None and trial.state.is_finished() else None
 
 
 def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
