@@ -94,10 +94,24 @@ def source_state_dict(spec: SourceSpec, model) -> tuple[dict[str, torch.Tensor] 
     if kind == "hub":
         return _hub_state_dict(spec), "hub"
     path = weights_file(spec)
+    digest = check_digest(spec, path) if spec.sha256 else None
     sd = read_state_dict(path)
     if kind == "package":
         sd = lite_to_timm(sd, [len(s) for s in model.blocks])
-    return sd, sha256_file(path)
+    return sd, digest or sha256_file(path)
+
+
+def check_digest(spec: SourceSpec, path: Path) -> str:
+    """The SHA-256 of a shipped source's weights file, refused before loading when it is not the one recorded."""
+    if not Path(path).is_file():
+        raise MedxferError(f"source '{spec.name}' ships with medxfer, but its weights file '{path}' is missing: "
+                           "reinstall medxfer (pip install --force-reinstall medxfer), or pass another --source.")
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise MedxferError(f"the weights of source '{spec.name}' ('{path}') have SHA-256 {digest[:16]}..., not the "
+                           f"{spec.sha256[:16]}... medxfer shipped: the file is damaged or replaced. Reinstall "
+                           "medxfer, or pass another --source.")
+    return digest
 
 
 def _hub_state_dict(spec: SourceSpec) -> dict[str, torch.Tensor]:
