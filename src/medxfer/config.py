@@ -164,8 +164,10 @@ class DataOptions(Options):
 class ModelOptions(Options):
     """The source model and the target's input."""
 
-    source: str = option("efficientnet_lite0.in1k", "Source model: a name from 'medxfer sources', a timm "
-                         "architecture (with --weights), or a directory made by 'medxfer pretrain'.")
+    source: str = option("auto", "Source model: a name from 'medxfer sources', a timm architecture (with "
+                         "--weights), or a directory made by 'medxfer pretrain'. auto: efficientnet_lite0.in1k for "
+                         "images; for volumes (--spatial-dims 3) test_resnet.pneumoniamnist, a small ResNet shipped "
+                         "with medxfer, inflated (chosen on validation: README, 3-D volumes).")
     weights: str | None = option(None, "Weights for a timm architecture: a FILE (.safetensors/.pth, read without "
                                  "running code), hub (online) or none (random init).", show="the source's own")
     image_size: int | None = option(None, "Input size in pixels (images are resized to it).", show="the source's",
