@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from medxfer import files
 from medxfer.engine.loop import Handler, Loop, Step
 from medxfer.errors import MedxferError
-from medxfer.runs import Run
+from medxfer.runs import Run, seal
 from medxfer.tracking import (
     MLflowHandler,
     final_metrics,
@@ -96,6 +96,7 @@ def test_no_artifacts_leaves_the_model_files_out_and_long_values_are_cut(run_dir
     copy = Path(shutil.copytree(run_dir, tmp_path / "long"))
     cfg = (copy / "config.yaml").read_text().replace("  path: ", "  path: " + "d" * 600 + "/", 1)
     (copy / "config.yaml").write_text(cfg)
+    seal(copy)                                   # a deliberate edit, accepted into the run's record
     run = Run.load(copy)
     assert len(run.config.data.path) > 600 and len(run_params(run)["data.path"]) == 500
     run_id = log_run(run, store, artifacts=False, run_name="slim")

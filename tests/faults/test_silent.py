@@ -28,8 +28,7 @@ def test_stale_onnx_model_is_refused(small_npz, tmp_path):
     _train(small_npz, other, "--label-names", "malignant,benign", "--seed", "5")
     code, text = cli("export", run)
     assert code == 0, text
-    for name in ("model.safetensors", "model.json"):  # what a retrain into the same folder leaves beside model.onnx
-        shutil.copy(other / name, run / name)
+    shutil.copytree(other, run, dirs_exist_ok=True)  # what a retrain into the same folder leaves beside model.onnx
     code, text = cli("predict", run, small_npz, "--engine", "onnx", "--out", tmp_path / "p.csv")
     assert code == 2 and "model.onnx" in text and "export" in text, text
     assert not (tmp_path / "p.csv").exists()

@@ -40,7 +40,7 @@ from medxfer import files
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html
 from medxfer.evaluation.metrics import evaluate, to_numpy
-from medxfer.runs import Run
+from medxfer.runs import Run, amend
 
 __all__ = ["FLAG_METRICS", "MISSING", "flag_text", "read_subgroups", "run_subgroups",
            "subgroup_metrics", "subgroup_section", "write_subgroups"]
@@ -208,9 +208,10 @@ def write_subgroups(run: Run, subgroups: dict) -> Path:
     """Add the results to ``RUN_DIR/metrics.json`` under ``"subgroups"`` (atomic); the report and the model card
     read them from there."""
     path = run.dir / "metrics.json"
-    metrics = files.read_json(path, "metrics.json")
-    metrics["subgroups"] = subgroups
-    files.write_json(path, metrics)
+    with amend(run.dir):  # under the run's lock, its record checked before and written again after
+        metrics = files.read_json(path, "metrics.json")
+        metrics["subgroups"] = subgroups
+        files.write_json(path, metrics)
     run.metrics["subgroups"] = subgroups
     return path
 
