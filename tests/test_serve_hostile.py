@@ -225,6 +225,36 @@ def test_a_client_that_goes_away_mid_upload_is_one_line_without_a_stack(server, 
     assert "Traceback" not in text and 'File "' not in text and "ClientDisconnect" not in text
 
 
+def read_response(sock: socket.socket, limit_s: float) -> tuple[int, bytes]:
+    """One HTTP response (status, body) with a Content-Length, read from ``sock``."""
+    sock.settimeout(limit_s)
+    data = b""
+    deadline = time.monotonic() + limit_s
+    while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {data[:80]!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"))
+    while len(rest) < length and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection in the middle of an answer"
+        rest += chunk
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def test_a_pipelined_upload_survives_the_answer_to_the_request_before_it(server):
+    head, body = multipart(png(64))
+    with connect(server) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + head + body[:100])  # 2nd body half sent
+        assert read_response(s, SLACK)[0] == 200
+        time.sleep(0.2)
+        s.sendall(body[100:])
+        status, answer = read_response(s, SLACK)
+    assert status == 200 and len(json.loads(answer)["predictions"]) == 1, answer[:200]
+
+
 # ------------------------------------------------------------------------------------------ connection cap
 def test_connections_over_the_cap_close_the_one_waiting_longest(tiny_run):
     with serve(tiny_run, max_connections=12, header_timeout=60) as srv:

@@ -74,7 +74,8 @@ class Book:
         if now - self._last_log >= LOG_EVERY:
             self._last_log = now
             parts = ", ".join(f"{n} {_REASONS[r]}" for r, n in sorted(self._pending.items()))
-            log.warning("closed connections: %s", parts)
+            level = logging.INFO if set(self._pending) == {"idle"} else logging.WARNING  # idle: browsers do it
+            log.log(level, "closed connections: %s", parts)
             self._pending.clear()
 
 
@@ -86,17 +87,18 @@ def book_of(server_state) -> Book:
 
 
 class _CycleTransport:
-    """The transport as uvicorn's request cycle sees it: ``close()`` lets the client finish sending."""
+    """The transport as one request cycle of uvicorn sees it: ``close()`` lets the client finish sending."""
 
-    def __init__(self, transport, protocol: "GuardedProtocol"):
+    def __init__(self, transport, protocol: "GuardedProtocol", cycle):
         self._transport = transport
         self._protocol = protocol
+        self._cycle = cycle
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
 
     def close(self) -> None:
-        self._protocol.close_after_response()
+        self._protocol.close_after_response(self._cycle)
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -196,8 +198,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.book.waiting.pop(self, None)
         self._arm(self.limits.body_timeout, self._body_timed_out)
         super().on_headers_complete()
-        if self.cycle is not None and not isinstance(self.cycle.transport, _CycleTransport):
-            self.cycle.transport = _CycleTransport(self.transport, self)
+        cycle = self.cycle
+        if cycle is not None and not isinstance(cycle.transport, _CycleTransport):
+            cycle.transport = _CycleTransport(self.transport, self, cycle)
+            cycle.on_response = lambda: self._response_done(cycle)
 
     def on_body(self, body: bytes) -> None:
         if not self._done:
@@ -210,19 +214,23 @@ class GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
+    def _response_done(self, cycle) -> None:
+        """``cycle``'s response went out (then uvicorn's on_response_complete runs, unless the
+        connection is ending: no pipelined request starts and no keep-alive timer is armed)."""
         if self._done or self.transport.is_closing():
             return
-        if self._in_body:  # answered before its body arrived (keep-alive asked): stop reading it
+        self.on_response_complete()
+        if self._done or self.transport.is_closing():
+            return
+        if cycle.more_body:  # answered before its body arrived: stop reading it
             self._linger()
         elif self.timeout_keep_alive_task is not None:  # idle again, no pipelined request started
             self._wait_for_head()
 
     # ---------------------------------------------------------------------------- endings
-    def close_after_response(self) -> None:
-        """The request cycle closes the connection: linger when its body is still coming."""
-        if self._in_body and not self._done:
+    def close_after_response(self, cycle) -> None:
+        """``cycle`` closes the connection after its response: linger when its body is still coming."""
+        if cycle.more_body and not self._done:
             self._linger()
         else:
             self.transport.close()
