@@ -185,8 +185,10 @@ class _Job:
             torch.set_num_threads(cfg.runtime.num_threads)
         seed_everything(cfg.optim.seed)
         self.spec: SourceSpec = resolve_source(cfg.model.source, cfg.model.weights)
-        self.size = cfg.model.image_size or self.spec.input_size
-        self.prep: Prepared = prepare_data(cfg.data, self.size, cfg.optim.seed, splits=self.splits, source=self.source)
+        self.prep: Prepared = prepare_data(cfg.data, cfg.model.image_size, cfg.optim.seed, splits=self.splits,
+                                           source=self.source, source_size=self.spec.input_size,
+                                           spatial_dims=cfg.model.spatial_dims)
+        self.size = self.prep.size  # --image-size, or chosen from the data (logged by prepare_data)
         for s, mask in self.prep.masks.items():
             if int(mask.sum()) == 0:
                 raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
@@ -206,9 +208,9 @@ class _Job:
             self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in self.model.parameters())
                                 + self.rd.MIN_FREE)
         self.precision = resolve_precision(cfg.optim.precision, ctx.device)
-        log.info("%s from %s: %d train / %d val / %d test images at %d px; task %s (%d %s)", cfg.optim.strategy,
+        log.info("%s from %s: %d train / %d val / %d test images at %d px; task %s (%d %s)%s", cfg.optim.strategy,
                  self.spec.name, *(int(m.sum()) for m in self.prep.masks.values()), self.size, self.task,
-                 len(self.prep.labels), "findings" if self.task == "multilabel" else "classes")
+                 len(self.prep.labels), "findings" if self.task == "multilabel" else "classes", self._order())
         result, eval_module, eval_inputs = self._fit_head() if cfg.strategy.feature_cache else self._fit_loop()
         self.model.cpu().eval()
         if cfg.evaluation.tta > 1:  # the views are images: evaluate the whole model on them (features cannot)
@@ -218,6 +220,15 @@ class _Job:
         self._finish(result, eval_module, eval_inputs, t_start)
         self.rd.commit()  # OUT becomes the new complete run in one step; the checkpoint goes with the staging folder
         return Run.load(cfg.runtime.out)
+
+    def _order(self) -> str:
+        """What the labels mean for the decision: the positive class (binary) or the grades' order (ordinal)."""
+        labels = self.prep.labels
+        if self.task == "binary" and self.pos is not None:
+            return f"; positive class '{labels[self.pos]}' (sensitivity and the threshold refer to it)"
+        if self.task == "ordinal":
+            return "; grades in the order " + " < ".join(labels)
+        return ""
 
     @property
     def hflip(self) -> bool:

@@ -107,11 +107,23 @@ class Predictor:
     def frame(self, ids: list[str], probs: np.ndarray) -> pd.DataFrame:
         df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.labels])
         df.insert(0, "sample_id", ids)
+        for name, t in self.thresholds().items():  # the decision's threshold beside the probability it applies to
+            df[f"threshold_{name}"] = t
         if self.meta.task == "multilabel":
             df["predicted"] = ["|".join(n for n, on in zip(self.labels, row) if on) for row in findings(probs, self.meta)]
         else:
             df["predicted"] = [self.labels[i] for i in self.decide(probs)]
         return df
+
+    def thresholds(self) -> dict[str, float]:
+        """The validation thresholds the decision applies: {positive class: t} for a binary run, one per finding
+        for a multi-label run; empty where the decision is the argmax or the median grade."""
+        m = self.meta
+        if m.task == "multilabel" and isinstance(m.threshold, (list, tuple)):
+            return {name: float(t) for name, t in zip(self.labels, m.threshold)}
+        if m.positive_index is not None and m.threshold is not None:
+            return {self.labels[m.positive_index]: float(m.threshold)}
+        return {}
 
     def predict(self, inputs, on_bad_file: str = "error", paths: list | None = None,
                 skipped: list | None = None) -> pd.DataFrame:
