@@ -49,7 +49,8 @@ def _check_members(runs: list[Run]) -> None:
         for what, a, b in (("task", first.model.task, r.model.task), ("labels", first.model.labels, r.model.labels),
                            ("spatial dimensions", first.model.spatial_dims, r.model.spatial_dims),
                            ("data channels", first.model.data_chans, r.model.data_chans),
-                           ("reader options", first.model.read, r.model.read)):
+                           ("reader options", first.model.read, r.model.read),
+                           ("input type", first.model.input_dtype, r.model.input_dtype)):
             if a != b:
                 raise MedxferError(f"runs '{first.dir}' and '{r.dir}' differ in {what} ({a} vs {b}): an ensemble "
                                    "averages runs of one task on one kind of input.")
@@ -127,7 +128,8 @@ def _meta(runs: list[Run], weights: list[float], size: int) -> dict:
     return {"arch": "ensemble", "source": "+".join(sorted({m["source"] for m in members})), "labels": first.labels,
             "in_chans": first.in_chans, "data_chans": first.data_chans, "image_size": size, "mean": first.mean,
             "std": first.std, "grey_mode": first.grey_mode, "read": first.read, "strategy": "ensemble",
-            "input": first.input, "task": first.task, "spatial_dims": first.spatial_dims, "members": members}
+            "input": first.input, "input_dtype": first.input_dtype, "task": first.task,
+            "spatial_dims": first.spatial_dims, "members": members}
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "auto", overwrite: bool = False,

@@ -51,7 +51,8 @@ PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
 FORMATS = ("onnx", "torchscript")
 META_KEYS = ("arch", "source", "labels", "image_size", "data_chans", "in_chans", "mean", "std", "grey_mode",
-             "read", "temperature", "threshold", "positive_label", "strategy", "input", "weights_sha256", "task")
+             "read", "temperature", "threshold", "positive_label", "strategy", "input", "input_dtype", "weights_sha256",
+             "task", "tta", "tta_hflip", "spatial_dims", "inflate")
 OUTPUTS = {"multilabel": "logits (N, num_findings); P(finding k) = sigmoid(logits[:, k] / temperature[k])",
            "ordinal": "CORN logits (N, num_grades - 1); z = logits / temperature; P(grade > k) = prod_{j<=k} "
                       "sigmoid(z_j); P(grade = k) = P(grade > k-1) - P(grade > k)",
@@ -87,7 +88,7 @@ def run_test_images(run: Run, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tens
 def path_images(paths: list[str | Path], meta: ModelMeta, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tensor, str]:
     """Images from files, folders and npz archives, through the run's preprocessing (as ``predict``)."""
     chunks, n = [], 0
-    for _, x in iter_inputs(paths, meta.image_size, meta.data_chans, ReadOptions(**meta.read)):
+    for _, x in iter_inputs(paths, meta.image_size, meta.data_chans, ReadOptions.of_run(meta)):
         chunks.append(x)
         n += len(x)
         if n >= limit:
