@@ -323,6 +323,21 @@ def test_decode_cost_is_estimated_from_the_header(tiny_run, tmp_path):
         model.decode_cost(bomb, ".png")
     assert e.value.status == 413
     assert model.decode_cost(io.BytesIO(b"not an image at all"), ".png") == 2 * 19
+    # volumes and arrays as the server holds them (Starlette's spooled upload files), from their headers
+    nibabel = pytest.importorskip("nibabel")
+    import tempfile
+
+    vol = nibabel.Nifti1Image(np.zeros((200, 200, 100), np.int16), np.eye(4))
+    for suffix in (".nii", ".nii.gz"):
+        nibabel.save(vol, tmp_path / f"v{suffix}")
+        spooled = tempfile.SpooledTemporaryFile(max_size=2**20)
+        spooled.write((tmp_path / f"v{suffix}").read_bytes())
+        voxels = 200 * 200 * 100
+        assert model.decode_cost(spooled, suffix) > 4 * voxels, suffix  # a few bytes per voxel, not the file's size
+        assert spooled.tell() == 0
+    arr = io.BytesIO()
+    np.save(arr, np.zeros((300, 400), np.float64))
+    assert model.decode_cost(arr, ".npy") > 2 * 8 * 300 * 400
 
 
 # ------------------------------------------------------------------------------------------ options

@@ -313,7 +313,7 @@ def _header_shape(f: BinaryIO, suffix: str, side: int) -> tuple[int, float, bool
 
         import nibabel
 
-        stream = gzip.GzipFile(fileobj=f) if suffix == ".nii.gz" else f
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if suffix == ".nii.gz" else f
         head = stream.read(540)
         cls = nibabel.Nifti2Header if int.from_bytes(head[:4], "little") in (540, 0x1C020000) else nibabel.Nifti1Header
         hdr = cls.from_fileobj(io.BytesIO(head))
