@@ -105,14 +105,16 @@ def export_features(out: str | Path, cfg: TrainConfig, run_dir: str | Path | Non
         if not cfg.data.path:
             raise MedxferError("--source needs --data PATH (an .npz, a folder, a CSV/Parquet manifest).")
         spec = resolve_source(cfg.model.source, cfg.model.weights)
-        model, data, meta, size = None, cfg.data, None, cfg.model.image_size or spec.input_size
-        what = f"source {spec.name} ({size} px)"
+        model, data, meta, size = None, cfg.data, None, cfg.model.image_size  # None: from the data, as train
     inputs = [p for p in (data.path, run_dir) if p]
     check_out(out, inputs=inputs, overwrite=overwrite, ours=is_features_file)  # before any work
     if head == "logistic":
         check_out(out.with_name(out.stem + "_logistic.json"), inputs=inputs, overwrite=overwrite, ours=is_features_file)
-    prep = prepare_data(dataclasses.replace(data, label_fraction=1.0), size, seed)
-    images = prep.images
+    prep = prepare_data(dataclasses.replace(data, label_fraction=1.0), size, seed,
+                        source_size=spec.input_size if model is None else 224)
+    images, size = prep.images, prep.size
+    if model is None:
+        what = f"source {spec.name} ({size} px)"
     if model is None:  # a source: built as linear-probe training builds it, so the feature cache is shared
         seed_everything(seed)
         model, info = build_model(spec, len(prep.labels), images.shape[1], grey_mode=cfg.model.grey_mode)

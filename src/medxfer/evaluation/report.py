@@ -172,7 +172,7 @@ def _decision_text(run: Run) -> str:
 
 def _curves_section(run: Run, figs: _Figures, t: _Test) -> str:
     if run.history is not None and len(run.history):
-        return figs("training_curves", plots.training_figure(run.history),
+        return figs("training_curves", plots.training_figure(run.history, run.metrics.get("best_epoch"), run.config.optim.select),
                     "Training and validation loss, validation AUC per epoch; the best epoch's weights were kept.")
     return "<p>No history.csv in this run.</p>"
 
