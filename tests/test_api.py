@@ -123,3 +123,31 @@ def test_train_accepts_arrays_and_dataframes(small_npz, tmp_path):
                         bootstrap=0, report=False, out=str(tmp_path / "frame"))
     assert run.resolved["data"]["origin"] == "dataframe" and len(run.split) == 80
     assert main(["predict", str(tmp_path / "frame"), str(tmp_path / "0.png"), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_a_dataframes_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A DataFrame has no folder: its paths are relative to the working directory (or absolute); errors name
+    the DataFrame and its rows, never the temporary table it is read through; types are kept."""
+    from medxfer.data.sources import from_frame
+    from medxfer.errors import MedxferError
+    from medxfer.privacy import hash_id, sample_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    given = [f"imgs/{i}.png" for i in range(4)]
+    df = pd.DataFrame({"path": given, "label": ["a", "b", "a", "b"], "patient_id": ["007", "7", "007", "08"]})
+    m = from_frame(df)
+    assert m.table["sample_id"].tolist() == [sample_id(p) for p in given]  # named as a manifest names its rows
+    assert m.table["path"].tolist() == [str(tmp_path / p) for p in given]
+    assert m.table["patient_id"].tolist() == [hash_id(p) for p in ("007", "7", "007", "08")]  # '007' is not '7'
+    df.loc[2, "path"] = "imgs/missing.png"
+    with pytest.raises(MedxferError) as e:
+        medxfer.train(df, source="test_resnet", weights="none", out=str(tmp_path / "run"))
+    msg = str(e.value)
+    assert "row 3" in msg and "relative to the working directory" in msg and "\n" not in msg
+    assert "manifest" not in msg and ".csv" not in msg and ".parquet" not in msg
+    with pytest.raises(MedxferError, match="the DataFrame lists 1 file twice") as e:
+        from_frame(pd.DataFrame({"path": given[:2] + [given[0]], "label": ["a", "b", "a"]}))
+    assert "manifest" not in str(e.value)

@@ -321,15 +321,46 @@ def from_arrays(images, labels, *, label_names: list[str] | None = None, splits=
 
 
 def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".", **kw) -> Manifest:
-    """A DataFrame like a CSV manifest (path, label[, patient_id, split, ...]); paths relative to ``root``."""
+    """A DataFrame like a CSV manifest (path, label[, patient_id, split, ...]), read by the manifest rules.
+
+    Its paths are relative to ``root``, the working directory by default (or absolute): a DataFrame has no
+    folder of its own. Samples are named by the path as given (as a manifest's rows are), messages by row,
+    and none names the temporary table the rules read it from. Types are kept (Parquet): patient '007'
+    stays '007'; a column Arrow cannot hold (mixed types) is read as text."""
     import tempfile
 
-    root = Path(root).resolve()
-    with tempfile.TemporaryDirectory() as tmp:  # one reader for files and frames: the CSV rules apply as they are
-        csv = Path(tmp) / "manifest.csv"
-        frame = df.copy()
-        frame["path"] = [str((root / str(p)).resolve()) for p in frame["path"]] if "path" in frame else None
-        frame.to_csv(csv, index=False)
-        m = from_table(csv, label_names, **kw)
+    import pyarrow as pa
+
+    if "path" not in df.columns:
+        raise MedxferError(f"the DataFrame lacks a 'path' column; it has {list(df.columns)}. Needed: path,label "
+                           "(or --label-columns); optional: patient_id, split.")
+    given = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else str(p) for p in df["path"]]
+    listed = [Path(root) / p for p in given]
+    absent = [i for i, f in enumerate(listed) if not f.exists()]
+    if absent:
+        links = sum(listed[i].is_symlink() for i in absent)
+        raise MedxferError(f"{len(absent)} files listed in the DataFrame do not exist (first: row {absent[0] + 1}"
+                           f"{f'; {links} of them broken or looping links' if links else ''}); its paths are relative "
+                           "to the working directory, or absolute. Fix the paths (or chdir) or remove those rows.")
+    odd = [i for i, p in enumerate(given) if any("\ud800" <= c <= "\udfff" for c in p)]  # bytes kept as surrogates
+    if odd:
+        raise MedxferError(f"{len(odd)} paths in the DataFrame are not valid UTF-8 text (first: row {odd[0] + 1}). Give "
+                           "such files as a folder (medxfer reads any file name there) or rename them.")
+    frame = df.copy()
+    frame["path"] = [os.path.abspath(f) for f in listed]
+    for col in frame.columns:
+        try:
+            pa.array(frame[col], from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError):  # mixed types: as text (missing values stay missing)
+            frame[col] = frame[col].map(lambda v: v if v is None or v is pd.NA or v != v else str(v)).astype(object)
+    with tempfile.TemporaryDirectory() as tmp:  # one reader for files and frames: the manifest rules apply as they are
+        table = Path(tmp) / "manifest.parquet"
+        frame.to_parquet(table, index=False)
+        try:
+            m = from_table(table, label_names, **kw)
+        except MedxferError as e:  # messages name the DataFrame, never the temporary table
+            text = str(e).replace(f"manifest '{table}'", "the DataFrame").replace(f"'{table}'", "the DataFrame")
+            raise MedxferError(text.replace(str(table), "the DataFrame")) from None
+    m.table["sample_id"] = [sample_id(p) for p in given]  # the path as given, as a manifest's rows are named
     m.origin = "dataframe"
     return m
