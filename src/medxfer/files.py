@@ -11,6 +11,14 @@ Usage::
 
 Every write goes to a temporary file in the same folder, is flushed to disk and renamed into place:
 a reader never sees half a file, and a full disk is one clear message naming the file.
+
+Modes: every file medxfer writes is created as any tool creates one, mode 0666 less the umask (0644
+under the usual 022; ``umask 077`` keeps runs, predictions and exports to their owner). The temporary
+file is made that way (:func:`temp_beside`), never 0600 as ``tempfile.mkstemp`` makes it, so that run
+files, plots and exports follow one rule.
+
+Text is written as UTF-8 with file names kept as their bytes: a name that is not valid UTF-8 reaches
+Python as lone surrogates (PEP 383) and is written back as the bytes it was (``--keep-paths``).
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
+import typing
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from medxfer.errors import MedxferError
+
+if typing.TYPE_CHECKING:
+    import pandas as pd
 
 
 HASHES = "files.sha256"
@@ -35,8 +46,24 @@ _HASH_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\]+)")
 
 def write_text(path: Path, text: str) -> None:
     """Write then rename: a reader never sees half a file. A full disk or a folder that cannot be
-    written is one clear MedxferError naming the file, not a traceback."""
-    write_bytes(path, text.encode())
+    written is one clear MedxferError naming the file, not a traceback. File names in ``text`` that are
+    not valid UTF-8 (lone surrogates) are written as the bytes they were."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def temp_beside(path: Path) -> Path:
+    """A new, empty temporary file in ``path``'s folder (named ``.NAME.XXXX.tmp``), created with mode 0666
+    less the umask, as the file it becomes would be (``tempfile.mkstemp`` makes 0600). Raises OSError."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -45,8 +72,8 @@ def write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        tmp = temp_beside(path)
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -128,23 +155,29 @@ def write_yaml(path: Path, obj) -> None:
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:
+    """A DataFrame as CSV (no index); paths in object columns keep their bytes (see :func:`write_text`)."""
     write_text(path, df.to_csv(index=False))
 
 
 def write_weights(path: Path, state_dict: dict) -> str:
-    """Write a safetensors file atomically; returns its sha256 (recorded in model.json)."""
+    """Write a safetensors file atomically; returns its sha256 (recorded in model.json). Its mode follows the
+    umask like every other file (safetensors' ``save_file`` makes 0600: the mode of a new file is put back)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(path)
+        mode = tmp.stat().st_mode & 0o777
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         raise write_error(path, e) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
     return sha256_file(path)
 
