@@ -127,3 +127,24 @@ def test_maps_from_float_and_grey_2d():
     assert _as_float(torch.zeros(2, 8, 8, dtype=torch.uint8)).shape == (2, 1, 8, 8)
     with pytest.raises(MedxferError, match="shape"):
         _as_float(np.zeros((8, 8)))
+
+
+def test_explain_keep_paths_writes_the_mapping(tiny_run, tmp_path, capsys):
+    """--keep-paths as predict has it: OUT/paths.csv maps each overlay's sample id to its file."""
+    import pandas as pd
+
+    from medxfer.cli import main
+    from medxfer.privacy import sample_id
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((28, 28), 60 + 50 * i, np.uint8)).save(folder / f"Doe_Jane_{i}.png")
+    out = tmp_path / "cams"
+    assert main(["explain", str(tiny_run), str(folder), "--out", str(out), "--keep-paths"]) == 0
+    mapping = pd.read_csv(out / "paths.csv")
+    files = [str(folder / f"Doe_Jane_{i}.png") for i in range(2)]
+    assert mapping.to_dict("list") == {"sample_id": [sample_id(f) for f in files], "path": files}
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{sample_id(f)}_gradcam.png" for f in files)
+    assert "Doe_Jane" not in capsys.readouterr().out.replace(str(out / "paths.csv"), "")
+    assert main(["explain", str(tiny_run), str(folder), "--out", str(out), "--keep-paths"]) == 0  # its own: replaced

@@ -3,6 +3,7 @@
 Usage::
 
     paths, layer, size = explain_paths("runs/breast", ["scan1.png", "folder/"], "cams/", layer="blocks.4")
+    explain_paths(run, inputs, "cams/", keep_paths=True)     # also cams/paths.csv: sample_id,path (keep it private)
 
 The folder and each overlay go through the output guard (:mod:`medxfer.runs`): never into a run directory or
 over an input; an existing PNG is replaced only when it is an overlay medxfer wrote (a ``medxfer`` text chunk
@@ -18,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from medxfer import files
@@ -27,13 +29,16 @@ from medxfer.predict import Predictor
 from medxfer.runs import check_out, check_out_dir
 
 MARK = b"medxfer\0Grad-CAM overlay"
+PATHS = "paths.csv"
+PATHS_HEADER = "sample_id,path"
 _IHDR_END = 33  # the PNG signature (8 bytes) and the IHDR chunk (4 + 4 + 13 + 4), always first
 
 
-def _load_inputs(predictor: Predictor, inputs) -> tuple[list[str], torch.Tensor]:
-    """Image files, folders (recursive) and npz archives -> (sample ids, uint8 (N, C, S, S))."""
+def _load_inputs(predictor: Predictor, inputs, paths: list | None = None) -> tuple[list[str], torch.Tensor]:
+    """Image files, folders (recursive) and npz archives -> (sample ids, uint8 (N, C, S, S)); ``paths`` collects
+    ``(sample_id, path)`` of the files when given."""
     ids, chunks = [], []
-    for chunk_ids, x in predictor.iter_inputs(inputs):
+    for chunk_ids, x in predictor.iter_inputs(inputs, paths=paths):
         ids += chunk_ids
         chunks.append(x)
     if not chunks:
@@ -75,16 +80,23 @@ def _publish(pngs: list[Path], targets: list[Path]) -> list[Path]:
 
 
 def explain_paths(run_dir: str | Path, inputs: list[str | Path], out_dir: str | Path, layer: str | None = None,
-                  target_class=None, overwrite: bool = False) -> tuple[list[Path], str, tuple[int, ...]]:
+                  target_class=None, overwrite: bool = False, keep_paths: bool = False
+                  ) -> tuple[list[Path], str, tuple[int, ...]]:
     """Grad-CAM overlays for image files / folders / npz archives, named by sample id (file names can hold
-    patient names); returns the PNGs, the layer used and its map size."""
+    patient names); returns the PNGs, the layer used and its map size. ``keep_paths``: also ``OUT/paths.csv``
+    (sample_id, path of each file), as ``medxfer predict --keep-paths`` writes it."""
     out_dir = check_out_dir(out_dir)
+    mapping = out_dir / PATHS
+    if keep_paths:  # before any work
+        check_out(mapping, inputs=[run_dir, *inputs], overwrite=overwrite,
+                  ours=lambda p: files.first_line(p) == PATHS_HEADER)
     predictor = Predictor(run_dir)
     model, meta = predictor.network, predictor.meta
     name, size = feature_map_size(model, meta, layer)
     if target_class is not None:
         target_class = class_index(meta, target_class)
-    ids, images = _load_inputs(predictor, inputs)
+    paths: list | None = [] if keep_paths else None
+    ids, images = _load_inputs(predictor, inputs, paths)
     stems = [f"{n}_gradcam" for n in _unique([i.replace("/", "_") for i in ids])]
     targets = [check_out(out_dir / f"{n}.png", inputs=[run_dir, *inputs], overwrite=overwrite, ours=is_overlay)
                for n in stems]
@@ -102,10 +114,12 @@ def explain_paths(run_dir: str | Path, inputs: list[str | Path], out_dir: str | 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".medxfer-"))
-        paths = _publish(save_overlays(images.numpy(), maps, tmp, stems, titles), targets)
+        pngs = _publish(save_overlays(images.numpy(), maps, tmp, stems, titles), targets)
     except OSError as e:
         raise files.write_error(out_dir, e) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return paths, name, size
+    if paths is not None:  # names need not be UTF-8: Python strings, written back as the bytes they were
+        files.write_csv(mapping, pd.DataFrame(paths, columns=PATHS_HEADER.split(","), dtype=object))
+    return pngs, name, size

@@ -1,7 +1,5 @@
-"""CLI commands that live beside their library module; each module has ``register(app)``.
+"""CLI commands, one small module per command, each with ``register(app)``.
 
-``medxfer.cli`` registers every name in :data:`COMMAND_MODULES`.
+``medxfer.cli`` lists them (``COMMANDS``) and imports a module only when its command is called or its help
+is asked for (:mod:`medxfer.commands.group`); :mod:`medxfer.commands.base` holds what they share.
 """
-
-COMMAND_MODULES: list[str] = ["export", "features", "cv", "compare", "report", "explain", "pretrain", "locate", "serve",
-                             "ensemble", "auto", "track"]

@@ -5,17 +5,18 @@ from __future__ import annotations
 import typer
 
 from medxfer.auto import AutoConfig, auto
-from medxfer.commands.base import Given, command, option_fields, out
+from medxfer.commands.base import RESUME, Given, command, option_fields, out
 
 FIELDS = option_fields(config=AutoConfig, exclude=("strategy", "image_size", "augment", "lr", "epochs", "devices",
                                                    "overwrite", "report"))
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "auto", FIELDS)
+    @command(app, "auto", FIELDS, interrupted=RESUME)
     def auto_command(given: Given):
         """Search strategy x source x image size x learning rate x augmentation (Optuna: TPE, Hyperband pruning on
         validation) within --time-budget, then ensemble the best trials into DIR/model (a normal run directory).
+
         --storage postgresql://... lets several machines work on one study; --resume continues a study."""
         cfg = given.config(cls=AutoConfig)
         run = auto(cfg)

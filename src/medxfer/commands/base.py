@@ -8,11 +8,18 @@ Usage (in a command module)::
     def register(app):
         @command(app, "cv", option_fields(exclude=("out",)))
         def cv(given, folds: int = typer.Option(5)):
-            cfg = given.config(config_path)
+            from medxfer.crossval import cross_validate   # the job: imported when the command runs
+
+            cross_validate(given.config(config_path), folds, out_dir)
+
+A command module imports its job inside the command's body, so that ``medxfer COMMAND --help`` needs
+typer and :mod:`medxfer.config` only (``medxfer.cli`` imports the module when the command is called).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
@@ -25,13 +32,15 @@ from typing import Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medxfer import progress
-from medxfer.config import Config, TrainConfig, cli_name, flat_name
+from medxfer.commands.group import ARGV
+from medxfer.config import Config, RuntimeOptions, TrainConfig, cli_name, flat_name
+from medxfer.errors import MedxferError
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
-ARGV: list[str] = []     # the arguments main() was given (also when called in-process)
 PANELS = {"data": "Data", "model": "Source model", "optim": "Training", "evaluation": "Evaluation", "runtime": "Run",
           "ssl": "Self-supervised", "auto": "Search"}
 
@@ -166,14 +175,29 @@ class Given:
         return base.replace(**{**self.explicit, **fixed})
 
 
-def command(app_: typer.Typer, name: str | None = None, fields=(), **settings):
+class Interrupted(MedxferError):
+    """Ctrl-C in a command: exit code 130 and one line saying so (and how to continue, where a command can)."""
+
+    exit_code = 130
+
+
+#: what to do after an interruption, for the commands that continue where they stopped
+RESUME = "interrupted. To continue where it stopped, run the same command again with --resume."
+RERUN = "interrupted. To continue, run the same command again: finished runs are reused, the interrupted one resumes."
+
+
+def command(app_: typer.Typer, name: str | None = None, fields=(), *, interrupted: str = "interrupted.", **settings):
     """Register ``fn(given: Given, **own_params)`` as a command taking the generated ``fields`` as options,
-    plus ``--quiet/--verbose`` (every command has them)."""
+    plus ``--quiet/--verbose`` (every command has them).
+
+    Every help text is shown as written (escaped here, the one place options become typer options: a
+    ``[track]`` is text, not rich markup). A command given ``--num-threads`` runs with that many PyTorch
+    threads; Ctrl-C ends it with code 130 and the line ``interrupted`` (what to do next: :data:`RESUME`)."""
     def decorate(fn):
         hints = typing.get_type_hints(fn)  # annotations are strings under 'from __future__ import annotations'
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+        own = [_escaped(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
                for p in inspect.signature(fn).parameters.values() if p.name != "given"]
-        generated = [_parameter(c, g, n, f) for c, g, n, f in fields]
+        generated = [_escaped(_parameter(c, g, n, f)) for c, g, n, f in fields]
         names = [n for _, _, n, _ in fields]
         common = [inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")),
@@ -186,17 +210,48 @@ def command(app_: typer.Typer, name: str | None = None, fields=(), **settings):
             setup_logging(kw.pop("quiet"), kw.pop("verbose"))
             values = {n: kw.pop(n) for n in names}
             explicit = {n: v for n, v in values.items() if ctx.get_parameter_source(n).name != "DEFAULT"}
-            with progress.reporting(RichReporter()):
-                if "given" in inspect.signature(fn).parameters:
-                    return fn(given=Given(values, explicit), **kw)
-                return fn(**kw)
+            try:
+                with progress.reporting(RichReporter()), torch_threads(values.get("num_threads")):
+                    if "given" in inspect.signature(fn).parameters:
+                        return fn(given=Given(values, explicit), **kw)
+                    return fn(**kw)
+            except KeyboardInterrupt:
+                raise Interrupted(interrupted) from None
 
         wrapper.__signature__ = inspect.Signature([ctx_param, *generated, *own, *common])
-        wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+        wrapper.__doc__, wrapper.__name__ = escape(inspect.cleandoc(fn.__doc__ or "")), fn.__name__
         app_.command(name or fn.__name__.replace("_", "-"), **settings)(wrapper)
         return fn
 
     return decorate
+
+
+def _escaped(p: inspect.Parameter) -> inspect.Parameter:
+    """The parameter with its help as text: typer reads help as rich markup, which ate '[track]'."""
+    info = p.default
+    if not isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)) or not info.help:
+        return p
+    info = copy.copy(info)
+    info.help = escape(info.help)
+    return p.replace(default=info)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """PyTorch's CPU threads set to ``n`` for the command (checked as ``--num-threads`` is everywhere); None:
+    PyTorch's own, and torch is not imported here."""
+    if n is None:
+        yield
+        return
+    RuntimeOptions(num_threads=n)  # the option's own check: one line naming it and its bound
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_wide(renderable, width: int) -> None:

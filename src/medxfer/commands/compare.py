@@ -10,8 +10,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from medxfer import comparison as lib
-from medxfer.commands.base import Given, command, option_fields, out, print_wide
+from medxfer.commands.base import RERUN, Given, command, option_fields, out, print_wide
 from medxfer.errors import MedxferError
 
 PANEL = "Comparison"
@@ -19,7 +18,7 @@ PANEL = "Comparison"
 
 def register(app: typer.Typer) -> None:
     @command(app, "compare", option_fields(exclude=("strategy", "seed", "split_seed", "out", "resume", "overwrite",
-                                                    "devices", "label_fraction")))
+                                                    "devices", "label_fraction")), interrupted=RERUN)
     def compare(
         given: Given,
         strategies: str = typer.Option("linear-probe,partial,full,scratch", help="Comma-separated strategies.",
@@ -47,6 +46,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Compare strategies over seeds on one split: mean ± sd, a paired test vs scratch (of the strategy best
         on validation), a learning curve. Every 'medxfer train' option below applies to every run."""
+        from medxfer import comparison as lib
+
         if resume:
             raise MedxferError("medxfer compare resumes interrupted runs and reuses finished ones by itself: leave out "
                                "--resume (use --retrain to start every run again).")
@@ -70,6 +71,8 @@ def register(app: typer.Typer) -> None:
 
 def print_table(result: dict, several_sources: bool, several_views: bool = False) -> None:
     """The comparison on stdout; paths stay out of the title (they would wrap with the width)."""
+    from medxfer import comparison as lib
+
     st = result["settings"]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   title=f"test split, mean ± sd over seeds {st['seeds']}")

@@ -17,9 +17,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from medxfer.commands.base import Given, command, option_fields, out, print_wide
-from medxfer.crossval import cross_validate
-from medxfer.evaluation.stats import mean_sd
+from medxfer.commands.base import RESUME, Given, command, option_fields, out, print_wide
 
 # the metrics shown first in the table (then every other one, as in cv.json)
 _FIRST = ("auc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy",
@@ -27,6 +25,8 @@ _FIRST = ("auc", "average_precision", "balanced_accuracy", "sensitivity", "speci
 
 
 def print_summary(report: dict) -> None:
+    from medxfer.evaluation.stats import mean_sd
+
     summary = report["summary"]
     grouped = "patient-grouped " if report.get("grouped_by_patient") else ""
     table = Table(title=f"{report['strategy']}: {report['folds']}-fold {grouped}cross-validation, test metrics")
@@ -42,7 +42,7 @@ def print_summary(report: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "cv", option_fields(exclude=("out", "devices")))
+    @command(app, "cv", option_fields(exclude=("out", "devices")), interrupted=RESUME)
     def cv(given: Given,
            folds: int = typer.Option(5, "--folds", help="Number of folds K (stratified, patient-grouped).",
                                      rich_help_panel="Cross-validation"),
@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         Stratified, patient-grouped K folds; fold i tests on part i, validates on part i+1 and trains on
         the rest. Writes OUT/fold_<i>/ run directories and OUT/cv.json (mean ± sd of every test metric).
         """
+        from medxfer.crossval import cross_validate
+
         report = cross_validate(given.config(config), folds, out_dir)
         print_summary(report)
         out.print(f"cross-validation: {out_dir / 'cv.json'}", highlight=False)

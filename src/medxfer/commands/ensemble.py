@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from medxfer.commands.base import command, out
-from medxfer.ensemble import METHODS, build_ensemble
+
+METHODS = ("auto", "greedy", "uniform")  # medxfer.ensemble.METHODS, here so that --help needs no PyTorch
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +24,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Average runs' calibrated probabilities into one run that predict, report, explain, export and serve
         use like any run; its temperature and threshold are fitted on validation."""
+        from medxfer.ensemble import build_ensemble
+
         run = build_ensemble(run_dirs, out_dir, method=method, overwrite=overwrite, report=report)
         t = run.metrics["test"]
         ci = f" (95% CI {t['auc_ci'][0]:.3f}-{t['auc_ci'][1]:.3f})" if t.get("auc_ci") else ""

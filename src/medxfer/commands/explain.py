@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from medxfer.commands.base import command, out
-from medxfer.explain import explain_paths
+from medxfer.commands.base import Given, command, option_fields, out
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "explain")
+    @command(app, "explain", option_fields(("runtime",), only=("num_threads",)))
     def explain(
+        given: Given,
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
         inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
         out_dir: Path = typer.Option(Path("gradcam"), "--out", help="Folder for the overlay PNGs."),
@@ -21,13 +21,17 @@ def register(app: typer.Typer) -> None:
                                             show_default="the last feature stage at least 4x4 at the run's size"),
         target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class.",
                                                    show_default="each image's predicted class"),
+        keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT/paths.csv mapping sample ids to "
+                                        "files (file names can hold patient names: keep it private)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs in --out that medxfer did "
                                        "not write (never an input or a file inside a run)."),
     ):
         """Grad-CAM overlays: the image, the jet heat map, the predicted class and its probability (files are
         named by sample id: file names can hold patient names)."""
+        from medxfer.explain import explain_paths
+
         paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class,
-                                         overwrite=overwrite)
+                                          overwrite=overwrite, keep_paths=keep_paths)
         note = "; coarse: --layer NAME takes another stage" if size and min(size) < 8 else ""
-        out.print(f"{len(paths)} Grad-CAM overlays -> {out_dir} (layer {name}, {'x'.join(map(str, size))} map{note})",
-                  markup=False, highlight=False)
+        out.print(f"{len(paths)} Grad-CAM overlays -> {out_dir} (layer {name}, {'x'.join(map(str, size))} map{note})"
+                  + (f"; ids to files: {out_dir / 'paths.csv'}" if keep_paths else ""), markup=False, highlight=False)

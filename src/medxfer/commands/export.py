@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
-from medxfer.commands.base import command, out
-from medxfer.export import FORMATS, export_run
+from medxfer.commands.base import Given, command, option_fields, out
+
+FORMATS = ("onnx", "torchscript")  # medxfer.export.FORMATS, here so that --help needs no PyTorch
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "export")
+    @command(app, "export", option_fields(("runtime",), only=("num_threads",)))
     def export(
+        given: Given,
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
         fmt: str = typer.Option("onnx", "--format", help=" | ".join(FORMATS) + "."),
         out_file: Optional[Path] = typer.Option(None, "--out", help="File to write.",
@@ -24,6 +26,8 @@ def register(app: typer.Typer) -> None:
                                        "medxfer export (never an input or a file inside a run)."),
     ):
         """Export a trained run for fast inference; checks it against PyTorch on real images first."""
+        from medxfer.export import export_run
+
         r = export_run(run_dir, fmt=fmt, out=out_file, check_data=check_data or None, overwrite=overwrite)
         out.print(f"{fmt} vs PyTorch on {r['checked_on']}: max |prob diff| {r['max_prob_diff']:.2e}, max |logit diff| "
                   f"{r['max_logit_diff']:.2e}, same prediction {r['same_argmax']:.1%} (tolerance {r['tolerance']:g})",

@@ -9,12 +9,11 @@ import typer
 from rich.table import Table
 
 from medxfer.commands.base import Given, command, option_fields, out
-from medxfer.features_export import export_features
 
-FIELDS = option_fields(("data", "model", "optim"), only=("data", "labels", "label_names", "split_by", "split_seed",
+FIELDS = option_fields(("data", "model", "optim", "runtime"), only=("data", "labels", "label_names", "split_by", "split_seed",
                                                          "on_bad_file", "window", "frame", "slice", "intensity",
                                                          "cache_dir", "no_cache", "source", "weights", "image_size",
-                                                         "grey_mode", "seed"))
+                                                         "grey_mode", "seed", "num_threads"))
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +29,8 @@ def register(app: typer.Typer) -> None:
                                        "not write (never an input or a file inside a run)."),
     ):
         """Export pooled backbone features (embeddings) of every sample, optionally with a logistic head."""
+        from medxfer.features_export import export_features
+
         r = export_features(out_file, given.config(), run_dir=run_dir, head=head, given=given.explicit,
                             overwrite=overwrite)
         split = ", ".join(f"{k} {v}" for k, v in r["per_split"].items())

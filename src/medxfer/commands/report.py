@@ -8,8 +8,6 @@ from typing import Optional
 import typer
 
 from medxfer.commands.base import command, out
-from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import write_report
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +18,9 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="The run's data, when config.yaml's path does not reach it."),
     ):
         """Write RUN_DIR/report.html (one file, opens offline), RUN_DIR/plots/*.png and RUN_DIR/model_card.md."""
+        from medxfer.evaluation.card import write_model_card
+        from medxfer.evaluation.report import write_report
+
         write_model_card(run_dir)
         path = write_report(run_dir, gradcam=gradcam, data=data)
         out.print(f"report: {path}", markup=False, highlight=False)

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from medxfer.commands.base import command, out
-from medxfer.tracking import log_run, resolve_tracking_uri, store_location
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +25,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Log a finished run to MLflow: options as params, epoch curves, test and validation results with
         their intervals, the model card and report. Sample and patient ids are never sent."""
+        from medxfer.tracking import log_run, resolve_tracking_uri, store_location
+
         uri = resolve_tracking_uri(tracking_uri)
         run_id = log_run(run_dir, uri, experiment=experiment, artifacts=artifacts, run_name=name)
         out.print(f"MLflow run {run_id} in experiment '{experiment}'", markup=False, highlight=False)

@@ -1,0 +1,63 @@
+"""``medxfer predict RUN IMAGES... --out preds.csv``: calibrated probabilities from a run directory alone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from medxfer.commands.base import Given, command, option_fields, out
+from medxfer.files import first_line
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "predict", option_fields(("runtime",), only=("num_threads",)))
+    def predict(
+        given: Given,
+        run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
+        inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
+        out_file: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
+        engine: str = typer.Option("torch", help="torch | onnx (run 'medxfer export' first)."),
+        batch_size: int = typer.Option(64, help="Images per model call."),
+        on_bad_file: str = typer.Option("error", help="error | skip (listed in OUT_skipped.csv)."),
+        keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT_paths.csv mapping sample ids to "
+                                        "files (file names can hold patient names: keep it private)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that medxfer did "
+                                       "not write (never an input or a file inside a run)."),
+    ):
+        """Predict calibrated class probabilities with a trained run, from the run directory alone.
+
+        Rows are named by their input order (index) and a pseudonymous sample_id, never by file name."""
+        import pandas as pd
+
+        from medxfer.files import write_csv
+        from medxfer.predict import Predictor
+        from medxfer.runs import check_out
+
+        side = {"skipped": (out_file.with_name(out_file.stem + "_skipped.csv"), "sample_id,reason"),
+                "paths": (out_file.with_name(out_file.stem + "_paths.csv"), "sample_id,path")}
+        given_paths = [run_dir, *inputs]
+        check_out(out_file, inputs=given_paths, overwrite=overwrite, ours=is_predictions_csv)  # before any work
+        for name, (path, header) in side.items():
+            if name == "paths" and keep_paths or name == "skipped" and on_bad_file == "skip":
+                check_out(path, inputs=given_paths, overwrite=overwrite, ours=lambda p, h=header: first_line(p) == h)
+        paths: list | None = [] if keep_paths else None
+        skipped: list = []
+        df = Predictor(run_dir, engine=engine, batch_size=batch_size).predict(inputs, on_bad_file, paths, skipped)
+        write_csv(out_file, df)
+        if skipped:
+            name = side["skipped"][0]
+            write_csv(name, pd.DataFrame([(s.sample_id, s.reason) for s in skipped], columns=["sample_id", "reason"]))
+            logging.getLogger("medxfer").warning("skipped %d unreadable samples (see %s)", len(skipped), name.name)
+        if paths:
+            # a file name need not be UTF-8: the path stays a Python string (its bytes kept as surrogates, written
+            # back as they were), never an Arrow string, which refuses it
+            write_csv(side["paths"][0], pd.DataFrame(paths, columns=["sample_id", "path"], dtype=object))
+        out.print(f"{len(df)} predictions -> {out_file}", markup=False, highlight=False)
+
+
+def is_predictions_csv(path: Path) -> bool:
+    """The mark of a CSV 'medxfer predict' wrote: its header (index, sample_id, the probabilities, predicted)."""
+    header = first_line(path) or ""
+    return header.startswith("index,sample_id,prob_") and header.endswith(",predicted")
