@@ -477,3 +477,42 @@ def test_onnx_engine(tiny_run, tmp_path, breast_pngs):
     assert np.abs(got - ref_onnx).max() < 1e-6
     assert np.abs(got - ref_torch).max() < 1e-4
     assert [p["predicted"] for p in r.json()["predictions"]] == pred_onnx
+
+
+def test_one_file_in_the_field_file_is_accepted(server, breast_pngs):
+    """``curl -F file=@x.png`` is what most clients send for one image: it gets the same answer as 'files'."""
+    one = [("file", (p.name, p.read_bytes(), "image/png")) for p in breast_pngs[:1]]
+    a = server.client.post("/v1/predict", files=one, headers=AUTH)
+    b = server.client.post("/v1/predict", files=files_of(breast_pngs[:1]), headers=AUTH)
+    assert a.status_code == 200, a.text
+    assert a.json()["predictions"] == b.json()["predictions"]
+
+
+def test_the_api_is_described_at_openapi_json(server):
+    r = server.client.get("/openapi.json")                  # no key needed, like the page and /healthz
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {"/healthz", "/v1/model", "/v1/predict"}
+    post = doc["paths"]["/v1/predict"]["post"]
+    assert set(post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]) == {"files", "file"}
+    labels = server.client.get("/v1/model", headers=AUTH).json()["labels"]
+    item = post["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["predictions"]["items"]
+    assert item["properties"]["predicted"]["enum"] == labels
+    assert post["security"] and "apiKey" in doc["components"]["securitySchemes"]
+
+
+def test_serve_takes_num_threads_into_every_process(tiny_run, monkeypatch):
+    """``serve --num-threads N`` reaches the config every worker process builds its model from."""
+    from typer.testing import CliRunner
+
+    from medxfer.cli import app
+    from medxfer.serve import launch
+
+    import medxfer.commands.serve as command
+
+    seen = {}
+    monkeypatch.setattr(command, "run", lambda cfg: seen.setdefault("cfg", cfg))   # the server itself is not started
+    result = CliRunner().invoke(app, ["serve", str(tiny_run), "--num-threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].threads == 1

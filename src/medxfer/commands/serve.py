@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("auto", help="onnx | torch | auto (onnx when RUN/model.onnx exists; "
                                                 "make it with 'medxfer export RUN')."),
         workers: int = typer.Option(1, help="Server processes (each loads the model and batches on its own)."),
+        num_threads: Optional[int] = typer.Option(None, "--num-threads", min=1,
+                                                  help="CPU threads for the model in each process.",
+                                                  show_default="PyTorch's"),
         api_key: Optional[str] = typer.Option(None, help="Require this key on /v1/* (visible in 'ps': prefer "
                                                          "--api-key-file)."),
         api_key_file: Optional[Path] = typer.Option(None, help="File whose first line is the API key (each worker "
@@ -64,6 +67,7 @@ def register(app: typer.Typer) -> None:
         """Serve a run over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
         key = read_key(api_key, api_key_file)
         cfg = ServeConfig(run_dir=str(run_dir), engine=engine, host=host, port=port, workers=workers, api_key=key,
+                          threads=num_threads,
                           api_key_file=str(api_key_file) if api_key_file is not None else None,
                           max_upload_mb=max_upload_mb, max_files=max_files,
                           max_batch=max_batch if batching else 1, batch_wait_ms=batch_wait_ms if batching else 0.0,

@@ -9,7 +9,8 @@ Usage::
     app = create_app(ServeConfig(run_dir="runs/breast"))   # an ASGI app (Starlette)
     run(ServeConfig(run_dir="runs/breast", port=8000))      # uvicorn; refuses a public host without a key
 
-Routes: ``GET /`` (the page), ``GET /healthz``, ``GET /v1/model``, ``POST /v1/predict[?explain=true]``.
+Routes: ``GET /`` (the page), ``GET /healthz``, ``GET /openapi.json`` (the API's OpenAPI 3.1 description),
+``GET /v1/model``, ``POST /v1/predict[?explain=true]`` (images in the multipart field ``files``, or one in ``file``).
 Every error is JSON ``{"error": {"code", "message"}}`` with a 4xx/5xx status; messages name the image
 by its index in the request, never by its file name, and hold no header value and no traceback.
 """
@@ -46,6 +47,7 @@ from medxfer.serve.batching import Batcher
 from medxfer.serve.budget import MemoryBudget
 from medxfer.serve.errors import ApiError
 from medxfer.serve.model import ServedModel
+from medxfer.serve.openapi import FIELDS, openapi
 from medxfer.serve.protocol import Limits
 from medxfer.serve.uploads import UploadDir, png_size, safe_suffix
 
@@ -182,8 +184,8 @@ def api(endpoint):
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    msg = {404: f"no route '{request.url.path}': the routes are GET /, GET /healthz, GET /v1/model, "
-                "POST /v1/predict", 405: f"method {request.method} is not allowed on '{request.url.path}'"}
+    msg = {404: f"no route '{request.url.path}': the routes are GET /, GET /healthz, GET /openapi.json, "
+                "GET /v1/model, POST /v1/predict", 405: f"method {request.method} is not allowed on '{request.url.path}'"}
     return error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"),
                                    msg.get(exc.status_code, "request refused")))
 
@@ -378,6 +380,11 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    schema = openapi(model.labels, model.model_id, cfg.api_key is not None)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(schema)
+
     @api
     async def model_info(request: Request) -> Response:
         info = model.info()
@@ -441,7 +448,8 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
             svc.uploads.cleanup()
 
     routes = [Route("/", index, methods=["GET"]), Route("/healthz", healthz, methods=["GET"]),
-              Route("/v1/model", model_info, methods=["GET"]), Route("/v1/predict", predict, methods=["POST"])]
+              Route("/v1/model", model_info, methods=["GET"]), Route("/v1/predict", predict, methods=["POST"]),
+              Route("/openapi.json", openapi_json, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.service = svc
     app.add_middleware(Guard, api_key=cfg.api_key, max_bytes=cfg.max_upload_bytes)
@@ -463,13 +471,15 @@ async def _uploads(request: Request, svc: Service):
                            "(--max-files)") from None
         raise ApiError(400, "bad_multipart", "malformed multipart body") from None
     try:
-        items = form.getlist("files")
+        items = [item for name in FIELDS for item in form.getlist(name)]
         if not items:
-            raise ApiError(400, "no_files", "no file uploaded: send one or more images in the multipart field 'files'")
+            raise ApiError(400, "no_files", "no file uploaded: send one or more images in the multipart field 'files' "
+                           "(or one in 'file')")
         out = []
         for i, item in enumerate(items):
             if not isinstance(item, UploadFile):
-                raise ApiError(400, "not_a_file", f"file {i}: the field 'files' must hold file uploads, not text")
+                raise ApiError(400, "not_a_file", f"file {i}: the fields 'files' and 'file' must hold file uploads, "
+                               "not text")
             head = await item.read(_SNIFF_BYTES)
             await item.seek(0)
             if not head:
