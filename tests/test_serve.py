@@ -509,10 +509,10 @@ def test_serve_takes_num_threads_into_every_process(tiny_run, monkeypatch):
     from medxfer.cli import app
     from medxfer.serve import launch
 
-    import medxfer.commands.serve as command
+    import medxfer.serve.app as served
 
     seen = {}
-    monkeypatch.setattr(command, "run", lambda cfg: seen.setdefault("cfg", cfg))   # the server itself is not started
+    monkeypatch.setattr(served, "run", lambda cfg: seen.setdefault("cfg", cfg))    # the server itself is not started
     result = CliRunner().invoke(app, ["serve", str(tiny_run), "--num-threads", "1"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].threads == 1

@@ -9,7 +9,6 @@ import typer
 
 from medxfer.commands.base import command
 from medxfer.errors import MedxferError
-from medxfer.serve.app import ServeConfig, read_key_file, run
 
 
 def read_key(api_key: Optional[str], api_key_file: Optional[Path]) -> Optional[str]:
@@ -17,6 +16,8 @@ def read_key(api_key: Optional[str], api_key_file: Optional[Path]) -> Optional[s
     if api_key is not None and api_key_file is not None:
         raise MedxferError("pass either --api-key or --api-key-file, not both.")
     if api_key_file is not None:
+        from medxfer.serve.app import read_key_file   # here, not at import: 'serve --help' needs no torch
+
         return read_key_file(api_key_file)
     if api_key is not None and not api_key.strip():
         raise MedxferError("the API key is empty. Pass a non-empty --api-key or --api-key-file.")
@@ -65,6 +66,8 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", help="critical | error | warning | info | debug."),
     ):
         """Serve a run over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
+        from medxfer.serve.app import ServeConfig, run   # here, not at import: 'serve --help' needs no torch
+
         key = read_key(api_key, api_key_file)
         cfg = ServeConfig(run_dir=str(run_dir), engine=engine, host=host, port=port, workers=workers, api_key=key,
                           threads=num_threads,
