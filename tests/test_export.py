@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,23 @@ def test_predict_onnx_without_export_exit_2(tiny_run, small_npz, tmp_path, capsy
         pytest.skip("another test exported into the shared run")
     assert main(["predict", str(tiny_run), str(small_npz), "--out", str(tmp_path / "p.csv"), "--engine", "onnx"]) == 2
     assert "medxfer export" in capsys.readouterr().err
+
+
+def test_the_onnx_engine_takes_the_threads_it_is_given(tiny_run, tmp_path):
+    """``predict --num-threads N --engine onnx`` limits ONNX Runtime's pool, not only PyTorch's."""
+    import shutil
+
+    import torch
+
+    from medxfer.cli import main
+    from medxfer.predict import Predictor
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    assert main(["export", str(run)]) == 0
+    assert Predictor(run, engine="onnx", threads=1).runner.session.get_session_options().intra_op_num_threads == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:   # what the command wrapper does for --num-threads 1
+        assert Predictor(run, engine="onnx").runner.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -185,7 +185,7 @@ def _write_and_check(model, meta: ModelMeta, fmt: str, tmp: Path, images: torch.
     """Export to ``tmp`` and compare it with PyTorch on ``images``."""
     if fmt == "onnx":
         export_onnx_file(model, meta, tmp, images[:8])
-        runner = OnnxRunner(tmp)
+        runner = OnnxRunner(tmp, threads=torch.get_num_threads())   # --num-threads sets it
         report = check_parity(model, runner, images, meta)
         one = runner(images[:1].float().div(255).numpy())  # the batch really is dynamic
         if one.shape != (1, meta.outputs):

@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import json
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -147,8 +146,7 @@ def export_features(out: str | Path, cfg: TrainConfig, run_dir: str | Path | Non
 def _write(out: Path, feats, sample_id, split, label, labels) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = files.temp_beside(out)   # the umask's mode, as every file medxfer writes (mkstemp made 0600)
     except OSError as e:
         raise files.write_error(out, e) from None
     try:

@@ -479,6 +479,6 @@ class _Job:
         if self.cfg.data.keep_paths:
             paths = list(zip(t["sample_id"], t["path"])) if "path" in t else []
             paths += [(s.sample_id, s.path) for s in prep.skipped]
-            files.write_csv(out / "paths.csv", pd.DataFrame(paths, columns=["sample_id", "path"]))
+            files.write_csv(out / "paths.csv", pd.DataFrame(paths, columns=["sample_id", "path"], dtype=object))
             log.warning("paths.csv maps sample ids to files: it can hold patient names; keep it with the data, do not "
                         "share it")

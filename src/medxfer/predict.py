@@ -40,7 +40,9 @@ ENGINES = ("torch", "onnx")
 class Predictor:
     """A trained model plus its preprocessing contract, rebuilt from ``run_dir``."""
 
-    def __init__(self, run_dir: str | Path, engine: str = "torch", batch_size: int = 64, spinning: bool = True):
+    def __init__(self, run_dir: str | Path, engine: str = "torch", batch_size: int = 64, spinning: bool = True,
+                 threads: int | None = None):
+        """``threads``: CPU threads for the ONNX engine (default: PyTorch's, which ``--num-threads`` sets)."""
         if engine not in ENGINES:
             raise MedxferError(f"The 'engine' parameter must be one of {list(ENGINES)}. Got '{engine}' instead.")
         if batch_size < 1:
@@ -51,14 +53,14 @@ class Predictor:
         self.read = ReadOptions.of_run(self.meta)
         self.network = self.run.load_model(tta=False)   # the network alone (Grad-CAM explains it)
         self.model = self.run.load_model()              # what predicts: with the run's test-time augmentation
-        self.runner = TorchRunner(self.model) if engine == "torch" else self._onnx(spinning)
+        self.runner = TorchRunner(self.model) if engine == "torch" else self._onnx(spinning, threads)
 
-    def _onnx(self, spinning: bool) -> OnnxRunner:
+    def _onnx(self, spinning: bool, threads: int | None) -> OnnxRunner:
         path = self.run_dir / "model.onnx"
         if not path.exists():
             raise MedxferError(f"no ONNX model in '{self.run_dir}'. Make one with 'medxfer export {self.run_dir} "
                                "--format onnx' first.")
-        runner = OnnxRunner(path, spinning=spinning)
+        runner = OnnxRunner(path, threads=threads or torch.get_num_threads(), spinning=spinning)
         made_from = runner.metadata.get("weights_sha256")
         if made_from is None or made_from != self.meta.weights_sha256:
             raise MedxferError(f"'{path}' was exported from other weights than the run's model.safetensors (the run "

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from medxfer.data.readers import supported_suffixes
+from medxfer.engine.inference import physical_cores
 from medxfer.errors import BadFileError, MedxferError
 from medxfer.evaluation.gradcam import explain_images, feature_map_size, findings, overlay
 from medxfer.predict import Predictor
@@ -99,7 +100,8 @@ class ServedModel:
             torch.set_num_threads(1)
         # a server's ONNX pool must not busy-wait between calls: it starves the event loop and the decoding
         # threads (about 25% fewer requests/s on 2 cores with spinning)
-        predictor = Predictor(run_dir, engine=engine, batch_size=max(1, max_batch), spinning=False)
+        predictor = Predictor(run_dir, engine=engine, batch_size=max(1, max_batch), spinning=False,
+                              threads=threads or physical_cores())   # ONNX's pool: every core unless told
         return cls(predictor, run_dir, engine)
 
     # ------------------------------------------------------------------------------------ input
