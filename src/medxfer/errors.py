@@ -39,7 +39,7 @@ class BadFileError(MedxferError):
             f"cannot read sample {self.sample}{find}: {self.reason}. Fix or remove it, or pass --on-bad-file "
             "skip to list it in skipped.csv and go on."
             + ("" if where or sample and "/" in sample else
-               " 'medxfer locate DATA SAMPLE_ID' prints which file it is.")
+               " 'medxfer locate --data DATA SAMPLE_ID' prints which file it is.")
         )
 
     def for_sample(self, sample: str, where: str | None = None) -> "BadFileError":
