@@ -119,14 +119,14 @@ def plan_memory(manifest, size: int, *, volumes: bool, batch_size: int = 64, arc
 
 def check_memory(manifest, size: int, *, volumes: bool, batch_size: int = 64, arch: str | None = None,
                  channels: int | None = None) -> MemoryPlan:
-    """Log the plan; refuse in one line, naming the numbers and what to pass, when it cannot fit."""
+    """Log the plan, or refuse in one line (the plan's numbers and what to pass) when it cannot fit."""
     plan = plan_memory(manifest, size, volumes=volumes, batch_size=batch_size, arch=arch, channels=channels)
     if plan.available is None:
         log.info("memory plan: %s; the memory available is unknown (set MEDXFER_MEMORY to the bytes this run may "
                  "use to have it checked)", plan.describe())
         return plan
-    log.info("memory plan: %s, of %s available (%s)", plan.describe(), human(plan.available), plan.available_from)
     if plan.fits:
+        log.info("memory plan: %s, of %s available (%s)", plan.describe(), human(plan.available), plan.available_from)
         return plan
     raise MedxferError(f"not enough memory: {plan.describe()}, but {human(plan.available)} is available "
                        f"({plan.available_from}). {advice(plan)}")
