@@ -187,7 +187,8 @@ class _Job:
         self.spec: SourceSpec = resolve_source(cfg.model.source, cfg.model.weights)
         self.prep: Prepared = prepare_data(cfg.data, cfg.model.image_size, cfg.optim.seed, splits=self.splits,
                                            source=self.source, source_size=self.spec.input_size,
-                                           spatial_dims=cfg.model.spatial_dims)
+                                           spatial_dims=cfg.model.spatial_dims, batch_size=cfg.optim.batch_size,
+                                           arch=self.spec.arch)
         self.size = self.prep.size  # --image-size, or chosen from the data (logged by prepare_data)
         for s, mask in self.prep.masks.items():
             if int(mask.sum()) == 0:

@@ -147,3 +147,18 @@ CASES: list[Case] = [
     Case("r2-one-rgb-among-grey-said", lambda e: train(e, folder(e.tmp / "d", odd={"train/b/c.png": _rgb})),
          code=0, says=("1 of 33 images are RGB", "3-channel", "greyscale")),
 ]
+
+
+def _volumes_too_big(env):
+    """The first-contact blow-up: 28^3 volumes resized to 224^3 (11 MB each) were decoded until the kernel killed
+    the run. The plan refuses before decoding (here with 2 GB said to be available)."""
+    from tests.conftest import ADRENAL, subset_npz
+
+    env.monkeypatch.setenv("MEDXFER_MEMORY", "2e9")
+    data = subset_npz(ADRENAL, env.tmp / "adrenal.npz", n=(96, 40, 40))
+    return ["train", "--data", data, "--spatial-dims", "3", "--image-size", "224", "--source", "test_resnet",
+            "--weights", "none", "--epochs", "1", "--no-report", "--out", env.tmp / "out"]
+
+
+CASES.append(Case("r2-volumes-above-memory-refused-before-decoding", _volumes_too_big,
+                  says=("not enough memory", "176 volumes of 224^3", "--image-size"), absent=("out",)))

@@ -27,6 +27,7 @@ from medxfer.data.cache import DecodeCache, default_cache_dir
 from medxfer.data.duplicates import handle_duplicates
 from medxfer.data.loading import Skipped, load_images
 from medxfer.data.manifest import SPLITS, Manifest, check_classes, check_split_classes, check_split_values
+from medxfer.data.memory import check_memory
 from medxfer.data.readers import ReadOptions
 from medxfer.data.sizing import choose_size, native_size
 from medxfer.data.sources import check_task, load_manifest
@@ -88,11 +89,13 @@ def load_source_manifest(opts, source: Manifest | None = None) -> Manifest:
 
 def prepare_data(opts, size: int | None, seed: int, *, splits: dict | pd.Series | None = None,
                  source: Manifest | None = None, checks: bool = True, source_size: int = 224,
-                 spatial_dims: int = 2) -> Prepared:
+                 spatial_dims: int = 2, batch_size: int = 64, arch: str | None = None) -> Prepared:
     """See the module docstring. ``size``: the side to resize to, or None to choose it from the data's native
     size (read from headers before decoding) and ``source_size`` (:mod:`medxfer.data.sizing`); ``seed``: the
     training seed (split seed unless ``opts.split_seed``, and the label-fraction draw); ``splits``:
-    sample_id -> split, replacing the data's own."""
+    sample_id -> split, replacing the data's own. Before decoding, the memory the images and training need is
+    estimated (``batch_size``, ``arch``) and a run that cannot fit is refused in one line
+    (:func:`medxfer.data.memory.check_memory`)."""
     manifest = load_source_manifest(opts, source)
     if splits is not None:
         manifest = apply_splits(manifest, splits)
@@ -102,6 +105,8 @@ def prepare_data(opts, size: int | None, seed: int, *, splits: dict | pd.Series 
         size, why = choose_size(native_size(manifest), source_size, spatial_dims)
         manifest.notes.append(f"image size {size} px: {why} (--image-size to choose another)")   # logged below
     read = read_options(opts)
+    if checks:  # what the decoded images and training will hold, before anything is decoded
+        check_memory(manifest, size, volumes=spatial_dims == 3, batch_size=batch_size, arch=arch)
     cache = None
     if manifest.arrays is None and not opts.no_cache:
         cache = DecodeCache(opts.cache_dir or default_cache_dir())
