@@ -102,15 +102,19 @@ class Connection:
     """A minimal HTTP/1.1 keep-alive client on asyncio streams: the load generator shares the two
     cores with the server, so it must cost little (a full client library costs several times more per request)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, key: str | None = None):
         self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {key}\r\n" if key else ""
         self.reader = self.writer = None
+        self.last_headers: dict = {}
 
     async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.reader is not None and self.reader.at_eof():  # closed while idle (keep-alive timeout, eviction)
+            await self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.auth}Content-Type: {content_type}"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         try:
             self.writer.write(head + body)
             await self.writer.drain()
@@ -121,6 +125,7 @@ class Connection:
             data = await self.reader.readexactly(int(headers.get("content-length", "0")))
             if headers.get("connection", "").lower() == "close":
                 await self.close()
+            self.last_headers = headers
             return status, data
         except BaseException:
             await self.close()

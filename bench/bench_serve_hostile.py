@@ -112,33 +112,6 @@ def bomb() -> bytes:
     return multipart(buf.getvalue())
 
 
-class KeyedConnection(Connection):
-    """bench_serve's minimal keep-alive client, sending the key; reconnects when the server closed it while idle."""
-
-    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        if self.reader is not None and self.reader.at_eof():  # closed while idle (keep-alive timeout, eviction)
-            await self.close()
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {KEY}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-        try:
-            self.writer.write(head + body)
-            await self.writer.drain()
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-            lines = raw.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-            data = await self.reader.readexactly(int(headers.get("content-length", "0")))
-            if headers.get("connection", "").lower() == "close":
-                await self.close()
-            self.last_headers = headers
-            return status, data
-        except BaseException:
-            await self.close()
-            raise
-
-
 class Hostile:
     """Every hostile connection: when it opened, when the server closed it, what it answered, bytes sent."""
 
@@ -267,7 +240,7 @@ async def run_good(port: int, bodies: list[bytes], clients: int, deadline: float
     latencies, failures = [], []
 
     async def client(k: int):
-        conn = KeyedConnection("127.0.0.1", port)
+        conn = Connection("127.0.0.1", port, key=KEY)
         i = k
         try:
             for _ in range(MAX_LOOPS):
@@ -299,7 +272,7 @@ async def run_bombs(port: int, body: bytes, clients: int, deadline: float) -> di
     retry_after = set()
 
     async def client():
-        conn = KeyedConnection("127.0.0.1", port)
+        conn = Connection("127.0.0.1", port, key=KEY)
         try:
             for _ in range(MAX_LOOPS):
                 if time.monotonic() >= deadline:

@@ -214,12 +214,8 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
     rel = df["path"].astype(str)
     listed = [path.parent / p for p in rel]
     files = [Path(os.path.realpath(f)) for f in listed]  # one file, one spelling ('./a.png', 'b/../a.png', a link)
-    absent = [i for i, f in enumerate(files) if not f.exists()]
-    if absent:
-        links = sum(listed[i].is_symlink() for i in absent)
-        raise MedxferError(f"{len(absent)} files listed in '{path}' do not exist (first: data row {absent[0] + 1}"
-                           f"{f'; {links} of them broken or looping links' if links else ''}); paths are relative to "
-                           "the manifest's folder. Fix the paths or remove those rows.")
+    _refuse_absent(listed, files, f"'{path}'", "data row", "paths are relative to the manifest's folder. Fix the paths "
+                   "or remove those rows.")
     _refuse_repeats(files, rel, path)
     notes = []
     if label_column in df and not label_columns:
@@ -320,6 +316,15 @@ def from_arrays(images, labels, *, label_names: list[str] | None = None, splits=
     return Manifest(table, [str(n) for n in names], "arrays", arrays=images, multilabel=multilabel)
 
 
+def _refuse_absent(listed: list[Path], files: list[Path], where: str, row: str, fix: str) -> None:
+    """One line for the listed files that do not exist (the first row, how many are broken or looping links)."""
+    absent = [i for i, f in enumerate(files) if not f.exists()]
+    if absent:
+        links = sum(listed[i].is_symlink() for i in absent)
+        raise MedxferError(f"{len(absent)} files listed in {where} do not exist (first: {row} {absent[0] + 1}"
+                           f"{f'; {links} of them broken or looping links' if links else ''}); {fix}")
+
+
 def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".", **kw) -> Manifest:
     """A DataFrame like a CSV manifest (path, label[, patient_id, split, ...]), read by the manifest rules.
 
@@ -336,12 +341,8 @@ def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str
                            "(or --label-columns); optional: patient_id, split.")
     given = [os.fsdecode(p) if isinstance(p, (bytes, os.PathLike)) else str(p) for p in df["path"]]
     listed = [Path(root) / p for p in given]
-    absent = [i for i, f in enumerate(listed) if not f.exists()]
-    if absent:
-        links = sum(listed[i].is_symlink() for i in absent)
-        raise MedxferError(f"{len(absent)} files listed in the DataFrame do not exist (first: row {absent[0] + 1}"
-                           f"{f'; {links} of them broken or looping links' if links else ''}); its paths are relative "
-                           "to the working directory, or absolute. Fix the paths (or chdir) or remove those rows.")
+    _refuse_absent(listed, listed, "the DataFrame", "row", "its paths are relative to the working directory, or "
+                   "absolute. Fix the paths (or chdir) or remove those rows.")
     odd = [i for i, p in enumerate(given) if any("\ud800" <= c <= "\udfff" for c in p)]  # bytes kept as surrogates
     if odd:
         raise MedxferError(f"{len(odd)} paths in the DataFrame are not valid UTF-8 text (first: row {odd[0] + 1}). Give "
