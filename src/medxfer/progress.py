@@ -13,12 +13,17 @@ Usage::
 
     with progress.reporting(MyReporter()):        # e.g. the CLI's rich bars
         train(cfg)
+
+Where no bar can be drawn (a log file, a pipe), the command line reports with :class:`LogTask`: a line
+within 2 s of any step that takes longer, with its rate and the time left, then one every 15 s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
+import time
 
 
 class Task:
@@ -40,6 +45,62 @@ class Task:
         self.close()
 
 
+class LogTask(Task):
+    """A task said in the log, for logs and pipes where no bar is drawn: a first line once it has run ``first``
+    seconds (how far, how fast, about how long is left), then one every ``every`` seconds, and a last line
+    when it ends. A task that ends sooner says nothing."""
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "", *, first: float = 2.0,
+                 every: float = 15.0, clock=time.monotonic):
+        self.description, self.total, self.unit = description, total, unit or "items"
+        self.first, self.every, self.clock = first, every, clock
+        self.t0 = self.last = clock()
+        self.done, self.start, self.info, self.said, self.closed = 0, 0, "", False, False
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._maybe_say()
+
+    def update(self, **fields) -> None:
+        if "completed" in fields:
+            self.done = self.start = int(fields["completed"])   # resumed work: the rate counts what is done now
+        self.total = fields.get("total", self.total)
+        self.info = fields.get("info", self.info)
+        self._maybe_say()
+
+    def _maybe_say(self) -> None:
+        now = self.clock()
+        if now - (self.last if self.said else self.t0) >= (self.every if self.said else self.first):
+            self.said, self.last = True, now
+            log.info("%s", self._line(now))
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.t0, 1e-9)
+        rate = (self.done - self.start) / elapsed
+        text = f"{self.description}: {self.done}"
+        if self.total:
+            text += f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+            if rate > 0:
+                text += f", {rate:.3g} {self.unit}/s, about {_duration((self.total - self.done) / rate)} left"
+        else:
+            text += f" {self.unit}" + (f", {rate:.3g} {self.unit}/s" if rate > 0 else "")
+        return text + (f"; {self.info}" if self.info else "")
+
+    def close(self) -> None:
+        if not self.closed and self.said:
+            log.info("%s: done, %d %s in %s", self.description, self.done, self.unit, _duration(self.clock() - self.t0))
+        self.closed = True
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class Reporter:
     """Shows tasks; the default shows nothing."""
 
@@ -47,6 +108,7 @@ class Reporter:
         return Task()
 
 
+log = logging.getLogger("medxfer.progress")
 _current: contextvars.ContextVar[Reporter] = contextvars.ContextVar("medxfer_progress", default=Reporter())
 
 

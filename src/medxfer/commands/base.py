@@ -68,15 +68,17 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 class RichReporter(progress.Reporter):
-    """Progress bars on a terminal (nothing in logs and pipes, where the epoch lines say enough)."""
+    """Progress bars on a terminal; in logs and pipes, a line within 2 s of a long step (:class:`LogTask`)."""
 
     def __init__(self):
         self.bars = None
         self.open = 0
 
     def task(self, description: str, total: int | None = None, unit: str = "") -> progress.Task:
-        if not console.is_terminal or logging.getLogger("medxfer").level > logging.INFO:
+        if logging.getLogger("medxfer").level > logging.INFO:
             return progress.Task()
+        if not console.is_terminal:  # a log file or a pipe: lines, with the rate and the time left
+            return progress.LogTask(description, total, unit)
         if self.bars is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
