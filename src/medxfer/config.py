@@ -170,8 +170,9 @@ class ModelOptions(Options):
                          "with medxfer, inflated (chosen on validation: README, 3-D volumes).")
     weights: str | None = option(None, "Weights for a timm architecture: a FILE (.safetensors/.pth, read without "
                                  "running code), hub (online) or none (random init).", show="the source's own")
-    image_size: int | None = option(None, "Input size in pixels (images are resized to it).", show="the source's",
-                                    low=8, high=2048)
+    image_size: int | None = option(None, "Input size in pixels (images are resized to it).",
+                                    show="from the data: twice the native side, 64 to the source's size; volumes "
+                                         "their native grid", low=8, high=2048)
     grey_mode: Literal["sum", "replicate"] = option("sum", "Grey images into an RGB source: sum the stem's RGB "
                                                     "weights into one channel, or replicate grey to 3 channels.")
     spatial_dims: int = option(2, "3: a true 3-D model for volumes (npz (N,D,H,W), NIfTI), resized to SxSxS with "
