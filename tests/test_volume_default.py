@@ -1,5 +1,6 @@
-"""Volumes by default: --source auto is the ImageNet Lite0 for images and the small ResNet shipped with medxfer
-for volumes; the shipped weights load offline, checked by SHA-256."""
+"""Volumes by default: --source auto is the ImageNet Lite0 for images; for volumes the small ResNet from scratch,
+or the small ResNet shipped with medxfer where a strategy keeps source weights; the shipped weights load
+offline, checked by SHA-256."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import torch
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
 from medxfer.models import build_model, resolve_source
-from medxfer.models.catalog import BUNDLED, DEFAULT_3D, SHIPPED_DIR, default_source, list_sources
+from medxfer.models.catalog import (BUNDLED, DEFAULT_3D, SCRATCH_3D, SHIPPED_DIR, default_source, list_sources,
+                                    volume_defaults)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_is_lite0_for_images_and_the_shipped_resnet_for_volumes(caplog):
+    """Where a source is resolved (a transfer): Lite0 for images, the shipped small ResNet for volumes, logged."""
     assert TrainConfig().model.source == "auto"
     with caplog.at_level(logging.INFO, logger="medxfer.models.catalog"):
         images = resolve_source("auto")
@@ -31,10 +34,34 @@ def test_auto_is_lite0_for_images_and_the_shipped_resnet_for_volumes(caplog):
     assert vols.arch == "test_resnet" and vols.weights.startswith("dir:") and vols.sha256
     assert "source test_resnet.pneumoniamnist (--source auto, --spatial-dims 3)" in caplog.text  # what and why
     assert default_source(3)[1] in caplog.text
-    # a named source is never replaced, for volumes either; --weights none keeps the default network, random
+    # a named source is never replaced, for volumes either
     assert resolve_source("efficientnet_lite0.in1k", spatial_dims=3).arch == "tf_efficientnet_lite0"
-    scratch = resolve_source("auto", "none", spatial_dims=3)
-    assert scratch.arch == "test_resnet" and scratch.weights == "none" and scratch.mean == vols.mean
+
+
+@pytest.mark.parametrize("strategy, weights, want", [
+    ("full", None, {"source": "test_resnet", "weights": "none", "strategy": "scratch"}),     # the default run
+    ("scratch", None, {"source": "test_resnet", "weights": "none", "strategy": "scratch"}),
+    ("full", "none", {"source": "test_resnet", "weights": "none", "strategy": "scratch"}),
+    ("linear-probe", None, {"source": "test_resnet.pneumoniamnist"}),   # keeps source weights: the shipped source
+    ("lp-ft", None, {"source": "test_resnet.pneumoniamnist"}),
+    ("partial", "w.pth", {"source": "test_resnet"}),
+])
+def test_what_auto_stands_for_in_a_volume_run(strategy, weights, want, caplog):
+    with caplog.at_level(logging.INFO, logger="medxfer.models.catalog"):
+        options, why = volume_defaults(strategy, weights)
+    assert options == want and why in caplog.text and "--source auto for volumes: --source " in caplog.text
+    cfg = TrainConfig.create(data="v.npz", spatial_dims=3, strategy=strategy).replace(**options)  # valid options
+    assert cfg.model.source == want["source"] and cfg.optim.strategy == want.get("strategy", strategy)
+
+
+def test_the_chosen_recipe_is_the_one_validated():
+    """The default volume run is exactly the arm validation chose (README: --source test_resnet --weights none
+    --strategy scratch), and its network is the small ResNet, random."""
+    assert SCRATCH_3D == {"source": "test_resnet", "weights": "none", "strategy": "scratch"}
+    spec = resolve_source(SCRATCH_3D["source"], SCRATCH_3D["weights"], spatial_dims=3)
+    model, info = build_model(spec, 2, 1, spatial_dims=3, pretrained=False)
+    assert info["arch"] == "test_resnet" and info["weights_sha256"] is None
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.03e6, rel=0.01)
 
 
 def test_the_help_says_what_auto_means(capsys):
@@ -42,7 +69,8 @@ def test_the_help_says_what_auto_means(capsys):
 
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())
-    assert "auto: efficientnet_lite0.in1k for images; for volumes (--spatial-dims 3) test_resnet.pneumoniamnist" in text
+    assert "auto: efficientnet_lite0.in1k for images; for volumes (--spatial-dims 3) a small ResNet (timm " \
+           "test_resnet) from scratch" in text
 
 
 def test_the_shipped_source_is_listed_and_agrees_with_its_source_json():

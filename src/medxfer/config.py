@@ -166,8 +166,9 @@ class ModelOptions(Options):
 
     source: str = option("auto", "Source model: a name from 'medxfer sources', a timm architecture (with "
                          "--weights), or a directory made by 'medxfer pretrain'. auto: efficientnet_lite0.in1k for "
-                         "images; for volumes (--spatial-dims 3) test_resnet.pneumoniamnist, a small ResNet shipped "
-                         "with medxfer, inflated (chosen on validation: README, 3-D volumes).")
+                         "images; for volumes (--spatial-dims 3) a small ResNet (timm test_resnet) from scratch "
+                         "(--strategy full or scratch; chosen on validation, README: 3-D volumes), or for a strategy "
+                         "that keeps source weights the shipped test_resnet.pneumoniamnist, inflated.")
     weights: str | None = option(None, "Weights for a timm architecture: a FILE (.safetensors/.pth, read without "
                                  "running code), hub (online) or none (random init).", show="the source's own")
     image_size: int | None = option(None, "Input size in pixels (images are resized to it).",
