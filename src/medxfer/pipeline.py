@@ -50,7 +50,7 @@ from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
 from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
 from medxfer.models.adapt import build_model
-from medxfer.models.catalog import SourceSpec, resolve_source
+from medxfer.models.catalog import SourceSpec, resolve_source, volume_defaults
 from medxfer.runs import Run, RunDirectory, write_model_json
 from medxfer.tracking import tracking_for
 
@@ -128,11 +128,14 @@ def train(data=None, config: TrainConfig | None = None, *, splits: dict | None =
 
 def _volume_options(cfg: TrainConfig) -> TrainConfig:
     """--spatial-dims 3 reads volumes whole (--slice volume); the two only go together. --tta is resolved
-    here (recorded in config.yaml as the number of views used)."""
+    here (recorded in config.yaml as the number of views used), and so is --source auto for volumes
+    (models.catalog.volume_defaults: the small ResNet from scratch, recorded as the options it stands for)."""
     if cfg.model.spatial_dims == 3:
         if cfg.resolved_tta > 1:
             raise MedxferError("--tta views are 2-D: a 3-D model (--spatial-dims 3) is evaluated without --tta.")
         cfg = cfg.replace(tta=1)
+        if cfg.model.source == "auto":
+            cfg = cfg.replace(**volume_defaults(cfg.optim.strategy, cfg.model.weights)[0])
         return cfg if cfg.data.slice == "volume" else cfg.replace(slice="volume")
     cfg = cfg.replace(tta=cfg.resolved_tta)
     if cfg.data.slice == "volume":
@@ -184,7 +187,7 @@ class _Job:
         if cfg.runtime.num_threads:
             torch.set_num_threads(cfg.runtime.num_threads)
         seed_everything(cfg.optim.seed)
-        self.spec: SourceSpec = resolve_source(cfg.model.source, cfg.model.weights)
+        self.spec: SourceSpec = resolve_source(cfg.model.source, cfg.model.weights, spatial_dims=cfg.model.spatial_dims)
         self.prep: Prepared = prepare_data(cfg.data, cfg.model.image_size, cfg.optim.seed, splits=self.splits,
                                            source=self.source, source_size=self.spec.input_size,
                                            spatial_dims=cfg.model.spatial_dims, batch_size=cfg.optim.batch_size,
