@@ -110,3 +110,50 @@ def test_no_weight_decay_on_biases_and_norm_weights(model):
     assert norms and all(by_id[id(p)] == 0.0 for p in norms)
     lrs = {g["lr"] for g in opt.param_groups}
     assert lrs == {1e-2, 1e-3}  # the head at lr, the backbone at lr x 0.1: kept through the split
+
+
+# --------------------------------------------------------------------- a strategy is one registry entry
+@pytest.fixture
+def dummy_strategy():
+    """A strategy nothing else in medxfer names: the last stage and the head, everything at one rate, the head
+    fitted on frozen features first. Registered through the registry alone, removed afterwards."""
+    from medxfer.strategies import Strategy, register, unregister
+
+    s = register(Strategy("last-stage-hf", True, "last stages", False, 1e-3, 1, 0,
+                          "test only: the last stage and the head, head fitted first", head_first=True,
+                          scaled_backbone=False))
+    yield s
+    unregister(s.name)
+
+
+def test_a_registered_strategy_freezes_and_sets_rates_by_its_fields(model, dummy_strategy):
+    groups = param_groups(model, dummy_strategy.name, lr=1e-3, unfreeze=1)
+    assert {g["lr"] for g in groups} == {1e-3}  # scaled_backbone=False: one rate
+    names = trainable(model)
+    assert any(n.startswith("net.layer4.") for n in names) and not any(n.startswith("net.layer3.") for n in names)
+
+
+def test_a_registered_strategy_trains_end_to_end(tmp_path, small_npz, dummy_strategy, caplog):
+    import logging
+
+    from medxfer.config import TrainConfig
+    from medxfer.pipeline import train
+    from medxfer.runs import check_record
+
+    cfg = TrainConfig.create(data=str(small_npz), source="test_resnet", weights="none", strategy=dummy_strategy.name,
+                             epochs=1, image_size=32, bootstrap=0, report=False, out=str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO, logger="medxfer"):
+        run = train(cfg)
+    assert run.config.optim.strategy == run.model.strategy == dummy_strategy.name
+    assert 0.0 <= run.metrics["test"]["auc"] <= 1.0 and run.metrics["epochs_run"] == 1
+    assert "LP-FT: head fitted on frozen features" in caplog.text  # head_first read from the strategy
+    assert "lp_head" in run.metrics
+    check_record(run.dir, everything=True)
+
+
+def test_a_strategy_name_is_registered_once(dummy_strategy):
+    from medxfer.strategies import NAMES, register
+
+    assert dummy_strategy.name in NAMES and dummy_strategy.name in list(NAMES)  # the options read the live list
+    with pytest.raises(MedxferError, match="already registered"):
+        register(dummy_strategy)

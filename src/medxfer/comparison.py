@@ -43,13 +43,12 @@ from medxfer.engine.handlers import CHECKPOINT_FORMAT
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.evaluation import html, plots
 from medxfer.evaluation.ordinal import predict_grade
-from medxfer.evaluation.report import label_matrix
 from medxfer.evaluation.stats import delong_test, mean_sd, paired_bootstrap, paired_bootstrap_metric, summarize
-from medxfer.evaluation.tasks import macro_auc, qwk
+from medxfer.evaluation.tasks import label_matrix, macro_auc, qwk
 from medxfer.models.catalog import resolve_source
 from medxfer.pipeline import train
 from medxfer.runs import Run, checkpoint_path, is_finished
-from medxfer.strategies import NAMES as STRATEGIES
+from medxfer.strategies import NAMES as STRATEGIES, get_strategy
 
 METRICS = (("test_auc", "auc"), ("balanced_accuracy", "balanced_accuracy"), ("sensitivity", "sensitivity"),
            ("specificity", "specificity"),
@@ -130,17 +129,16 @@ def arms(strategies: list[str], sources: list[str]) -> list[tuple[str, str, str]
     if len(set(labels)) != len(labels):
         raise MedxferError(f"The 'sources' parameter names two sources with the same short name {labels}; rename a "
                            "source directory.")
-    out, archs = [], {}
+    out = []
     for strategy in strategies:
-        for src, lab in zip(sources, labels):
-            if strategy != "scratch":
-                out.append((strategy if len(sources) == 1 else f"{strategy} [{lab}]", strategy, src))
-                continue
-            arch = resolve_source(src, "none").arch.split(".")[0] if len(sources) > 1 else ""
-            archs.setdefault(arch, src)
-        if strategy == "scratch":
-            for arch, src in archs.items():
-                out.append(("scratch" if len(archs) == 1 else f"scratch [{arch}]", "scratch", src))
+        if get_strategy(strategy).pretrained:
+            out += [(strategy if len(sources) == 1 else f"{strategy} [{lab}]", strategy, src)
+                    for src, lab in zip(sources, labels)]
+            continue
+        archs = {}  # a strategy from random weights: once per architecture (the source's weights are not used)
+        for src in sources:
+            archs.setdefault(resolve_source(src, "none").arch.split(".")[0] if len(sources) > 1 else "", src)
+        out += [(strategy if len(archs) == 1 else f"{strategy} [{arch}]", strategy, src) for arch, src in archs.items()]
     return out
 
 
@@ -167,12 +165,14 @@ def with_views(rows: list[tuple[str, str, str]], views: list[str] | None) -> lis
     return [(f"{label} [{view}]", strategy, source, view) for view in views for label, strategy, source in rows]
 
 
-def scratch_row(best: str, labels) -> str | None:
-    """The scratch row that ``best`` is tested against: 'scratch', or the scratch row of ``best``'s view."""
-    if "scratch" in labels:
-        return "scratch"
+def scratch_row(best: str, scratches: list[str]) -> str | None:
+    """The baseline row (a strategy from random weights) that ``best`` is tested against: one without a
+    bracket ('scratch'), or the one of ``best``'s view or architecture ('scratch [3d]')."""
+    plain = [s for s in scratches if not s.endswith("]")]
+    if plain:
+        return plain[0]
     view = best.rsplit(" [", 1)[1][:-1] if best.endswith("]") and " [" in best else None
-    return f"scratch [{view}]" if view is not None and f"scratch [{view}]" in labels else None
+    return next((s for s in scratches if view is not None and s.endswith(f" [{view}]")), None)
 
 
 def frac_name(f: float) -> str:
@@ -299,18 +299,25 @@ def best_on_validation(candidates: list[str], summaries: dict) -> str:
     return max(candidates, key=rank)
 
 
+def _from_random_weights(row: str, summary: dict) -> bool:
+    """Whether row ``row`` (its label starts with its strategy: 'scratch', 'scratch [3d]') is a baseline: a
+    strategy that does not start from the source's weights."""
+    name = summary.get("strategy") or row.split(" [")[0]
+    return name in STRATEGIES and not get_strategy(name).pretrained
+
+
 def paired_test(by_strategy: dict, summaries: dict, n_bootstrap: int, seed: int = 0) -> dict | None:
     """The transfer strategy best on validation (mean validation AUC, then lower validation Brier score) vs
     scratch on the same test images, seeds averaged. Choosing on test and testing on the same images would
     make the test optimistic."""
-    scratches = [s for s in by_strategy if s == "scratch" or s.startswith("scratch [")]
+    scratches = [s for s in by_strategy if _from_random_weights(s, summaries[s])]
     if not scratches:
         return {"skipped": "no 'scratch' baseline among the strategies"}
     others = [s for s in by_strategy if s not in scratches and summaries[s]["val_auc"]["mean"] is not None]
     if not others:
         return {"skipped": "no transfer strategy with a validation AUC to choose one to test against scratch"}
     best = best_on_validation(others, summaries)
-    ref = scratch_row(best, by_strategy)
+    ref = scratch_row(best, scratches)
     if ref is None:
         return {"skipped": f"no scratch row of the same architecture or view as '{best}' (best on validation)"}
     positive = by_strategy[ref][0].metrics["test"].get("positive_label")

@@ -41,7 +41,7 @@ from medxfer.engine.features import (
     source_key_parts,
     standardize,
 )
-from medxfer.engine.optim import param_groups
+from medxfer.engine.optim import head_groups, param_groups
 from medxfer.engine.objectives import objective
 from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, resolve_precision, seed_everything
 from medxfer.errors import MedxferError
@@ -265,9 +265,9 @@ class _Job:
                            seed=cfg.optim.seed, checkpoint=self.rd.checkpoint, resume=cfg.runtime.resume,
                            signature=signature, progress=cfg.optim.strategy, handlers=self.handlers)
 
-    def _groups(self, strategy: str | None = None) -> list[dict]:
+    def _groups(self) -> list[dict]:
         o = self.cfg.optim
-        return param_groups(self.model, strategy or o.strategy, self.cfg.resolved_lr, unfreeze=o.unfreeze,
+        return param_groups(self.model, self.cfg.strategy, self.cfg.resolved_lr, unfreeze=o.unfreeze,
                             backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
 
     def _augment(self, seed: int) -> Augment | None:
@@ -275,11 +275,11 @@ class _Job:
 
     def _fit_loop(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
         cfg, prep, m = self.cfg, self.prep, self.prep.masks
-        if cfg.optim.strategy == "lp-ft":
+        if cfg.strategy.head_first:
             self._linear_probe_head()
         settings = self._settings(int(m["train"].sum()))
         settings.augment = self._augment(cfg.optim.seed * 1000 + self.ctx.rank)
-        groups = self._groups("full" if cfg.optim.strategy == "lp-ft" else None)
+        groups = self._groups()
         if cfg.optim.compile:
             self.model.net = torch.compile(self.model.net)
         result = fit(self.model, groups, prep.images[m["train"]], prep.y[m["train"]], prep.images[m["val"]],
@@ -292,7 +292,7 @@ class _Job:
         """LP-FT's first stage: the head fitted (logistic regression, C on validation) on the frozen source's
         cached features, folded to take raw features; fine-tuning then starts from it."""
         cfg, m, y = self.cfg, self.prep.masks, self.prep.y
-        param_groups(self.model, "linear-probe", self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
+        head_groups(self.model, self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
         feats = self._features()
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
         if self.task in ("binary", "multiclass", "multilabel"):
@@ -313,7 +313,7 @@ class _Job:
         settings.batch_size, settings.channels_last, settings.progress = max(self.cfg.optim.batch_size, 256), False, \
             progress
         settings.checkpoint, settings.handlers = None, []
-        return fit(self.model.head(), param_groups(self.model, "linear-probe", self.cfg.resolved_lr), f_train,
+        return fit(self.model.head(), head_groups(self.model, self.cfg.resolved_lr), f_train,
                    y_train, f_val, y_val, settings, DistContext(device=self.ctx.device))
 
     def _fit_head(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:

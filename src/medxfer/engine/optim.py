@@ -2,7 +2,7 @@
 
 Usage::
 
-    groups = param_groups(model, "partial", lr=1e-3, unfreeze=2)        # freezes what the strategy keeps
+    groups = param_groups(model, get_strategy("partial"), lr=1e-3, unfreeze=2)  # freezes what it keeps
     optimizer = build_optimizer(model, groups, weight_decay=0.05)       # timm's AdamW, no decay on 1-D params
     scheduler = warmup_cosine(optimizer, total_steps, warmup_steps)
 """
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from medxfer.errors import MedxferError
+from medxfer.strategies import get_strategy
 
 
 def layer_groups(model) -> list[list[nn.Parameter]]:
@@ -30,38 +31,46 @@ def layer_groups(model) -> list[list[nn.Parameter]]:
     return [g for g in body if g] + [list(model.head().parameters())]
 
 
-def param_groups(model, strategy: str, lr: float, *, unfreeze: int = 1, backbone_lr_mult: float = 0.1,
+def param_groups(model, strategy, lr: float, *, unfreeze: int = 1, backbone_lr_mult: float = 0.1,
                  layer_decay: float | None = None) -> list[dict]:
-    """Freeze what the strategy keeps fixed and return parameter groups (``params``, ``lr``, ``name``)."""
+    """Freeze what the strategy keeps fixed and return parameter groups (``params``, ``lr``, ``name``).
+
+    ``strategy``: a :class:`~medxfer.strategies.Strategy` or its registered name. What trains is its
+    ``trains`` (the head; the head and the last ``unfreeze`` stages; all), and at which rates its
+    ``scaled_backbone`` (the backbone at ``lr * backbone_lr_mult``, or by layer-wise decay; else all at ``lr``)."""
+    s = get_strategy(strategy) if isinstance(strategy, str) else strategy
     groups = layer_groups(model)
     head, body = groups[-1], groups[:-1]
+    if s.trains == "last stages" and unfreeze > len(body):
+        raise MedxferError(f"The 'unfreeze' parameter must be at most {len(body)} for this architecture "
+                           f"(its stages). Got {unfreeze} instead.")
+    train = {"head": [], "last stages": body[-unfreeze:], "all": body}[s.trains]
     for p in model.parameters():
-        p.requires_grad_(False)
-    for p in head:
+        p.requires_grad_(s.trains == "all")
+    for p in [*head, *(p for g in train for p in g)]:
         p.requires_grad_(True)
-    if strategy == "linear-probe":
-        return [{"params": head, "lr": lr, "name": "head"}]
-    if strategy == "partial":
-        if unfreeze > len(body):
-            raise MedxferError(f"The 'unfreeze' parameter must be at most {len(body)} for this architecture "
-                               f"(its stages). Got {unfreeze} instead.")
-        train = body[-unfreeze:]
-        for g in train:
-            for p in g:
-                p.requires_grad_(True)
-        return [{"params": [p for g in train for p in g], "lr": lr * backbone_lr_mult, "name": "unfrozen"},
-                {"params": head, "lr": lr, "name": "head"}]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if strategy == "scratch":
-        return [{"params": [p for g in body for p in g], "lr": lr, "name": "body"},
-                {"params": head, "lr": lr, "name": "head"}]
-    if layer_decay is not None:
+    head_group = {"params": head, "lr": lr, "name": "head"}
+    if not train:
+        return [head_group]
+    name = {"last stages": "unfrozen", "all": "backbone" if s.scaled_backbone else "body"}[s.trains]
+    if not s.scaled_backbone:
+        return [{"params": [p for g in train for p in g], "lr": lr, "name": name}, head_group]
+    if layer_decay is not None and s.trains == "all":
         n = len(body)
         return [{"params": g, "lr": lr * layer_decay ** (n - i), "name": f"layer{i}"} for i, g in enumerate(body)] + \
-               [{"params": head, "lr": lr, "name": "head"}]
-    return [{"params": [p for g in body for p in g], "lr": lr * backbone_lr_mult, "name": "backbone"},
-            {"params": head, "lr": lr, "name": "head"}]
+               [head_group]
+    return [{"params": [p for g in train for p in g], "lr": lr * backbone_lr_mult, "name": name}, head_group]
+
+
+def head_groups(model, lr: float) -> list[dict]:
+    """Everything frozen but the head (BatchNorm of the frozen backbone then stays in eval mode): the one group
+    that trains a head on the frozen source's features."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = list(model.head().parameters())
+    for p in head:
+        p.requires_grad_(True)
+    return [{"params": head, "lr": lr, "name": "head"}]
 
 
 def build_optimizer(module: nn.Module, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:

@@ -25,6 +25,7 @@ from medxfer.errors import MedxferError
 from medxfer.pipeline import train
 from medxfer.pretrain.common import backbone_state_dict, check_out_dir, init_record, write_source_dir
 from medxfer.runs import Run, checkpoint_path, is_finished
+from medxfer.strategies import DEFAULT as DEFAULT_STRATEGY, baseline, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ def pretrain_supervised(cfg: TrainConfig, name: str | None = None, description: 
     out = Path(cfg.runtime.out)
     run_dir = out / "run"
     init = None if cfg.model.weights == "none" else cfg.model.source
-    strategy = "scratch" if init is None else ("full" if cfg.optim.strategy == "scratch" else cfg.optim.strategy)
+    asked = get_strategy(cfg.optim.strategy)
+    if init is None:  # random weights: the strategy asked for when it starts from them, else the baseline
+        strategy = asked.name if not asked.pretrained else baseline().name
+    else:
+        strategy = asked.name if asked.pretrained else DEFAULT_STRATEGY
     interrupted = checkpoint_path(run_dir).exists()
     if cfg.runtime.resume and is_finished(run_dir) and not interrupted:
         log.info("%s is a finished run: writing the source directory from it", run_dir)
