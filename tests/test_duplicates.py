@@ -106,3 +106,19 @@ def test_bundled_medmnist_has_cross_split_copies(path, n_groups, n_images, pair)
     groups = find_cross_split_duplicates(m, imgs)
     assert len(groups) == n_groups and sum(g["count"] for g in groups) == n_images
     assert {tuple(sorted(set(g["splits"]), key=["train", "val", "test"].index)) for g in groups} == {pair}
+
+
+def test_rebuilding_a_runs_images_does_not_warn_of_copies_it_did_not_keep(caplog):
+    """report and export rebuild a run's test images: for a run made with --duplicates drop-from-train (the
+    default) they must not warn '... kept (--duplicates allow)' (issue 21)."""
+    import logging
+
+    from medxfer.config import DataOptions
+    from medxfer.data.prepare import images_of
+
+    opts = DataOptions(path=str(BREAST), duplicates="drop-from-train")
+    ids = [f"test/{i:06d}" for i in range(4)]
+    with caplog.at_level(logging.INFO):
+        images = images_of(opts, 28, 0, ids)
+    assert len(images) == 4
+    assert "--duplicates allow" not in caplog.text and "may be optimistic" not in caplog.text

@@ -171,8 +171,10 @@ def apply_splits(manifest: Manifest, splits: dict | pd.Series, where: str = "the
 def images_of(opts, size: int, seed: int, sample_ids) -> torch.Tensor:
     """The decoded images of ``sample_ids`` (in that order), prepared exactly as training prepared them
     (the report's Grad-CAM gallery and the export's parity check rebuild a run's test images this way)."""
-    # duplicates were handled and the split checked when the run trained: here samples are only looked up
-    prep = prepare_data(dataclasses.replace(opts, duplicates="allow", label_fraction=1.0), size, seed, checks=False)
+    # duplicates were handled and the split checked when the run trained: here samples are only looked up, under
+    # the run's own rule (drop-from-train keeps every val and test sample; 'allow' would warn of copies it kept)
+    rule = "allow" if opts.duplicates == "refuse" else opts.duplicates
+    prep = prepare_data(dataclasses.replace(opts, duplicates=rule, label_fraction=1.0), size, seed, checks=False)
     row = {sid: i for i, sid in enumerate(prep.table["sample_id"].astype(str))}
     ids = [str(s) for s in sample_ids]
     missing = [s for s in ids if s not in row]
