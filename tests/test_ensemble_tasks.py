@@ -11,8 +11,7 @@ from torch import nn
 
 from conftest import ordinal_npz
 from medxfer.cli import main
-from medxfer.evaluation.report import label_matrix
-from medxfer.evaluation.tasks import probabilities
+from medxfer.evaluation.tasks import label_matrix, probabilities
 from medxfer.models.ensemble import EnsembleNet
 from medxfer.models.ordinal import corn_logits_from_probabilities, corn_probabilities
 from medxfer.predict import Predictor

@@ -210,7 +210,7 @@ def test_ordinal_run_reports_kappa_and_mae_that_match_scikit_learn(tmp_path):
 
 
 def test_multilabel_compare_pairs_macro_auc_against_scratch(tmp_path):
-    from medxfer.evaluation.report import label_matrix
+    from medxfer.evaluation.tasks import label_matrix
     from medxfer.evaluation.tasks import macro_auc
 
     out = tmp_path / "cmp"

@@ -33,8 +33,8 @@ from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.trainer import predict_logits
 from medxfer.errors import MedxferError
 from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import label_matrix, write_report
-from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
+from medxfer.evaluation.report import write_report
+from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, label_matrix, probabilities
 from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net, write_model_json
 
 METHODS = ("auto", "greedy", "uniform")

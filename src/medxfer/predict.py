@@ -29,7 +29,7 @@ from medxfer.data.inputs import images_from_arrays, iter_inputs
 from medxfer.data.readers import ReadOptions
 from medxfer.engine.inference import OnnxRunner, TorchRunner
 from medxfer.errors import MedxferError
-from medxfer.evaluation.gradcam import decide, findings
+from medxfer.evaluation.decisions import decide, findings
 from medxfer.evaluation.tasks import probabilities
 from medxfer.files import verify_file
 from medxfer.runs import Run

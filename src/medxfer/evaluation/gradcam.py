@@ -30,11 +30,11 @@ from torch import nn
 
 from medxfer.data.augment import TTA
 from medxfer.errors import MedxferError, did_you_mean
-from medxfer.evaluation.ordinal import predict_grade
+from medxfer.evaluation.decisions import decide
 from medxfer.evaluation.tasks import probabilities
 from medxfer.evaluation.plots import to_png
 
-__all__ = ["class_index", "decide", "default_layer", "explain_images", "feature_map_size", "overlay",
+__all__ = ["class_index", "default_layer", "explain_images", "feature_map_size", "overlay",
            "predict_classes", "resolve_layer", "save_overlays"]
 
 
@@ -125,34 +125,8 @@ def feature_map_size(model: nn.Module, meta, layer: str | None = None) -> tuple[
     return name, _output_shape(model, module, x)[2:]
 
 
-def decide(probs: np.ndarray, meta) -> np.ndarray:
-    """Predicted class indices: the run's validation threshold on the positive class for a binary run,
-    the median grade for an ordinal one, else the argmax; for a multi-label run, the finding furthest above
-    its threshold (the one Grad-CAM explains by default; :func:`findings` gives them all). The one decision
-    rule of predict, report, explain and serve."""
-    task = getattr(meta, "task", "")
-    if task == "multilabel":
-        return (probs - np.asarray(_thresholds(meta, probs.shape[1]))).argmax(1)
-    if task == "ordinal":
-        return predict_grade(probs)
-    pos = meta.positive_index
-    if pos is not None and meta.threshold is not None:
-        return np.where(probs[:, pos] >= meta.threshold, pos, 1 - pos)
-    return probs.argmax(1)
-
-
-def _thresholds(meta, k: int) -> list[float]:
-    t = meta.threshold
-    return [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t if t is not None else 0.5)] * k
-
-
-def findings(probs: np.ndarray, meta) -> np.ndarray:
-    """Multi-label: (N, K) booleans, each finding at its threshold chosen on validation."""
-    return probs >= np.asarray(_thresholds(meta, probs.shape[1]))
-
-
 def predict_classes(model: nn.Module, meta, images) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities (N, K) and predicted class indices (:func:`decide`)."""
+    """Calibrated probabilities (N, K) and predicted class indices (:func:`~medxfer.evaluation.decisions.decide`)."""
     x = _as_float(images)
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy() if len(x) else \

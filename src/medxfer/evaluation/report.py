@@ -31,10 +31,12 @@ from medxfer.data.prepare import images_of
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html, plots
 from medxfer.evaluation.calibration import apply_temperature, reliability_curve
-from medxfer.evaluation.gradcam import decide, default_layer, explain_images, feature_map_size, overlay
+from medxfer.evaluation.decisions import decide
+from medxfer.evaluation.gradcam import default_layer, explain_images, feature_map_size, overlay
 from medxfer.evaluation.metrics import confusion_rates
 from medxfer.evaluation.report_tasks import findings_section, ordinal_section
 from medxfer.evaluation.subgroups import read_subgroups, subgroup_section
+from medxfer.evaluation.tasks import label_matrix
 from medxfer.runs import Run
 
 __all__ = ["write_report"]
@@ -70,16 +72,6 @@ class _Test:
     pos: int | None
     threshold: float | None
     temperature: float
-
-
-def label_matrix(values, labels: list[str]) -> np.ndarray:
-    """Multi-label: the 'A|B' texts of predictions.csv (empty or missing: none) as an (N, K) 0/1 matrix."""
-    col = {name: k for k, name in enumerate(labels)}
-    y = np.zeros((len(values), len(labels)))
-    for i, v in enumerate(values):
-        for name in (str(v).split("|") if isinstance(v, str) and v else []):
-            y[i, col[name]] = 1
-    return y
 
 
 def _test_split(run: Run) -> _Test:

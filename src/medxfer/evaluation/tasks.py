@@ -33,6 +33,16 @@ TASKS = ("binary", "multiclass", "multilabel", "ordinal")
 log = logging.getLogger(__name__)
 
 
+def label_matrix(values, labels: list[str]) -> np.ndarray:
+    """Multi-label: the 'A|B' texts of predictions.csv (empty or missing: none) as an (N, K) 0/1 matrix."""
+    col = {name: k for k, name in enumerate(labels)}
+    y = np.zeros((len(values), len(labels)))
+    for i, v in enumerate(values):
+        for name in (str(v).split("|") if isinstance(v, str) and v else []):
+            y[i, col[name]] = 1
+    return y
+
+
 def probabilities(task: str, logits, temperature=1.0) -> np.ndarray:
     """Calibrated probabilities (float64) of ``logits`` for ``task`` (see the module docstring)."""
     z = np.asarray(logits, dtype=np.float64)

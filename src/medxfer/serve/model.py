@@ -28,7 +28,8 @@ from PIL import Image
 from medxfer.data.readers import supported_suffixes
 from medxfer.engine.inference import physical_cores
 from medxfer.errors import BadFileError, MedxferError
-from medxfer.evaluation.gradcam import explain_images, feature_map_size, findings, overlay
+from medxfer.evaluation.decisions import findings
+from medxfer.evaluation.gradcam import explain_images, feature_map_size, overlay
 from medxfer.predict import Predictor
 from medxfer.serve.errors import ApiError
 from medxfer.serve.uploads import png_size
