@@ -168,3 +168,22 @@ def test_tta_exports_to_onnx_and_matches(images, tiny_model, tmp_path):
         got = session.run(None, {name: x.numpy()})[0]
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 1e-4
+
+
+def test_the_options_list_exactly_the_presets_augment_applies():
+    """One list: --augment takes what medxfer.data.presets defines, no copy to keep in step."""
+    from medxfer.config import AUGMENT_PRESETS, OptimOptions, TrainConfig
+
+    assert AUGMENT_PRESETS == tuple(PRESETS)
+    for name in PRESETS:
+        assert TrainConfig.create(data="x.npz", augment=name).optim.augment == name
+    with pytest.raises(MedxferError, match="augment"):
+        OptimOptions(augment="heavy")
+
+
+def test_transforms_keeps_no_second_augmentation():
+    """data.transforms is preprocessing only; its old Augment and PRESETS shadowed these."""
+    from medxfer.data import transforms
+
+    assert not hasattr(transforms, "Augment") and not hasattr(transforms, "PRESETS")
+    assert "Augment(" not in (transforms.__doc__ or "")  # its docstring no longer advertises one

@@ -25,6 +25,7 @@ from typing import Literal
 import yaml
 
 from medxfer.data.intensity import parse_frame, parse_intensity, parse_slice, parse_window
+from medxfer.data.presets import PRESETS
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.strategies import MIN_PATIENCE_STEPS, SELECT, get_strategy, help_text
 from medxfer.strategies import NAMES as STRATEGY_NAMES
@@ -33,8 +34,8 @@ from medxfer.strategies import NAMES as STRATEGY_NAMES
 #: BreastMNIST (3 seeds, 0.2358 -> 0.2317) and PneumoniaMNIST (0.0740 -> 0.0632) in bench/ablation.py
 DEFAULT_TTA_2D = 4
 
-#: the augmentation presets (medxfer.data.augment.PRESETS; listed here so options stay free of torch)
-AUGMENT_PRESETS = ("none", "light", "strong", "generic", "xray", "ultrasound", "ct", "mri", "dermoscopy", "fundus")
+#: the augmentation presets, as medxfer.data.presets defines them (plain data: the options stay free of torch)
+AUGMENT_PRESETS = tuple(PRESETS)
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, show: str | None = None,

@@ -1,4 +1,4 @@
-"""Augmentation presets per imaging modality, on batch tensors; test-time augmentation that exports to ONNX.
+"""Augmentation on batch tensors after a preset (medxfer.data.presets); test-time augmentation that exports to ONNX.
 
 Usage::
 
@@ -28,9 +28,9 @@ global RNG too (``fork_rng`` fixes that), resamples once per geometric step, is 
 new dependency. So: plain torch ops (one affine_grid + grid_sample, a separable blur, interpolate)
 and Pillow's JPEG (already a dependency; torchvision.io's is faster but deprecated since 0.29).
 CPU time per batch of 64 x 1 x 64 x 64, one thread (median of 5 rounds, each the best of 15):
-today's ``transforms.Augment`` light 4.1 ms, strong 4.2; here ``light`` 4.1, ``generic`` 8.2,
+the former ``transforms.Augment`` light 4.1 ms, strong 4.2; here ``light`` 4.1, ``generic`` 8.2,
 ``ct`` 9.5, ``strong`` 10.0, ``xray`` 11.3 (gamma's ``pow`` ~2 ms, corruptions ~4 ms); RGB
-``dermoscopy`` 19 (today's light on RGB 8.2); a like kornia pipeline (crop, affine, gamma, contrast,
+``dermoscopy`` 19 (the former light on RGB 8.2); a like kornia pipeline (crop, affine, gamma, contrast,
 brightness, noise, blur; no JPEG: kornia's needs RGB) under ``fork_rng`` 23 ms. JPEG of 64 images:
 Pillow 14 ms, torchvision.io 6.3, kornia's batched ``jpeg_codec_differentiable`` 55; at p = 0.1
 about six images per batch take that path.
@@ -54,120 +54,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medxfer.errors import MedxferError, did_you_mean
-
-CORRUPTIONS = {  # name -> what its level means
-    "gaussian_noise": "std of additive N(0, s) noise, in intensity units",
-    "speckle_noise": "std of multiplicative noise: x + x * N(0, s)",
-    "shot_noise": "photons at full white (Poisson); lower is noisier",
-    "gaussian_blur": "sigma as a fraction of the shorter in-plane side (volumes: same sigma in depth)",
-    "jpeg": "JPEG quality, 1-100; lower is worse (images only)",
-    "pixelate": "kept resolution, fraction of each side; lower is coarser",
-}
-LEVELS = {"gaussian_noise": (0.01, 0.05), "speckle_noise": (0.05, 0.2), "shot_noise": (60.0, 250.0),
-          "gaussian_blur": (0.006, 0.02), "jpeg": (30.0, 75.0), "pixelate": (0.5, 0.85)}
-
-
-def _check_corruption(name: str) -> None:
-    if name not in CORRUPTIONS:
-        raise MedxferError(f"The corruption must be one of {list(CORRUPTIONS)}. Got '{name}' instead."
-                           f"{did_you_mean(str(name), CORRUPTIONS)}")
-
-
-@dataclass(frozen=True)
-class Corruption:
-    """Applied to each image with probability ``p``, at a level drawn uniformly from [lo, hi]."""
-
-    name: str
-    p: float
-    lo: float
-    hi: float
-
-
-def corruptions(**probs: float) -> tuple[Corruption, ...]:
-    """``corruptions(jpeg=0.1, gaussian_blur=0.05)``: the given probabilities, default levels (LEVELS)."""
-    return tuple(Corruption(k, p, *LEVELS[k]) for k, p in probs.items() if p > 0)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Every range of an augmentation preset. Angles in degrees, shifts as a fraction of the side."""
-
-    name: str
-    scale: tuple[float, float] = (1.0, 1.0)     # random resized crop: kept area fraction (> 1 zooms out)
-    ratio: tuple[float, float] = (1.0, 1.0)     # crop aspect ratio (w/h), log-uniform
-    rotate: float = 0.0                         # +- degrees (in-plane for volumes)
-    shift: float = 0.0                          # +- fraction of the side, on top of the crop's position
-    hflip: bool = False                         # mirror left/right with probability 1/2
-    vflip: bool = False                         # mirror up/down with probability 1/2
-    padding: str = "border"                     # outside the image: grid_sample's border | reflection | zeros
-    gamma: float = 0.0                          # gamma = exp(U(-g, g))
-    brightness: float = 0.0                     # + U(-b, b)
-    contrast: float = 0.0                       # around the image mean, * (1 + U(-c, c))
-    saturation: float = 0.0                     # colour presets: * (1 + U(-s, s)) away from grey
-    colour: bool = False                        # true colour: noise per channel (else one field for all)
-    corruptions: tuple[Corruption, ...] = ()
-
-    def __post_init__(self):
-        for c in self.corruptions:
-            _check_corruption(c.name)
-
-    @property
-    def geometric(self) -> bool:
-        return (self.scale != (1.0, 1.0) or self.ratio != (1.0, 1.0) or self.rotate > 0 or self.shift > 0
-                or self.hflip or self.vflip)
-
-    @property
-    def identity(self) -> bool:
-        return not (self.geometric or self.gamma or self.brightness or self.contrast or self.saturation
-                    or self.corruptions)
-
-
-_GEO = {"scale": (0.75, 1.0), "ratio": (0.9, 1 / 0.9), "rotate": 10.0, "shift": 0.05}
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("none"),
-    # the default, close to the old one: small affine + brightness/contrast, no corruptions
-    Preset("light", scale=(0.8, 1.0), ratio=(0.9, 1 / 0.9), rotate=10.0, shift=0.06, brightness=0.1, contrast=0.1),
-    # wider ranges and every corruption; flips only with hflip=True (it used to flip)
-    Preset("strong", scale=(0.6, 1.0), ratio=(0.8, 1.25), rotate=20.0, shift=0.1, gamma=0.3, brightness=0.2,
-           contrast=0.2, corruptions=corruptions(gaussian_noise=0.1, speckle_noise=0.05, shot_noise=0.05,
-                                                 gaussian_blur=0.1, jpeg=0.1, pixelate=0.05)),
-    Preset("generic", **_GEO, gamma=0.2, brightness=0.1, contrast=0.15,
-           corruptions=corruptions(gaussian_noise=0.05, gaussian_blur=0.05, jpeg=0.05, pixelate=0.05)),
-    # exposure and processing curves vary; quantum mottle (shot noise); archived as JPEG
-    Preset("xray", **_GEO, gamma=0.3, brightness=0.1, contrast=0.2,
-           corruptions=corruptions(gaussian_noise=0.05, shot_noise=0.1, gaussian_blur=0.1, jpeg=0.1,
-                                   pixelate=0.05)),
-    # gain and dynamic range vary; speckle is the native noise
-    Preset("ultrasound", **{**_GEO, "scale": (0.7, 1.0)}, gamma=0.3, brightness=0.15, contrast=0.25,
-           corruptions=corruptions(speckle_noise=0.2, gaussian_noise=0.05, gaussian_blur=0.1, jpeg=0.1,
-                                   pixelate=0.05)),
-    # windowed HU: intensities mean something, so intensity changes stay small
-    Preset("ct", **{**_GEO, "scale": (0.8, 1.0)}, gamma=0.1, brightness=0.05, contrast=0.1,
-           corruptions=corruptions(gaussian_noise=0.1, gaussian_blur=0.1, jpeg=0.05, pixelate=0.05)),
-    # arbitrary intensity scale; resolution varies between protocols
-    Preset("mri", **{**_GEO, "rotate": 15.0}, gamma=0.3, brightness=0.1, contrast=0.2,
-           corruptions=corruptions(gaussian_noise=0.1, gaussian_blur=0.1, jpeg=0.05, pixelate=0.1)),
-    # a lesion has no up, down, left or right; colour varies with camera and lighting
-    Preset("dermoscopy", scale=(0.5, 1.0), ratio=(0.75, 4 / 3), rotate=180.0, shift=0.05, hflip=True, vflip=True,
-           padding="reflection", gamma=0.2, brightness=0.15, contrast=0.15, saturation=0.15, colour=True,
-           corruptions=corruptions(gaussian_noise=0.05, gaussian_blur=0.1, jpeg=0.1, pixelate=0.05)),
-    # mirroring turns a left eye into a right one (fine); upside-down fundi do not occur; often out of focus
-    Preset("fundus", scale=(0.8, 1.0), ratio=(0.9, 1 / 0.9), rotate=30.0, shift=0.05, hflip=True, gamma=0.2,
-           brightness=0.1, contrast=0.15, saturation=0.1, colour=True,
-           corruptions=corruptions(gaussian_noise=0.05, gaussian_blur=0.15, jpeg=0.1, pixelate=0.05)),
-)}
-
-
-def get_preset(preset: str | Preset) -> Preset:
-    """A preset by name (one clear error for an unknown one), or the given Preset."""
-    if isinstance(preset, Preset):
-        return preset
-    if preset not in PRESETS:
-        raise MedxferError(f"The 'augment' parameter must be one of {list(PRESETS)}. Got '{preset}' instead."
-                           f"{did_you_mean(str(preset), PRESETS)}")
-    return PRESETS[preset]
-
+from medxfer.data.presets import (  # the presets are plain data, defined there (re-exported here)
+    CORRUPTIONS,
+    LEVELS,
+    PRESETS,
+    Corruption,
+    Preset,
+    check_corruption,
+    corruptions,
+    get_preset,
+)
+from medxfer.errors import MedxferError
 
 class Augment:
     """Random augmentation of a float batch in [0, 1] after a preset; all draws from ``self.gen``."""
@@ -271,7 +168,7 @@ def corrupt(x: torch.Tensor, name: str, level, gen: torch.Generator | None = Non
     Noise is drawn from ``gen`` (CPU), one field for all channels unless ``per_channel``. Other channel
     counts than 1 and 3 go through JPEG channel by channel.
     """
-    _check_corruption(name)
+    check_corruption(name)
     n, c = x.shape[:2]
     level = torch.as_tensor(level, dtype=torch.float32).flatten().expand(n)
     view, field = (n,) + (1,) * (x.dim() - 1), (n, c if per_channel else 1, *x.shape[2:])
