@@ -23,6 +23,7 @@ COMMANDS = {
     "predict": "Predict calibrated class probabilities with a trained run, from the run directory alone.",
     "export": "Export a trained run for fast inference; checks it against PyTorch on real images first.",
     "features": "Export pooled backbone features (embeddings) of every sample, optionally with a logistic head.",
+    "audit": "Rank the training samples most likely mislabelled (confident learning on out-of-fold probabilities) and list identical images with different labels.",
     "cv": "Cross-validate: every 'medxfer train' option applies to each fold.",
     "compare": "Compare strategies over seeds on one split: mean ± sd, a paired test vs scratch (of the strategy best "
                "on validation), a learning curve. Every 'medxfer train' option below applies to every run.",
