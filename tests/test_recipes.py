@@ -16,6 +16,7 @@ import medxfer
 from medxfer.cli import main
 from medxfer.engine import handlers as H
 from medxfer.engine import trainer
+from medxfer.engine.objectives import auc_score
 
 TINY = dict(source="test_resnet", weights="none", image_size=32, bootstrap=50, report=False,
             label_names=("malignant", "benign"), positive_label="malignant")
@@ -31,7 +32,8 @@ def test_lp_ft_fine_tunes_from_the_fitted_head(small_npz, tmp_path, monkeypatch)
 
     def spy(model, groups, x_train, y_train, x_val, y_val, s, ctx=trainer.DistContext()):
         seen["head"] = {k: v.detach().clone() for k, v in model.head().state_dict().items()}
-        seen["val_auc"] = trainer.auc_of(y_val.numpy(), trainer.predict_logits(model, x_val).softmax(1).numpy())
+        seen["val_auc"] = auc_score("single", y_val.numpy(),
+                                    trainer.predict_logits(model, x_val).softmax(1).numpy())
         return original(model, groups, x_train, y_train, x_val, y_val, s, ctx)
 
     monkeypatch.setattr("medxfer.pipeline.fit", spy)
@@ -44,14 +46,14 @@ def test_lp_ft_fine_tunes_from_the_fitted_head(small_npz, tmp_path, monkeypatch)
 
 def test_ema_weights_are_the_saved_ones(small_npz, tmp_path, monkeypatch):
     kept = {}
-    original = H.EarlyStopping.on_end
+    original = H.BestEpoch.on_end
 
     def spy(self, loop):
         kept["best"] = {k: v.clone() for k, v in self.best_state.items()}
         kept["ema"] = loop.handler(H.EMA) is not None
         original(self, loop)
 
-    monkeypatch.setattr(H.EarlyStopping, "on_end", spy)
+    monkeypatch.setattr(H.BestEpoch, "on_end", spy)
     run = _train(small_npz, tmp_path / "ema", strategy="full", epochs=3, average="ema", ema_epochs=2)
     saved = load_file(str(run.dir / "model.safetensors"))
     assert kept["ema"]
@@ -126,13 +128,15 @@ def test_select_calibrated_loss_keeps_a_sharp_epoch_over_a_timid_one():
 
     best = {}
     for monitor in ("loss", "calibrated-loss", "auc"):
-        stop = H.EarlyStopping(net, patience=5, monitor=monitor)
+        select = H.BestEpoch(net, monitor=monitor)
         for record in (timid, sharp):
-            stop.on_epoch_end(FakeLoop(), record)
-        best[monitor] = stop.best_epoch
+            select.on_epoch_end(FakeLoop(), record)
+        best[monitor] = select.best_epoch
     assert best == {"loss": 1, "calibrated-loss": 2, "auc": 2}
     with pytest.raises(medxfer.MedxferError, match="calibrated-loss"):
-        H.EarlyStopping(net, patience=5, monitor="nll")
+        H.BestEpoch(net, monitor="nll")
+    with pytest.raises(medxfer.MedxferError, match="calibrated-loss"):
+        H.EarlyStop(patience=5, monitor="nll")
 
 
 def test_tta_defaults_to_4_views_for_2d_models_and_none_for_3d(tiny_run):

@@ -35,7 +35,8 @@ from medxfer.config import TrainConfig
 from medxfer.data.prepare import prepare_data
 from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.features import C_GRID, extract_features, feature_cache_dir, source_key_parts
-from medxfer.engine.trainer import auc_of, resolve_precision, seed_everything
+from medxfer.engine.objectives import auc_score
+from medxfer.engine.trainer import resolve_precision, seed_everything
 from medxfer.errors import MedxferError
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import resolve_source
@@ -191,7 +192,7 @@ def fit_logistic_cv(feats: np.ndarray, y: np.ndarray, split: np.ndarray, labels:
         probs = np.zeros((int(test_mask.sum()), len(labels)))
         with threadpool_limits(limits=1, user_api="blas"):
             probs[:, clf.classes_] = clf.predict_proba((feats[test_mask] - mu) / sd)
-        auc = auc_of(y[test_mask], probs)
+        auc = auc_score("single", y[test_mask], probs)
         test_auc = None if np.isnan(auc) else auc
     return {"model": "sklearn LogisticRegressionCV (l2), standardised features", "scoring": scoring,
             "cv_folds": folds, "C_grid": list(C_GRID), "C": float(np.ravel(clf.C_)[0]),

@@ -22,7 +22,8 @@ import torch
 
 from medxfer import progress
 from medxfer.data.cache import DecodeCache, cache_root
-from medxfer.engine.trainer import as_input, auc_of, autocast
+from medxfer.engine.objectives import auc_score
+from medxfer.engine.trainer import as_input, autocast
 
 
 def content_hash(images: torch.Tensor) -> str:
@@ -184,7 +185,7 @@ def _search_c(xt, yt, xv, yv, k: int, seed: int, class_weight):
         clf.fit(xt, yt)
         full = np.zeros((len(xv), k))
         full[:, clf.classes_] = clf.predict_proba(xv)
-        scores[c] = auc_of(yv, full)
+        scores[c] = auc_score("single", yv, full)
         if best is None or scores[c] > scores[best[0]] + 1e-9:
             best = (c, clf)
     return best, scores

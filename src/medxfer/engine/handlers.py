@@ -1,10 +1,16 @@
-"""Handlers of the training loop: validation, early stopping, weight averaging, checkpoints, progress,
-logging. Each owns its state (``state_dict``), so a checkpoint carries it and a resume continues it.
+"""Handlers of the training loop: validation, best-epoch selection, early stopping, weight averaging,
+checkpoints, progress, logging. Each owns its state (``state_dict``), so a checkpoint carries it and a
+resume continues it.
 
 Usage::
 
-    handlers = [EMA(model, decay), Validate(evaluate), EarlyStopping(model, patience=10),
-                EpochLog(), ProgressBar(epochs, steps_per_epoch), Checkpoint(path, signature)]
+    handlers = [EMA(model, decay), Validate(model, evaluate), BestEpoch(model, "calibrated-loss"),
+                EarlyStop(patience=10, monitor="calibrated-loss"), EpochLog(),
+                ProgressBar("training", epochs, steps_per_epoch), Checkpoint(path, signature)]
+
+Selecting and stopping are apart (as MONAI's ``CheckpointSaver`` and ``EarlyStopHandler``):
+:class:`BestEpoch` keeps the best epoch's weights and puts them back at the end, or when training ends
+in an error; :class:`EarlyStop` only ends training. SWA keeps the first without the second.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ CHECKPOINT_FORMAT = "medxfer-loop-checkpoint/2"
 
 class EMA(Handler):
     """An exponential moving average of the weights (timm ``ModelEmaV3``), updated after every step;
-    validation and early stopping judge the average, and the average is what is saved."""
+    validation and best-epoch selection judge the average, and the average is what is saved."""
 
     name = "ema"
 
@@ -108,52 +114,90 @@ class Validate(Handler):
         record["seconds"] += time.perf_counter() - t0
 
 
-class EarlyStopping(Handler):
-    """Keeps the weights of the best epoch by ``monitor`` (validation AUC; the loss when the AUC is
-    undefined) and stops after ``patience`` epochs without improvement; at the end the model holds the
-    best weights."""
+def epoch_score(record: dict, monitor: str) -> float:
+    """An epoch's validation score by ``monitor`` (one of :data:`~medxfer.strategies.SELECT`), higher is
+    better: the AUC (the loss when the AUC is undefined), minus the loss, or minus the calibrated loss."""
+    auc, loss = record.get("val_auc", math.nan), record.get("val_loss", math.nan)
+    if monitor == "auc" and not math.isnan(auc):
+        return auc
+    if monitor == "calibrated-loss":
+        return -record.get("val_loss_calibrated", loss)
+    return -loss
 
-    name = "early_stopping"
 
-    def __init__(self, model: nn.Module, patience: int, monitor: str = "auc", restore: bool = True):
-        if monitor not in SELECT:
-            raise MedxferError(f"The 'select' parameter must be one of {', '.join(SELECT)}. Got '{monitor}' instead.")
-        self.model, self.patience, self.monitor, self.restore = model, patience, monitor, restore
-        self.best_score, self.best_epoch, self.waited, self.best_state = -math.inf, 0, 0, None
+def _check_monitor(monitor: str) -> str:
+    if monitor not in SELECT:
+        raise MedxferError(f"The 'select' parameter must be one of {', '.join(SELECT)}. Got '{monitor}' instead.")
+    return monitor
 
-    def score(self, record: dict) -> float:
-        auc, loss = record.get("val_auc", math.nan), record.get("val_loss", math.nan)
-        if self.monitor == "auc" and not math.isnan(auc):
-            return auc
-        if self.monitor == "calibrated-loss":
-            return -record.get("val_loss_calibrated", loss)
-        return -loss
+
+class BestEpoch(Handler):
+    """Selects the best epoch by ``monitor`` (validation score, :func:`epoch_score`) and keeps the weights
+    validation judged then (the EMA average when one is kept); at the end, and when training ends in an
+    error, the model holds them. ``restore=False`` selects without keeping or restoring weights (SWA saves
+    its average instead). It never stops training: :class:`EarlyStop` does."""
+
+    name = "best_epoch"
+    formerly = ("early_stopping",)
+
+    def __init__(self, model: nn.Module, monitor: str = "auc", restore: bool = True):
+        self.model, self.monitor, self.restore = model, _check_monitor(monitor), restore
+        self.best_score, self.best_epoch, self.best_state = -math.inf, 0, None
+
+    def on_epoch_end(self, loop: Loop, record: dict) -> None:
+        score = epoch_score(record, self.monitor)
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, record["epoch"]
+            if self.restore:
+                self.best_state = copy.deepcopy(judged_module(loop, self.model).state_dict())
+
+    def on_end(self, loop: Loop) -> None:
+        self.restore_best()
+
+    def on_exception(self, loop: Loop, error: BaseException) -> None:
+        self.restore_best()  # the model is left as the best epoch had it, not half-way through an epoch
+
+    def restore_best(self) -> None:
+        if self.best_state is not None and self.restore:
+            self.model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.best_state = state["best_state"] or None
+
+
+class EarlyStop(Handler):
+    """Stops training after ``patience`` epochs without a better validation score by ``monitor``. It keeps
+    no weights: :class:`BestEpoch` selects and restores."""
+
+    name = "early_stop"
+    formerly = ("early_stopping",)
+
+    def __init__(self, patience: int, monitor: str = "auc"):
+        self.patience, self.monitor = patience, _check_monitor(monitor)
+        self.best_score, self.waited = -math.inf, 0
 
     def on_start(self, loop: Loop) -> None:
         if self.waited >= self.patience:  # a resumed run that had already stopped
             loop.state.stop = True
 
     def on_epoch_end(self, loop: Loop, record: dict) -> None:
-        score = self.score(record)
+        score = epoch_score(record, self.monitor)
         if score > self.best_score:
-            self.best_score, self.best_epoch, self.waited = score, record["epoch"], 0
-            self.best_state = copy.deepcopy(judged_module(loop, self.model).state_dict())
+            self.best_score, self.waited = score, 0
         else:
             self.waited += 1
         if self.waited >= self.patience:
             loop.state.stop = True
 
-    def on_end(self, loop: Loop) -> None:
-        if self.best_state is not None and self.restore:
-            self.model.load_state_dict(self.best_state)
-
     def state_dict(self) -> dict:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "waited": self.waited,
-                "best_state": self.best_state or {}}
+        return {"best_score": self.best_score, "waited": self.waited}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
-        self.waited, self.best_state = int(state["waited"]), state["best_state"] or None
+        self.best_score, self.waited = float(state["best_score"]), int(state["waited"])
 
 
 class Checkpoint(Handler):
@@ -220,6 +264,9 @@ class ProgressBar(Handler):
 
     def on_end(self, loop: Loop) -> None:
         self.task.close()
+
+    def on_exception(self, loop: Loop, error: BaseException) -> None:
+        self.task.close()  # a bar left open would keep drawing over the error and whatever comes next
 
 
 class Deadline(Handler):

@@ -1,9 +1,9 @@
 """One epoch loop for every kind of training: a step function says what a batch does, handlers do the
-rest (validation, early stopping, weight averaging, checkpoints, progress, logging).
+rest (validation, best-epoch selection, early stopping, weight averaging, checkpoints, progress, logging).
 
 Usage::
 
-    loop = Loop(step, handlers=[Validate(...), EarlyStopping(...), Checkpoint(path, signature)], epochs=10)
+    loop = Loop(step, handlers=[Validate(...), BestEpoch(...), EarlyStop(...), Checkpoint(...)], epochs=10)
     state = loop.run(resume=checkpoint_dict_or_None)
     state.history                       # one dict per epoch
 
@@ -13,18 +13,27 @@ optimiser step takes, ``train_batch(batch)`` runs it and returns ``(loss, n)``. 
 state across epochs (best weights, EMA, patience) hands it out through ``state_dict`` so that a
 checkpoint carries it and a resumed run continues exactly. Supervised training and self-supervised
 pretraining are two steps on this loop, so both get DDP, checkpoints and resume from the same code.
+
+When training ends in an error (an exception, Ctrl-C), every handler's ``on_exception`` runs before the
+error goes on: progress bars close, the best weights are put back. A handler that fails there is
+logged and the original error is the one raised.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 class Handler:
     """A hook on the loop (the model code does not own the loop). Every method does nothing by default."""
 
     name: str = ""
+    #: names this handler's state had in checkpoints of earlier versions (read when ``name`` is not there)
+    formerly: tuple[str, ...] = ()
 
     def on_start(self, loop: Loop) -> None:
         pass
@@ -40,6 +49,9 @@ class Handler:
 
     def on_end(self, loop: Loop) -> None:
         pass
+
+    def on_exception(self, loop: Loop, error: BaseException) -> None:
+        """Training ended in ``error`` (raised again afterwards): clean up, leave the model usable."""
 
     def state_dict(self) -> dict:
         return {}
@@ -90,35 +102,50 @@ class Loop:
     def run(self, resume: dict | None = None) -> LoopState:
         if resume is not None:
             self.load_state_dict(resume)
-        for h in self.handlers:
-            h.on_start(self)
-        for epoch in range(self.state.epoch + 1, self.epochs + 1):
-            if self.state.stop:
-                break
-            self.state.epoch = epoch
+        try:
             for h in self.handlers:
-                h.on_epoch_start(self)
-            t0 = time.perf_counter()
-            total, count = 0.0, 0
-            for batch in self.step.batches(epoch):
-                loss, n = self.step.train_batch(batch)
-                self.state.step += 1
-                total, count = total + loss * n, count + n
-                for h in self.handlers:
-                    h.on_batch_end(self, loss, n)
-                if self.state.stop:  # a handler ends training now (a deadline): this epoch ends here
+                h.on_start(self)
+            for epoch in range(self.state.epoch + 1, self.epochs + 1):
+                if self.state.stop:
                     break
-            seconds = time.perf_counter() - t0
-            self.state.train_seconds += seconds
-            self.state.seen += count * self.world
-            record = {"epoch": epoch, "train_loss": total / max(count, 1), "seconds": seconds,
-                      "train_images_per_s": count * self.world / max(seconds, 1e-9)}
-            self.state.history.append(record)  # handlers complete it in place (validation adds its metrics)
+                self._epoch(epoch)
             for h in self.handlers:
-                h.on_epoch_end(self, record)
-        for h in self.handlers:
-            h.on_end(self)
+                h.on_end(self)
+        except BaseException as error:  # Ctrl-C too: the handlers clean up, the error goes on
+            self._on_exception(error)
+            raise
         return self.state
+
+    def _epoch(self, epoch: int) -> None:
+        self.state.epoch = epoch
+        for h in self.handlers:
+            h.on_epoch_start(self)
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        for batch in self.step.batches(epoch):
+            loss, n = self.step.train_batch(batch)
+            self.state.step += 1
+            total, count = total + loss * n, count + n
+            for h in self.handlers:
+                h.on_batch_end(self, loss, n)
+            if self.state.stop:  # a handler ends training now (a deadline): this epoch ends here
+                break
+        seconds = time.perf_counter() - t0
+        self.state.train_seconds += seconds
+        self.state.seen += count * self.world
+        record = {"epoch": epoch, "train_loss": total / max(count, 1), "seconds": seconds,
+                  "train_images_per_s": count * self.world / max(seconds, 1e-9)}
+        self.state.history.append(record)  # handlers complete it in place (validation adds its metrics)
+        for h in self.handlers:
+            h.on_epoch_end(self, record)
+
+    def _on_exception(self, error: BaseException) -> None:
+        for h in self.handlers:
+            try:
+                h.on_exception(self, error)
+            except Exception as e:  # noqa: BLE001 - cleaning up must never hide the error that ended training
+                log.warning("%s could not clean up after %s (%s)", type(h).__name__, type(error).__name__,
+                            type(e).__name__)
 
     def state_dict(self) -> dict:
         s = self.state
@@ -131,5 +158,6 @@ class Loop:
                                seen=int(d["seen"]), train_seconds=float(d["train_seconds"]), stop=bool(d["stop"]))
         self.step.load_state_dict(d["step_state"])
         for h in self.handlers:
-            if h.name and h.name in d["handlers"]:
-                h.load_state_dict(d["handlers"][h.name])
+            key = next((k for k in (h.name, *h.formerly) if k and k in d["handlers"]), None)
+            if key is not None:
+                h.load_state_dict(d["handlers"][key])

@@ -28,8 +28,9 @@ from medxfer.engine.dist import DistContext, shard
 from medxfer.engine.handlers import (
     EMA,
     SWA,
+    BestEpoch,
     Checkpoint,
-    EarlyStopping,
+    EarlyStop,
     EpochLog,
     ProgressBar,
     Validate,
@@ -121,16 +122,6 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64, prec
             out.append(model(as_input(x[i:i + batch_size], device, channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
-
-
-def auc_of(y: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
 
 
 def freeze_bn_of_frozen(model: nn.Module) -> None:
@@ -225,9 +216,9 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
         return {**obj.validate(logits, y_val), "lr": step.optimizer.param_groups[-1]["lr"]}
 
     swa = s.average == "swa"  # SWA keeps the average of the last epochs: no early stop, no best-epoch restore
-    stopper = EarlyStopping(model, s.epochs + 1 if swa else s.patience, s.select, restore=not swa)
+    best = BestEpoch(model, s.select, restore=not swa)
     handlers = [EMA(model, 1 - 1 / max(1.0, s.ema_epochs * step.steps_per_epoch))] if s.average == "ema" else []
-    handlers += [Validate(model, evaluate), stopper, EpochLog(),
+    handlers += [Validate(model, evaluate), best, *([] if swa else [EarlyStop(s.patience, s.select)]), EpochLog(),
                  ProgressBar(s.progress or "training", s.epochs, step.steps_per_epoch,
                              enabled=ctx.is_main and bool(s.progress))]
     handlers += list(s.handlers)
@@ -240,6 +231,6 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
     resume = read_loop_checkpoint(s.checkpoint, s.signature) if s.resume else None
     state = loop.run(resume)
     model.to(memory_format=torch.contiguous_format)
-    return FitResult(history=state.history, best_epoch=stopper.best_epoch, best_score=stopper.best_score,
+    return FitResult(history=state.history, best_epoch=best.best_epoch, best_score=best.best_score,
                      seconds=state.train_seconds, images_per_second=state.seen / max(state.train_seconds, 1e-9),
                      epochs=s.epochs, patience=s.patience)
