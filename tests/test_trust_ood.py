@@ -81,3 +81,18 @@ def test_bad_input():
         fit_detector(xt, xt, pass_rate=95)
     det = fit_detector(xt, xt[:10])
     assert det.summary()["few_val"]
+
+
+def test_low_contrast_flags_blank_images_only():
+    from medxfer.trust.ood import contrast_floor, low_contrast
+
+    rng = np.random.default_rng(4)
+    train = rng.integers(40, 220, size=(50, 1, 16, 16), dtype=np.uint8)
+    floor = contrast_floor(train)
+    assert floor > 0
+    blank = np.full((3, 1, 16, 16), 128, np.uint8)
+    blank[2, 0, 0, 0] = 129                        # one pixel off: still near-constant
+    assert low_contrast(blank, floor).all()
+    assert not low_contrast(rng.integers(40, 220, size=(20, 1, 16, 16), dtype=np.uint8), floor).any()
+    with pytest.raises(MedxferError, match="non-empty"):
+        low_contrast(np.zeros((0, 4)), floor)
