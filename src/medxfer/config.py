@@ -128,6 +128,8 @@ class DataOptions(Options):
         "is in test), refuse, or allow (warns). Listed in duplicates.csv.")
     on_bad_file: Literal["error", "skip"] = option("error", "An unreadable sample: stop naming it, or skip it and "
                                                    "list it in skipped.csv.")
+    workers: int | None = option(None, "Processes that decode image files into the decoded store on disk (the "
+                                 "output does not depend on it).", show="the usable cores", low=1)
     on_unlabelled: Literal["error", "skip"] = option("error", "DICOM folder: files that --labels does not label: "
                                                      "stop, or skip them.")
     label_fraction: float = option(1.0, "Train on this stratified fraction of the train labels (val and test "
@@ -407,7 +409,7 @@ class TrainConfig(Config):
     def training_signature(self) -> dict:
         """What a resumed run must share with its checkpoint: the data, model and optim groups."""
         d = self.to_dict()
-        for key in ("keep_paths", "cache_dir", "no_cache"):
+        for key in ("keep_paths", "cache_dir", "no_cache", "workers"):
             d["data"].pop(key)
         return {"data": d["data"], "model": d["model"], "optim": d["optim"]}
 
