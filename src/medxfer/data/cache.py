@@ -37,7 +37,7 @@ import numpy as np
 from medxfer.errors import BadFileError, MedxferError
 from medxfer.files import sha256_file
 
-__all__ = ["DecodeCache", "cache_root", "default_cache_dir", "file_digest"]
+__all__ = ["DecodeCache", "cache_root", "default_cache_dir", "digest_memo", "file_digest", "remember_digest"]
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")
 _digests: dict[tuple[str, int, int], str] = {}
@@ -83,6 +83,22 @@ def os_reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
+def remember_digest(memo: tuple[str, int, int], digest: str) -> None:
+    """Keep a digest computed elsewhere (a decoding worker) under its (path, size, mtime_ns)."""
+    with _digests_lock:
+        _digests[memo] = digest
+
+
+def digest_memo(path: str | Path) -> tuple[str, int, int] | None:
+    """The (path, size, mtime_ns) a file's digest is remembered under; None for a folder or a missing file."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return None if os.path.isdir(path) else (path, st.st_size, st.st_mtime_ns)
+
+
 def _digest(path: str) -> str:
     if os.path.isdir(path):
         parts = [f"{name}:{_digest(os.path.join(path, name))}" for name in sorted(os.listdir(path))
@@ -120,8 +136,13 @@ class DecodeCache:
         ``params`` must hold every parameter that changes the decoded array (size, read options,
         ...); values that JSON cannot encode are turned into their ``str``.
         """
+        return DecodeCache.key_of(file_digest(path), params)
+
+    @staticmethod
+    def key_of(digest: str, params: dict) -> str:
+        """:meth:`key` from a content digest already known (:func:`file_digest`), without reading the file."""
         text = json.dumps(params, sort_keys=True, default=str)
-        return hashlib.sha256(f"{file_digest(path)}\n{text}".encode("utf-8")).hexdigest()
+        return hashlib.sha256(f"{digest}\n{text}".encode("utf-8")).hexdigest()
 
     def check_writable(self) -> None:
         """Refuse a cache folder that is a file or cannot be written, before any work starts."""

@@ -22,7 +22,6 @@ also logged as a warning.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,10 +30,12 @@ import numpy as np
 import torch
 
 from medxfer import progress
-from medxfer.data.intensity import (EIGHT_BIT, BadPixels, divides_uint8, dtype_problem, parse_slice, pixel_types,
-                                    to_unit_range, volume_to_2d, widest)
+from medxfer.data.decoding import BadRow, decode_files
+from medxfer.data.intensity import (BadPixels, divides_uint8, dtype_problem, parse_slice, pixel_types, to_unit_range,
+                                    volume_to_2d, widest)
 from medxfer.data.manifest import Manifest
-from medxfer.data.readers import ReadOptions, read_image
+from medxfer.data.memory import guess_channels
+from medxfer.data.readers import ReadOptions
 from medxfer.data.transforms import match_channels, resize_to_uint8
 from medxfer.errors import BadFileError, MedxferError
 
@@ -65,8 +66,11 @@ class Loaded:
         return widest(self.dtypes) or None
 
 
-def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_file: str = "error") -> Loaded:
-    """Decode, bring to a common channel count, resize to ``size`` and quantise to uint8, once."""
+def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_file: str = "error",
+                workers: int | None = None) -> Loaded:
+    """Decode, bring to a common channel count, resize to ``size`` and quantise to uint8, once. Files go to
+    the decoded store on disk (in ``cache``'s folder; a temporary one without it), decoded by ``workers``
+    processes (default: the usable cores), and ``images`` maps it (:mod:`medxfer.data.decoding`)."""
     if on_bad_file not in ("error", "skip"):
         raise MedxferError(f"The 'on-bad-file' parameter must be 'error' or 'skip'. Got '{on_bad_file}' instead.")
     if manifest.arrays is not None:
@@ -74,7 +78,7 @@ def load_images(manifest: Manifest, size: int, read=None, cache=None, on_bad_fil
         ids = manifest.table["sample_id"].astype(str).tolist()
         return decode_arrays(manifest.arrays, size, read, ids=ids, rows=rows, on_bad_file=on_bad_file,
                              where=manifest.origin)
-    return _from_files(manifest, size, read, cache, on_bad_file)
+    return _from_files(manifest, size, read, cache, on_bad_file, workers)
 
 
 def one_array_image(img: np.ndarray, read=None) -> np.ndarray:
@@ -161,84 +165,25 @@ def _stack(imgs: list[np.ndarray]) -> np.ndarray:
     return np.stack([match_channels(i, chans) for i in imgs])
 
 
-def _from_files(manifest, size, read, cache, on_bad_file) -> Loaded:
+def _from_files(manifest, size, read, cache, on_bad_file, workers=None) -> Loaded:
+    """Files -> the decoded store (:mod:`medxfer.data.decoding`), mapped: the images are a view of the file on
+    disk, not a copy in memory."""
     read = read or ReadOptions()
-    decoded, keep, skipped, hits = {}, np.zeros(len(manifest.table), bool), [], 0
-    types: dict[int, str] = {}
     ids = manifest.table["sample_id"].astype(str).tolist()
     paths = manifest.table["path"].tolist()
-    bar = progress.task("decoding images", total=len(ids), unit="images")
-    for i, path in enumerate(paths):
-        bar.advance()
-        try:
-            decoded[i], types[i], hit = _read_file(path, read, size, cache)
-        except BadFileError as e:
-            if on_bad_file == "error":
-                raise e.for_sample(ids[i]) from None
-            skipped.append(Skipped(ids[i], e.reason, e.path))
-            continue
-        hits += hit
-        keep[i] = True
-    bar.close()
-    if not decoded:
+    try:
+        array, index = decode_files(paths, size, read, cache, on_bad_file, workers, channels=guess_channels(manifest))
+    except BadRow as e:
+        raise e.error.for_sample(ids[e.row]) from None
+    keep, skipped = np.ones(len(paths), bool), []
+    for row, reason in index["skipped"]:
+        if on_bad_file == "error":
+            raise BadFileError(str(paths[row]), reason).for_sample(ids[row])
+        keep[row] = False
+        skipped.append(Skipped(ids[row], reason, str(paths[row])))
+    if not keep.any():
         raise MedxferError(f"no readable image in {manifest.origin} ({len(skipped)} skipped).")
-    counts = Counter(t for t in types.values() if t)  # '': scaled by a lookup table (DICOM VOI LUT, palette colour)
-    notes = []
-    if set(counts) & EIGHT_BIT and set(counts) - EIGHT_BIT:  # one rule per run: 8-bit files scaled per image too
-        wide = widest(counts)
-        notes.append(f"warning: the images mix pixel types: {_listed(counts)}; every image is scaled per image "
-                     f"(min-max), as {wide} images are, 8-bit ones included, in training and predict (model.json "
-                     f"records input_dtype '{wide}'). Convert them to one type to keep 8-bit images at value / 255")
-        log.warning(notes[-1].removeprefix("warning: "))
-        per_image = dataclasses.replace(read, input_dtype=wide)
-        for i in [i for i, t in types.items() if t in EIGHT_BIT]:
-            decoded[i], _, _ = _read_file(paths[i], per_image, size, cache)
-    rgb = sum(d.shape[0] == 3 for d in decoded.values())
-    chans = 3 if rgb else 1
-    if 0 < rgb < len(decoded):
-        notes.append(f"warning: {rgb} of {len(decoded)} images are RGB, so the run is 3-channel (grey images "
-                     "repeated in R, G and B); no option chooses otherwise: convert those files to greyscale for a "
-                     "1-channel run")
-        log.warning(notes[-1].removeprefix("warning: "))
-    images = torch.from_numpy(np.stack([_chans_uint8(decoded[i], chans) for i in sorted(decoded)]))
-    return Loaded(images, keep, skipped, hits, dtypes=dict(counts), notes=notes)
-
-
-def _listed(counts: Counter) -> str:
-    return ", ".join(f"{t} ({n})" for t, n in counts.most_common())
-
-
-def _read_file(path, read, size: int, cache) -> tuple[np.ndarray, str, bool]:
-    """One file -> (uint8 (C, S, S), the type of its pixels, whether the cache had it)."""
-    key = cache.key(path, {"size": size, **read.key()}) if cache is not None else None
-    img, dtype = _cached(cache, key)
-    if img is not None:
-        return img, dtype, True
-    with pixel_types() as seen:
-        arr = read_image(path, read, size=size)
-    img, dtype = resize_to_uint8(arr[None], size)[0].numpy(), "".join(seen[:1])
-    if cache is not None:
-        cache.put(key, _entry(img, dtype))
-    return img, dtype, False
-
-
-def _entry(img: np.ndarray, dtype: str) -> np.ndarray:
-    """A cache entry: the decoded uint8 image and the type its pixels had, in one record."""
-    entry = np.zeros((), [("pixels", np.uint8, img.shape), ("dtype", "U16")])
-    entry["pixels"], entry["dtype"] = img, dtype
-    return entry
-
-
-def _cached(cache, key) -> tuple[np.ndarray | None, str]:
-    """(image, pixel type) from the cache; (None, '') on a miss or an entry of an earlier release (no type)."""
-    entry = cache.get(key) if cache is not None else None
-    if entry is None or entry.dtype.names != ("pixels", "dtype") or entry.size != 1:
-        return None, ""
-    record = entry.reshape(-1)[0]   # the cache stores the 0-d record as shape (1,)
-    return np.ascontiguousarray(record["pixels"]), str(record["dtype"])
-
-
-def _chans_uint8(img: np.ndarray, chans: int) -> np.ndarray:
-    if img.shape[0] == chans:
-        return img
-    return (match_channels(img.astype(np.float32), chans)).round().astype(np.uint8)
+    for note in index["notes"]:
+        log.warning(note.removeprefix("warning: "))
+    return Loaded(torch.from_numpy(array), keep, skipped, index["hits"], dtypes=dict(index["types"]),
+                  notes=list(index["notes"]))

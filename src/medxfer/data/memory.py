@@ -21,6 +21,12 @@ What a run holds (measured on the code paths in :mod:`medxfer.data.loading` and 
 peak = 2 x decoded + the larger of decoding and training. The images already read (an npz's arrays) and
 the interpreter are not counted: they are in use already, so the available memory excludes them.
 
+Image files are decoded by ``workers`` processes into the decoded store on disk (:mod:`medxfer.data.store`),
+which training maps: the store is counted on disk (``disk``: the store, plus the per-file cache's entries when
+it is written), against the free space of the cache folder, and in memory only once (the training copies of
+the train and val rows), with each worker's image and :data:`WORKER_BYTES`. A store that cannot fit on disk is
+refused in one line too, saying what to pass (``--image-size``, ``--cache-dir``).
+
 Available memory: ``MemAvailable`` of /proc/meminfo, lowered to the cgroup's limit minus its usage
 (v2 ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``; its
 inactive page cache counted as free) when lower; ``os.sysconf`` free pages where neither exists; ``MEDXFER_MEMORY`` (bytes, e.g. 8e9) overrides.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +56,11 @@ ACTIVATIONS = {("tf_efficientnet_lite", 2): 500, ("tf_efficientnet_lite", 3): 20
 DEFAULT_ACTIVATIONS = {2: 500, 3: 200}
 #: npz images decoded at once (medxfer.data.loading.decode_arrays)
 CHUNK = 256
+#: private memory of one decoding worker process besides its image (forked: the interpreter and torch are
+#: shared with the parent until written; measured about 60 MB of RssAnon per worker), rounded up
+WORKER_BYTES = 100 * 2 ** 20
+#: the per-file cache: an entry's .npy header and record, and the file system's block
+ENTRY_HEADER, BLOCK = 256, 4096
 #: cgroup files (v2, then v1): (limit, usage)
 CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
@@ -67,6 +79,23 @@ class MemoryPlan:
     native: int | None = None    # values of one npz image before resizing; None: files, decoded one at a time
     available: int | None = None  # bytes this process may still allocate; None: unknown
     available_from: str = ""
+    on_disk: bool = False        # files: decoded into the store on disk (mapped), not held in memory
+    workers: int = 1             # decoding processes (files)
+    disk_free: int | None = None  # free bytes in the cache folder; None: not checked
+    disk_at: str = ""            # the cache folder
+    file_cache: bool = False     # the per-file decode cache is written too
+
+    @property
+    def disk(self) -> int:
+        """Bytes the decoded store (and the per-file cache entries) take on disk; 0 when nothing is stored."""
+        if not self.on_disk:
+            return 0
+        entries = self.samples * -(-(self.values + ENTRY_HEADER) // BLOCK) * BLOCK if self.file_cache else 0
+        return self.decoded + entries
+
+    @property
+    def disk_fits(self) -> bool:
+        return self.disk_free is None or self.disk <= self.disk_free
 
     @property
     def values(self) -> int:
@@ -79,9 +108,10 @@ class MemoryPlan:
 
     @property
     def decoding(self) -> int:
-        """A float32 chunk: npz images before (astype, /255) and after resizing (three copies); files one by one."""
+        """A float32 chunk: npz images before (astype, /255) and after resizing (three copies); files one by one
+        in each worker process (:data:`WORKER_BYTES` each besides)."""
         if self.native is None:
-            return 4 * 3 * self.values
+            return self.workers * (4 * 3 * self.values + (WORKER_BYTES if self.workers > 1 else 0))
         return min(CHUNK, self.samples) * 4 * (2 * self.channels * self.native + 3 * self.values)
 
     @property
@@ -91,7 +121,9 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return 2 * self.decoded + max(self.decoding, self.training)
+        """npz: the decoded images twice (decoding, then the training copies); files: once (the training copies
+        of the train and val rows; the store itself is on disk, in the page cache)."""
+        return (1 if self.on_disk else 2) * self.decoded + max(self.decoding, self.training)
 
     @property
     def fits(self) -> bool:
@@ -100,27 +132,42 @@ class MemoryPlan:
     def describe(self) -> str:
         kind = "volumes" if self.spatial_dims == 3 else "images"
         grid = f"{self.size}^3" if self.spatial_dims == 3 else f"{self.size}x{self.size}"
+        where = f" ({human(self.disk)} on disk)" if self.on_disk else ""
         return (f"{self.samples} {kind} of {grid} x {self.channels} channel{'s' if self.channels > 1 else ''} need "
-                f"about {human(self.decoded)} decoded (uint8) and {human(self.peak)} at the peak (decoding and "
-                f"training, batch {self.batch_size})")
+                f"about {human(self.decoded)} decoded (uint8){where} and {human(self.peak)} of memory at the peak "
+                f"(decoding and training, batch {self.batch_size})")
 
 
 def plan_memory(manifest, size: int, *, volumes: bool, batch_size: int = 64, arch: str | None = None,
-                channels: int | None = None) -> MemoryPlan:
+                channels: int | None = None, workers: int = 1, store_dir: str | Path | None = None,
+                file_cache: bool = True) -> MemoryPlan:
     """The :class:`MemoryPlan` of decoding ``manifest`` at ``size`` and training on it (see the module
-    docstring). Nothing is read but array shapes and, for image files, a few headers (their channels)."""
+    docstring). Nothing is read but array shapes and, for image files, a few headers (their channels).
+    ``store_dir``: where image files are decoded to (the cache folder), whose free space is checked."""
     dims = 3 if volumes else 2
     available, where = available_bytes()
     arrays = manifest.arrays
     native = math.prod(arrays.shape[1:]) // (3 if _rgb_arrays(arrays) else 1) if arrays is not None else None
-    return MemoryPlan(len(manifest.table), int(size), channels or _channels(manifest), dims, int(batch_size),
-                      _factor(arch, dims), native, available, where)
+    free = free_disk(store_dir) if arrays is None and store_dir is not None else None
+    return MemoryPlan(len(manifest.table), int(size), channels or guess_channels(manifest), dims, int(batch_size),
+                      _factor(arch, dims), native, available, where, on_disk=arrays is None,
+                      workers=max(1, int(workers)), disk_free=free, disk_at=str(store_dir or ""),
+                      file_cache=file_cache and store_dir is not None)
 
 
 def check_memory(manifest, size: int, *, volumes: bool, batch_size: int = 64, arch: str | None = None,
-                 channels: int | None = None) -> MemoryPlan:
-    """Log the plan, or refuse in one line (the plan's numbers and what to pass) when it cannot fit."""
-    plan = plan_memory(manifest, size, volumes=volumes, batch_size=batch_size, arch=arch, channels=channels)
+                 channels: int | None = None, workers: int = 1, store_dir: str | Path | None = None,
+                 file_cache: bool = True) -> MemoryPlan:
+    """Log the plan, or refuse in one line (the plan's numbers and what to pass) when it cannot fit in memory,
+    or its decoded store on the disk of ``store_dir``."""
+    plan = plan_memory(manifest, size, volumes=volumes, batch_size=batch_size, arch=arch, channels=channels,
+                       workers=workers, store_dir=store_dir, file_cache=file_cache)
+    if not plan.disk_fits:
+        raise MedxferError(f"not enough disk for the decoded images: {plan.describe()}, but the cache folder "
+                           f"'{plan.disk_at}' has {human(plan.disk_free)} free. {disk_advice(plan)}")
+    if plan.disk_free is not None:
+        log.info("disk plan: the decoded store takes about %s of the %s free in the cache folder",
+                 human(plan.disk), human(plan.disk_free))
     if plan.available is None:
         log.info("memory plan: %s; the memory available is unknown (set MEDXFER_MEMORY to the bytes this run may "
                  "use to have it checked)", plan.describe())
@@ -132,8 +179,31 @@ def check_memory(manifest, size: int, *, volumes: bool, batch_size: int = 64, ar
                        f"({plan.available_from}). {advice(plan)}")
 
 
+def disk_advice(plan: MemoryPlan) -> str:
+    """What to pass when the store does not fit on disk: a smaller --image-size, or a --cache-dir with room."""
+    tips = [f"pass --cache-dir DIR on a disk with at least {human(plan.disk)} free"]
+    size = next((s for s in range(plan.size - 1, 7, -1) if replace(plan, size=s).disk_fits), None)
+    if size is not None:
+        tips.insert(0, f"pass --image-size {size} or less (about {human(replace(plan, size=size).disk)} on disk)")
+    if plan.file_cache:
+        tips.append("free space in the cache folder (deleting it is always safe)")
+    return "To fit: " + ", or ".join(tips) + "."
+
+
+def free_disk(folder: str | Path) -> int | None:
+    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent); None when unknown."""
+    path = Path(folder).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def advice(plan: MemoryPlan) -> str:
-    """What to pass: the largest --image-size that fits, how many samples fit at this size, a smaller batch."""
+    """What to pass: the largest --image-size that fits, how many samples fit at this size, a smaller batch,
+    fewer decoding workers."""
     tips = []
     size = next((s for s in range(plan.size - 1, 7, -1) if replace(plan, size=s).fits), None)
     if size is not None:
@@ -144,6 +214,10 @@ def advice(plan: MemoryPlan) -> str:
     if plan.training > plan.decoding and replace(plan, batch_size=8).fits and plan.batch_size > 8:
         batch = next(b for b in range(plan.batch_size - 1, 7, -1) if replace(plan, batch_size=b).fits)
         tips.append(f"pass --batch-size {batch} or less")
+    if plan.workers > 1 and plan.decoding >= plan.training:
+        workers = next((w for w in range(plan.workers - 1, 0, -1) if replace(plan, workers=w).fits), None)
+        if workers is not None:
+            tips.append(f"pass --workers {workers} or less")
     more = "set MEDXFER_MEMORY=BYTES if more memory is free than measured"
     if not tips:
         return f"Use a machine with more memory, or {more}."
@@ -165,7 +239,7 @@ def _factor(arch: str | None, dims: int) -> float:
     return DEFAULT_ACTIVATIONS[dims]
 
 
-def _channels(manifest) -> int:
+def guess_channels(manifest) -> int:
     """3 for RGB npz images or RGB files among a few headers read, else 1 (a run is 3-channel if any file is)."""
     if manifest.arrays is not None:
         return 3 if _rgb_arrays(manifest.arrays) else 1

@@ -9,7 +9,8 @@ Usage::
 
 Steps, each refusing with one line what it cannot use: read the manifest (npz, folder, CSV/Parquet,
 DICOM folder, or an in-memory one), check the labels, apply given splits or make a stratified,
-grouped one, decode every sample once (through the decode cache), handle duplicates across splits,
+grouped one, decode every sample once (image files: by ``--workers`` processes into the decoded store on disk,
+which the images map), handle duplicates across splits,
 keep a label fraction, and check that every class has training images and val/test hold two classes.
 """
 
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 
 from medxfer.data.cache import DecodeCache, default_cache_dir
+from medxfer.data.decoding import default_workers
 from medxfer.data.duplicates import handle_duplicates
 from medxfer.data.loading import Skipped, load_images
 from medxfer.data.manifest import SPLITS, Manifest, check_classes, check_split_classes, check_split_values
@@ -105,26 +107,32 @@ def prepare_data(opts, size: int | None, seed: int, *, splits: dict | pd.Series 
         size, why = choose_size(native_size(manifest), source_size, spatial_dims)
         manifest.notes.append(f"image size {size} px: {why} (--image-size to choose another)")   # logged below
     read = read_options(opts)
-    if checks:  # what the decoded images and training will hold, before anything is decoded
-        check_memory(manifest, size, volumes=spatial_dims == 3, batch_size=batch_size, arch=arch)
     cache = None
     if manifest.arrays is None and not opts.no_cache:
         cache = DecodeCache(opts.cache_dir or default_cache_dir())
         cache.check_writable()
-    loaded = load_images(manifest, size, read, cache, opts.on_bad_file)
+    workers = getattr(opts, "workers", None)
+    workers = default_workers(len(manifest.table)) if workers is None else workers
+    if checks:  # what the decoded images and training will hold, in memory and on disk, before anything is decoded
+        check_memory(manifest, size, volumes=spatial_dims == 3, batch_size=batch_size, arch=arch, workers=workers,
+                     store_dir=cache.directory if cache is not None else None)
+    loaded = load_images(manifest, size, read, cache, opts.on_bad_file, workers)
     if loaded.skipped:
         log.warning("skipped %d unreadable samples (listed in skipped.csv)", len(loaded.skipped))
     manifest = manifest.subset(loaded.keep)
     keep, duplicates = handle_duplicates(manifest, loaded.images, opts.duplicates)
-    manifest, images = manifest.subset(keep), loaded.images[torch.from_numpy(keep)]
+    # all kept (the usual case): the images stay a view of the decoded store, no copy in memory
+    manifest, images = manifest.subset(keep), loaded.images if keep.all() else loaded.images[torch.from_numpy(keep)]
+    skipped, notes, input_dtype = loaded.skipped, loaded.notes, loaded.input_dtype
+    del loaded   # a copy made above (some rows dropped) leaves the full set to be freed
     if opts.label_fraction < 1:
         manifest, images = label_fraction(manifest, images, opts.label_fraction, seed)
     if checks:
         check_split_classes(manifest)
         for note in manifest.notes:
             log.info(note)
-    manifest.notes.extend(loaded.notes)  # logged where they arose; kept for config.yaml
-    return Prepared(manifest, images, loaded.skipped, read, duplicates, loaded.input_dtype, size)
+    manifest.notes.extend(notes)  # logged where they arose; kept for config.yaml
+    return Prepared(manifest, images, skipped, read, duplicates, input_dtype, size)
 
 
 def label_fraction(manifest: Manifest, images: torch.Tensor, fraction: float, seed: int):
