@@ -113,3 +113,40 @@ def test_plan_is_plain_arithmetic():
     plan = MemoryPlan(samples=100, size=10, channels=1, spatial_dims=2, batch_size=10, activations=9.0)
     assert plan.values == 100 and plan.decoded == 10_000 and plan.training == 10 * 100 * 4 * 10
     assert plan.decoding == 4 * 3 * 100 and plan.peak == 20_000 + 40_000 and plan.fits
+
+
+def files(tmp_path, n: int) -> Manifest:
+    """n grey PNG files (one written, the rest its name: the plan reads a few headers only)."""
+    Image.new("L", (40, 40)).save(tmp_path / "0.png")
+    table = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "label": np.arange(n) % 2, "split": "train",
+                          "path": [str(tmp_path / "0.png")] * n})
+    return Manifest(table, ["x", "y"], str(tmp_path))
+
+
+def test_image_files_are_counted_on_disk_and_once_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_disk", lambda folder: 10 ** 12)
+    plan = plan_memory(files(tmp_path, 1000), 64, volumes=False, workers=2, store_dir=tmp_path / "cache")
+    assert plan.on_disk and plan.decoded == 1000 * 64 * 64 and plan.disk_free == 10 ** 12
+    assert plan.disk == plan.decoded + 1000 * 8192          # the store, and the per-file cache's entries
+    assert plan.peak == plan.decoded + max(plan.decoding, plan.training)
+    assert plan.decoding == 2 * (4 * 3 * 64 * 64 + memory.WORKER_BYTES)
+    assert not plan_memory(files(tmp_path, 10), 64, volumes=False, store_dir=None).disk_free
+
+
+def test_a_store_that_cannot_fit_on_disk_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_disk", lambda folder: 30 * 2 ** 20)
+    monkeypatch.setenv("MEDXFER_MEMORY", "1e12")
+    with pytest.raises(MedxferError) as e:
+        check_memory(files(tmp_path, 2000), 224, volumes=False, workers=2, store_dir=tmp_path / "cache")
+    text = str(e.value)
+    assert "\n" not in text and "not enough disk" in text and str(tmp_path / "cache") in text
+    assert "--image-size" in text and "--cache-dir" in text
+    size = int(text.split("--image-size ")[1].split()[0])
+    assert plan_memory(files(tmp_path, 2000), size, volumes=False, store_dir=tmp_path / "c").disk <= 30 * 2 ** 20
+
+
+def test_too_many_workers_are_told_to_be_fewer(monkeypatch, tmp_path):
+    plan = plan_memory(files(tmp_path, 10), 8, volumes=False, workers=16, batch_size=2, arch="test_resnet")
+    monkeypatch.setenv("MEDXFER_MEMORY", str(plan.peak - 1))
+    with pytest.raises(MedxferError, match=r"--workers 15 or less"):
+        check_memory(files(tmp_path, 10), 8, volumes=False, workers=16, batch_size=2, arch="test_resnet")

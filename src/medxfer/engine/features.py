@@ -26,8 +26,14 @@ from medxfer.engine.objectives import auc_score
 from medxfer.engine.trainer import as_input, autocast
 
 
-def content_hash(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:32]
+def content_hash(images: torch.Tensor, rows: int = 1024) -> str:
+    """sha256 of the images' bytes, fed ``rows`` at a time: no copy of the whole set (the images may be a
+    memory map of the decoded store far larger than memory); the same digest as of all the bytes at once."""
+    h = hashlib.sha256()
+    arr = images.numpy()
+    for start in range(0, len(arr), rows):
+        h.update(np.ascontiguousarray(arr[start:start + rows]))
+    return h.hexdigest()[:32]
 
 
 def source_key_parts(spec, info: dict, size: int, read, seed: int) -> dict:
