@@ -216,3 +216,41 @@ def test_a_bad_file_first_stops_a_serial_decode_there(tmp_path, monkeypatch):
     with pytest.raises(BadFileError) as e:
         load_images(m, SIZE, cache=DecodeCache(tmp_path / "c"), on_bad_file="error", workers=1)
     assert e.value.sample == m.table["sample_id"].iloc[3] and len(calls) < 72
+
+
+def _rank(rank: int, world: int, data: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    real = decoding.read_file
+
+    def counted(path, *a, **k):
+        with open(f"{out}/decoded.r{rank}", "a") as f:
+            f.write(f"{path}\n")
+        return real(path, *a, **k)
+
+    decoding.read_file = counted
+    got = load_images(load_manifest(data), SIZE, cache=DecodeCache(cache), workers=1)
+    np.save(f"{out}/images.r{rank}.npy", got.images.numpy())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_decode_their_share_once_into_one_store(tmp_path):
+    import multiprocessing
+
+    m = folder(tmp_path / "d")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "d"), str(tmp_path / "c"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    shares = [(tmp_path / f"decoded.r{r}").read_text().split() for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 36 and sorted(shares[0] + shares[1]) == sorted(m.table["path"])
+    ref = serial_reference(m).numpy()
+    for r in range(2):
+        assert np.array_equal(np.load(tmp_path / f"images.r{r}.npy"), ref)
+    assert len([s for s in stores(tmp_path / "c") if s.endswith(".npy")]) == 1
