@@ -74,3 +74,12 @@ def test_conflicting_duplicates():
 def test_bad_input(call, words):
     with pytest.raises(MedxferError, match=words):
         call()
+
+
+def test_text_labels_are_one_clear_error():
+    from medxfer.trust.ood import fit_detector
+
+    with pytest.raises(MedxferError, match="integer class indices"):
+        out_of_fold_probs(np.zeros((10, 2)), np.array(["a", "b"] * 5))
+    with pytest.raises(MedxferError, match="integer class indices"):
+        fit_detector(np.zeros((10, 2)), np.zeros((5, 2)), np.array(["a", "b"] * 5))

@@ -57,7 +57,7 @@ def out_of_fold_probs(features, labels, folds: int = 5, seed: int = 0, C: float 
     if x.ndim != 2 or len(x) == 0 or not np.isfinite(x).all():
         raise MedxferError(f"features must be a finite, non-empty 2-D array (samples x dimensions); got shape "
                            f"{x.shape}.")
-    y = check_labels(labels, len(x), int(np.max(labels)) + 1 if len(x) else 1, "labels")
+    y = check_labels(labels, len(x))
     k = int(y.max()) + 1
     counts = np.bincount(y, minlength=k)
     present = counts[counts > 0]

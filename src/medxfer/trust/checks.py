@@ -38,14 +38,16 @@ def check_probs(probs, what: str = "probabilities", k: int | None = None) -> np.
     return np.clip(p, 0.0, 1.0)
 
 
-def check_labels(labels, n: int, k: int, what: str = "labels") -> np.ndarray:
-    """(N,) integer class indices in [0, k)."""
+def check_labels(labels, n: int, k: int | None = None, what: str = "labels") -> np.ndarray:
+    """(N,) integer class indices in [0, k) (``k`` None: any non-negative index)."""
     y = np.asarray(labels)
     if y.ndim != 1 or len(y) != n:
         raise MedxferError(f"{what} must be one class index per sample ({n}); got shape {y.shape}.")
     if len(y) and (not np.issubdtype(y.dtype, np.number) or not np.all(np.equal(np.mod(y, 1), 0))):
-        raise MedxferError(f"{what} must be integer class indices 0..{k - 1}; got values such as {y[:3].tolist()}.")
+        raise MedxferError(f"{what} must be integer class indices 0, 1, ...; got values such as {y[:3].tolist()}.")
     y = y.astype(int)
+    if k is None:
+        k = int(y.max()) + 1 if len(y) else 1
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise MedxferError(f"{what} must be class indices 0..{k - 1}; got {int(y.min())}..{int(y.max())}.")
     return y

@@ -172,7 +172,7 @@ def fit_detector(train_features, val_features, train_labels=None, method: str = 
         if train_labels is None:
             centres, resid = mean[None, :], x - mean
         else:
-            y = check_labels(train_labels, len(x), int(np.max(train_labels)) + 1, "training labels")
+            y = check_labels(train_labels, len(x), what="training labels")
             present = np.unique(y)
             centres = np.stack([x[y == c].mean(axis=0) for c in present])
             resid = x - centres[np.searchsorted(present, y)]
