@@ -141,3 +141,25 @@ def test_a_checkpoint_of_the_former_early_stopping_resumes_both():
     state = Loop(_Step(model), [_validate(model, [0.3] * 5), best, stop], epochs=5).run(resume=loop_state)
     assert stop.waited == 2 and state.history == []            # it had already stopped: no epoch runs
     assert best.best_epoch == 1 and _weight(model) == 12
+
+
+def test_fit_settings_take_the_training_defaults_from_the_options_alone():
+    """FitSettings had patience 5 and select auc while the options said 10 and calibrated-loss: now the
+    engine declares no default for what the options declare, and fit_settings fills it from them."""
+    import dataclasses
+
+    from medxfer.config import OptimOptions, TrainConfig
+    from medxfer.engine.trainer import FitSettings
+
+    fields = {f.name: f for f in dataclasses.fields(FitSettings)}
+    for name in OptimOptions.FIT:
+        assert fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING
+    options = set(TrainConfig.flat_names())
+    # the other shared names hold another kind of value (resolved epochs, a weight tensor, an augmentation
+    # callable) or are a switch that is off unless asked (resume, as --resume)
+    assert options & set(fields) - set(OptimOptions.FIT) == {"epochs", "class_weights", "augment", "resume"}
+    s = OptimOptions().fit_settings(7, batch_size=8)
+    assert s.epochs == 7 and s.batch_size == 8
+    assert all(getattr(s, n) == getattr(OptimOptions(), n) for n in OptimOptions.FIT if n != "batch_size")
+    with pytest.raises(TypeError):
+        FitSettings(epochs=3)  # no silent second set of defaults

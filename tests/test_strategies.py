@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medxfer.config import OptimOptions
 from medxfer.engine.optim import build_optimizer, layer_groups, param_groups
-from medxfer.engine.trainer import FitSettings, fit
+from medxfer.engine.trainer import fit
 from medxfer.errors import MedxferError
 from medxfer.models import build_model, resolve_source
 
@@ -26,7 +27,7 @@ def test_linear_probe_trains_the_head_only_and_keeps_batchnorm_fixed(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 255, (32, 1, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 2, (32,))
-    fit(model, groups, x, y, x[:8], y[:8], FitSettings(epochs=2, batch_size=8, channels_last=False))
+    fit(model, groups, x, y, x[:8], y[:8], OptimOptions().fit_settings(2, batch_size=8, channels_last=False))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("net.fc.") for k in changed)  # BN running stats untouched too
@@ -76,8 +77,8 @@ def test_ema_changes_the_kept_weights():
         torch.manual_seed(0)
         m = build_model(resolve_source("test_resnet", "none"), 2, data_chans=1)[0]
         result = fit(m, param_groups(m, "full", lr=1e-2), x, y, x[:8], y[:8],
-                     FitSettings(epochs=3, batch_size=8, channels_last=False, average=average, ema_epochs=1.0,
-                                 patience=99))
+                     OptimOptions().fit_settings(3, batch_size=8, channels_last=False, average=average,
+                                                 ema_epochs=1.0, patience=99))
         assert len(result.history) == 3
         kept.append(m.net.fc.weight.detach().clone())
     assert not torch.allclose(kept[0], kept[1])

@@ -233,6 +233,18 @@ class OptimOptions(Options):
     compile: bool = option(False, "torch.compile the network.")
     seed: int = option(0, "Seed of the training (and of the split, unless --split-seed).", low=0)
 
+    #: the options that say how the engine trains (medxfer.engine.trainer.FitSettings declares no defaults of its own)
+    FIT = ("batch_size", "weight_decay", "warmup_epochs", "patience", "precision", "seed", "average", "ema_epochs",
+           "select")
+
+    def fit_settings(self, epochs: int, **engine):
+        """The engine's ``FitSettings`` with these options' values (so their defaults are the ones declared
+        here); ``engine``: its own fields (class weights, checkpoint, handlers...) and any value to override
+        (a run's ``patience_for``, its resolved precision)."""
+        from medxfer.engine.trainer import FitSettings
+
+        return FitSettings(epochs=epochs, **{**{name: getattr(self, name) for name in self.FIT}, **engine})
+
 
 @dataclass(frozen=True)
 class EvalOptions(Options):

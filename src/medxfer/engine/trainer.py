@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +41,26 @@ from medxfer.engine.objectives import Objective
 from medxfer.engine.optim import build_optimizer, warmup_cosine
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitSettings:
+    """How :func:`fit` trains. The training options (``batch_size`` to ``select``) have no defaults here:
+    :class:`medxfer.config.OptimOptions` declares them once, and ``OptimOptions().fit_settings(epochs)``
+    fills them from it; the fields after them are the engine's own."""
+
     epochs: int
-    batch_size: int = 64
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    patience: int = 5
+    batch_size: int
+    weight_decay: float
+    warmup_epochs: float
+    patience: int                          # epochs without a better score before training stops
+    precision: str                         # fp32 | bf16 | fp16 | auto (resolved for the device by fit)
+    seed: int
+    average: str                           # none | ema (validated and saved) | swa (the last quarter's average)
+    ema_epochs: float                      # the EMA's horizon, in epochs
+    select: str                            # the best epoch by: auc | loss | calibrated-loss (strategies.SELECT)
     class_weights: torch.Tensor | None = None
-    precision: str = "fp32"
-    seed: int = 0
     augment: Callable | None = None        # float batch -> float batch (train only); with .gen for resume
     channels_last: bool = True
     eval_batch_size: int = 64
-    average: str = "none"                  # none | ema (validated and saved) | swa (the last quarter's average)
-    ema_epochs: float = 1.0                # the EMA's horizon, in epochs
-    select: str = "auc"                    # the best epoch by validation AUC, loss or calibrated-loss (strategies.SELECT)
     checkpoint: Path | None = None         # write the loop state here after every epoch (main rank)
     resume: bool = False                   # continue from ``checkpoint``
     signature: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
@@ -205,6 +209,7 @@ def fit(model: nn.Module, groups: list[dict], x_train: torch.Tensor, y_train: to
         y_val: torch.Tensor, s: FitSettings, ctx: DistContext = DistContext()) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch."""
     device = ctx.device
+    s = replace(s, precision=resolve_precision(s.precision, device))  # the caller's settings stay as given
     model.to(device)
     if s.channels_last and x_train.dtype == torch.uint8 and x_train.ndim == 4:
         model.to(memory_format=torch.channels_last)
