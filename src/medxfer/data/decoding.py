@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ from medxfer.data.intensity import EIGHT_BIT, parse_slice, pixel_types, widest
 from medxfer.data.readers import read_image
 from medxfer.data.store import Partial, Store, store_key
 from medxfer.data.transforms import match_channels, resize_to_uint8
-from medxfer.errors import BadFileError
+from medxfer.errors import BadFileError, MedxferError
 
 log = logging.getLogger(__name__)
 
@@ -236,17 +237,17 @@ def decode_files(paths: list, size: int, read, cache, on_bad_file: str, workers:
                 shutil.rmtree(temp, ignore_errors=True)   # the mapping stays valid after the files go
         digests = _hash(paths, pool)
         store = Store(cache.directory / "stores", store_key(list(digests), params))
+        if world > 1:     # every rank takes the same path: rank 0 decides under the lock, the others after a barrier
+            return _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, volume, rank, world)
         found = store.open()
         if found is not None:
             return _hit(found)
-        if world == 1:
-            with store.building():
-                found = store.open()    # built by another process while this one waited
-                if found is not None:
-                    return _hit(found)
-                _build(store, paths, digests, size, read, cache_dir, on_bad_file, pool, channels, volume, 0, 1)
-            return _opened(store)
-        return _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, volume, rank, world)
+        with store.building():
+            found = store.open()    # built by another process while this one waited
+            if found is not None:
+                return _hit(found)
+            _build(store, paths, digests, size, read, cache_dir, on_bad_file, pool, channels, volume, 0, 1)
+        return _opened(store)
 
 
 def _hit(found):
@@ -257,7 +258,8 @@ def _hit(found):
 def _opened(store: Store):
     found = store.open()
     if found is None:   # the store was removed between finishing and mapping it (another process cleared it)
-        raise OSError(f"the decoded store in {store.directory} vanished while it was opened; run again.")
+        raise MedxferError(f"the decoded store in '{store.directory}' was removed while it was opened (by another "
+                           "process clearing the cache folder?); run again.")
     array, index = found
     return array, index
 
@@ -292,6 +294,8 @@ def _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, 
             store.partial(n, _row_shape(channels, size, volume))
         torch_dist.barrier()
         found = store.open()
+        if found is not None:
+            return _hit(found)
         if found is None:
             array = np.load(store.partial_path, mmap_mode="r+", allow_pickle=False)
             part = Partial(store.partial_path, array, store.read_logs(n))
@@ -358,7 +362,13 @@ def _decode_rows(store, part, rows: Rows, todo, paths, digests, size, read, cach
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
                 pending.pop(f)
-                done(f.result())
+                try:
+                    done(f.result())
+                except BrokenProcessPool:
+                    got = int((rows.status != TODO).sum())
+                    raise MedxferError(f"a decoding worker process died (out of memory?) after {got} of {len(paths)} "
+                                       f"images; pass --workers {max(1, pool.workers // 2)} (fewer "
+                                       "processes, less memory). The next run goes on from there.") from None
             for f in [f for f, first in pending.items() if first > stop]:
                 if f.cancel():
                     pending.pop(f)
