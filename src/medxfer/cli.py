@@ -18,7 +18,8 @@ from medxfer.commands.group import ARGV, lazy_group
 #: every command, in the order --help lists them: name -> ("module:function" registering it, its one-line help)
 COMMANDS = {
     "train": "Train a target model from a source model with a strategy; writes a run directory.",
-    "demo": "Transfer learning on bundled BreastMNIST: linear-probe vs full fine-tuning vs scratch (test AUC with CIs).",
+    "demo": "Does transfer help when labels are few? Linear probe, full fine-tuning and scratch on bundled BreastMNIST, "
+            "three seeds: test AUC with CIs, the paired test, and one sentence of what the numbers say.",
     "sources": "List source models: architecture, where the weights come from, availability, input contract.",
     "predict": "Predict calibrated class probabilities with a trained run, from the run directory alone.",
     "export": "Export a trained run for fast inference; checks it against PyTorch on real images first.",

@@ -127,15 +127,15 @@ class DataOptions(Options):
         "drop-from-train", "Identical images in two splits: drop the copies from train (and from val when the copy "
         "is in test), refuse, or allow (warns). Listed in duplicates.csv.")
     on_bad_file: Literal["error", "skip"] = option("error", "An unreadable sample: stop naming it, or skip it and "
-                                                   "list it in skipped.csv.")
+                                                   "list it in skipped.csv (predict: OUT_skipped.csv).")
     workers: int | None = option(None, "Processes that decode image files into the decoded store on disk (the "
                                  "output does not depend on it).", show="the usable cores", low=1)
     on_unlabelled: Literal["error", "skip"] = option("error", "DICOM folder: files that --labels does not label: "
                                                      "stop, or skip them.")
     label_fraction: float = option(1.0, "Train on this stratified fraction of the train labels (val and test "
                                    "untouched).", low=0.0, high=1.0, low_open=True)
-    keep_paths: bool = option(False, "Write paths.csv mapping sample ids to files (file names can hold patient "
-                              "names: keep it private).")
+    keep_paths: bool = option(False, "Write paths.csv mapping sample ids to files (predict: OUT_paths.csv; "
+                              "explain: OUT/paths.csv). File names can hold patient names: keep it private.")
     window: str = option("auto", "Intensity window: auto (DICOM VOI LUT / window, else --intensity), none, C,W, "
                          "or lung | soft-tissue | bone | brain | mediastinum (CT, in HU).")
     frame: str = option("middle", "Multi-frame DICOM, multi-page TIFF, 4-D NIfTI: middle or an index.")
@@ -196,7 +196,8 @@ class OptimOptions(Options):
     epochs: int | None = option(None, "Maximum epochs (early stopping may end sooner).",
                                 show="the strategy's, raised on small data to at least 600 steps (1200 scratch), "
                                      "at most 60", low=1)
-    batch_size: int = option(64, "Images per optimiser step (per process under DDP).", low=1)
+    batch_size: int = option(64, "Images per optimiser step (per process under DDP); predict: per model call.",
+                             low=1)
     lr: float | None = option(None, "Learning rate of the new head.", show="the strategy's: 1e-2 full, 1e-3 "
                               "partial and linear-probe, 2e-3 scratch", low=0.0, low_open=True)
     backbone_lr_mult: float = option(0.1, "full/partial: backbone learning rate = lr x this.", low=0.0,

@@ -112,9 +112,11 @@ class _RichTask(progress.Task):
 
 
 # ------------------------------------------------------------------------------------ generated options
-def option_fields(groups=None, exclude=(), only=None, config: type[Config] = TrainConfig
+def option_fields(groups=None, exclude=(), only=None, config: type[Config] = TrainConfig, panel: str | None = None
                   ) -> list[tuple[type, str, str, dataclasses.Field]]:
-    """(options class, group, flat name, field) of the options a command takes, in declaration order."""
+    """(options class, group, flat name, field) of the options a command takes, in declaration order;
+    ``panel``: the group (of :data:`PANELS`) whose heading ``--help`` shows them all under (a command
+    taking a few options of several groups, as predict)."""
     out = []
     for g in groups or tuple(config.GROUPS):
         cls = config.GROUPS[g]
@@ -122,7 +124,7 @@ def option_fields(groups=None, exclude=(), only=None, config: type[Config] = Tra
             name = flat_name(f)
             if f.metadata.get("hidden") or name in exclude or (only is not None and name not in only):
                 continue
-            out.append((cls, g, name, f))
+            out.append((cls, panel or g, name, f))
     return out
 
 

@@ -11,7 +11,7 @@ from medxfer.commands.base import Given, command, option_fields, out
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "explain", option_fields(("runtime",), only=("num_threads",)))
+    @command(app, "explain", option_fields(only=("keep_paths", "num_threads"), panel="runtime"))
     def explain(
         given: Given,
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
@@ -21,8 +21,6 @@ def register(app: typer.Typer) -> None:
                                             show_default="the last feature stage at least 4x4 at the run's size"),
         target_class: Optional[str] = typer.Option(None, "--class", help="Explain this class.",
                                                    show_default="each image's predicted class"),
-        keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT/paths.csv mapping sample ids to "
-                                        "files (file names can hold patient names: keep it private)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs in --out that medxfer did "
                                        "not write (never an input or a file inside a run)."),
     ):
@@ -30,6 +28,7 @@ def register(app: typer.Typer) -> None:
         named by sample id: file names can hold patient names)."""
         from medxfer.explain import explain_paths
 
+        keep_paths = given.values["keep_paths"]
         paths, name, size = explain_paths(run_dir, inputs, out_dir, layer=layer, target_class=target_class,
                                           overwrite=overwrite, keep_paths=keep_paths)
         note = "; coarse: --layer NAME takes another stage" if size and min(size) < 8 else ""

@@ -10,19 +10,18 @@ import typer
 from medxfer.commands.base import Given, command, option_fields, out
 from medxfer.files import first_line
 
+#: the options predict shares with train, declared once in medxfer.config
+OPTIONS = ("batch_size", "on_bad_file", "keep_paths", "num_threads")
+
 
 def register(app: typer.Typer) -> None:
-    @command(app, "predict", option_fields(("runtime",), only=("num_threads",)))
+    @command(app, "predict", option_fields(only=OPTIONS, panel="runtime"))
     def predict(
         given: Given,
         run_dir: Path = typer.Argument(..., help="A run directory from 'medxfer train'."),
         inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
         out_file: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
         engine: str = typer.Option("torch", help="torch | onnx (run 'medxfer export' first)."),
-        batch_size: int = typer.Option(64, help="Images per model call."),
-        on_bad_file: str = typer.Option("error", help="error | skip (listed in OUT_skipped.csv)."),
-        keep_paths: bool = typer.Option(False, "--keep-paths", help="Also write OUT_paths.csv mapping sample ids to "
-                                        "files (file names can hold patient names: keep it private)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that medxfer did "
                                        "not write (never an input or a file inside a run)."),
     ):
@@ -35,6 +34,8 @@ def register(app: typer.Typer) -> None:
         from medxfer.predict import Predictor
         from medxfer.runs import check_out
 
+        cfg = given.config()  # the options' own checks: one line naming a bad value
+        batch_size, on_bad_file, keep_paths = cfg.optim.batch_size, cfg.data.on_bad_file, cfg.data.keep_paths
         side = {"skipped": (out_file.with_name(out_file.stem + "_skipped.csv"), "sample_id,reason"),
                 "paths": (out_file.with_name(out_file.stem + "_paths.csv"), "sample_id,path")}
         given_paths = [run_dir, *inputs]
