@@ -113,14 +113,22 @@ def decode_arrays(arr: np.ndarray, size: int, read=None, *, ids=None, rows=None,
     keep = np.ones(len(rows), bool)
     skipped: list[Skipped] = []
     seen: list[str] = []
-    out = []
+    out, filled = None, 0      # one tensor filled chunk by chunk: no list of chunks and their concatenation at once
+
+    def put(x: torch.Tensor) -> None:
+        nonlocal out, filled
+        if out is None:
+            out = torch.empty((len(rows), *x.shape[1:]), dtype=torch.uint8)
+        out[filled:filled + len(x)] = x
+        filled += len(x)
+
     bar = progress.task("decoding images", total=len(rows), unit="images") if len(rows) > 512 else progress.Task()
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
         if fast:  # uint8 images: /255 does not depend on the image, so whole chunks at once
             x = arr[chunk]
             x = np.moveaxis(x, -1, 1) if x.ndim == 4 else x[:, None]
-            out.append(resize_to_uint8(x.astype(np.float32) / np.float32(255.0), size))
+            put(resize_to_uint8(x.astype(np.float32) / np.float32(255.0), size))
             seen += [arr.dtype.name] * len(chunk)
             bar.advance(len(chunk))
             continue
@@ -136,12 +144,12 @@ def decode_arrays(arr: np.ndarray, size: int, read=None, *, ids=None, rows=None,
                 keep[start + j] = False
                 skipped.append(Skipped(ids[start + j], str(e), where))
         if imgs:
-            out.append(resize_to_uint8(_stack(imgs), size))
+            put(resize_to_uint8(_stack(imgs), size))
         bar.advance(len(chunk))
     bar.close()
     if not keep.any():
         raise MedxferError(f"no readable image in {where} ({len(skipped)} skipped).")
-    return Loaded(torch.cat(out), keep, skipped, dtypes=dict(Counter(seen)))
+    return Loaded(out[:filled], keep, skipped, dtypes=dict(Counter(seen)))
 
 
 def check_array_shape(arr: np.ndarray, opts, where: str) -> None:
