@@ -15,7 +15,7 @@ from medxfer.runs import Run
 def test_an_ensemble_records_its_members_input_type_and_refuses_a_mix(tiny_run):
     run = Run.load(tiny_run)
     assert run.model.input_dtype == "uint8"
-    assert _meta([run, run], [1.0, 1.0], run.image_size)["input_dtype"] == "uint8"
+    assert _meta([run, run], [1.0, 1.0], run.image_size).input_dtype == "uint8"
     other = dataclasses.replace(run, model=run.model.replace(input_dtype="uint16"))
     with pytest.raises(MedxferError, match="input type"):
         _check_members([run, other])

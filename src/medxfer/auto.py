@@ -29,7 +29,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,11 +45,10 @@ from medxfer.engine.loop import Loop
 from medxfer.ensemble import build_ensemble, labels_of, log_loss, val_probabilities
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html
-from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import write_report
 from medxfer.evaluation.tasks import evaluate_task
 from medxfer.pipeline import train
-from medxfer.runs import Run, RunDirectory, is_finished, remove_staging
+from medxfer.run_writer import copy_run
+from medxfer.runs import Run, is_finished, remove_staging
 from medxfer.strategies import NAMES as STRATEGIES, get_strategy
 
 log = logging.getLogger(__name__)
@@ -393,30 +391,15 @@ def _final_model(cfg: AutoConfig, out: Path, board: pd.DataFrame) -> Run:
     top = distinct(done).head(cfg.auto.top_k)["run_dir"].tolist()
     if len(top) == 1:
         log.info("one finished trial: it is the model")
-    model = out / "model"
-    if len(top) >= 2:
-        run = build_ensemble(top, model, method="auto", overwrite=True, report=False, wait=600,
-                             bootstrap=cfg.evaluation.bootstrap)
-    else:
-        run = _copy_run(Run.load(top[0]), model, cfg.evaluation.bootstrap)
-    section = _leaderboard_html(board, top)
-    write_report(run, extra=[("leaderboard", "Leaderboard (medxfer auto)", section)], title=str(model))
-    files.write_csv(model / "leaderboard.csv", board)
-    return Run.load(model)
-
-
-def _copy_run(run: Run, dest: Path, n_bootstrap: int) -> Run:
-    """The best trial as the model, its test metrics given their bootstrap CIs (trials are scored without)."""
-    with RunDirectory(dest, overwrite=True, wait=600) as rd:
-        shutil.rmtree(rd.staging)
-        shutil.copytree(run.dir, rd.staging)
-        copy = Run.load(rd.staging)  # the copy checked against the trial's hash record before it is sealed again
-        if n_bootstrap > 0:
-            files.write_json(rd.staging / "metrics.json", {**copy.metrics, "test": _test_metrics(copy, n_bootstrap)})
-            rd.seal()
-            write_model_card(Run.load(rd.staging))
-        rd.commit()
-    return Run.load(dest)
+    model, section = out / "model", _leaderboard_html(board, top)
+    report_extra, extra = [("leaderboard", "Leaderboard (medxfer auto)", section)], {"leaderboard": board}
+    if len(top) >= 2:  # the leaderboard in the model's report and beside it, written with the run (run_writer)
+        return build_ensemble(top, model, method="auto", overwrite=True, wait=600, bootstrap=cfg.evaluation.bootstrap,
+                              report_extra=report_extra, extra=extra)
+    best = Run.load(top[0])
+    metrics = {**best.metrics, "test": _test_metrics(best, cfg.evaluation.bootstrap)} \
+        if cfg.evaluation.bootstrap > 0 else None  # trials are scored without bootstrap CIs
+    return copy_run(best, model, metrics=metrics, report_extra=report_extra, extra=extra)
 
 
 def _test_metrics(run: Run, n_bootstrap: int) -> dict:

@@ -24,18 +24,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from medxfer import files
+from medxfer import run_writer
 from medxfer.data.augment import TTA
 from medxfer.data.prepare import images_of
 from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.trainer import predict_logits
 from medxfer.errors import MedxferError
-from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import write_report
-from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, label_matrix, probabilities
-from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net, write_model_json
+from medxfer.evaluation.tasks import label_matrix
+from medxfer.runs import ModelMeta, Run, RunDirectory, ensemble_net
 
 METHODS = ("auto", "greedy", "uniform")
 log = logging.getLogger(__name__)
@@ -117,24 +114,31 @@ def choose_weights(runs: list[Run], method: str) -> tuple[list[float], dict]:
                                                          "val_log_loss": loss}
 
 
-def _meta(runs: list[Run], weights: list[float], size: int) -> dict:
+def _meta(runs: list[Run], weights: list[float], size: int) -> ModelMeta:
+    """The ensemble's build record (model.json before calibration): the first member's input contract and
+    positive class, the members with their weights."""
     first = runs[0].model
+    pos = first.positive_index
     members = [{"run": str(r.dir), "arch": r.model.arch, "source": r.model.source, "strategy": r.model.strategy,
                 "in_chans": r.model.in_chans, "data_chans": r.model.data_chans, "image_size": r.model.image_size,
                 "mean": r.model.mean, "std": r.model.std, "temperature": r.model.temperature, "tta": r.model.tta,
                 "tta_hflip": r.model.tta_hflip, "inflate": r.model.inflate, "weight": w,
                 "weights_sha256": r.weights_digest()}
                for r, w in zip(runs, weights) if w > 0]
-    return {"arch": "ensemble", "source": "+".join(sorted({m["source"] for m in members})), "labels": first.labels,
-            "in_chans": first.in_chans, "data_chans": first.data_chans, "image_size": size, "mean": first.mean,
-            "std": first.std, "grey_mode": first.grey_mode, "read": first.read, "strategy": "ensemble",
-            "input": first.input, "input_dtype": first.input_dtype, "task": first.task,
-            "spatial_dims": first.spatial_dims, "members": members}
+    return ModelMeta.from_dict(
+        {"arch": "ensemble", "source": "+".join(sorted({m["source"] for m in members})), "labels": first.labels,
+         "in_chans": first.in_chans, "data_chans": first.data_chans, "image_size": size, "mean": first.mean,
+         "std": first.std, "grey_mode": first.grey_mode, "read": first.read, "strategy": "ensemble",
+         "input": first.input, "input_dtype": first.input_dtype, "task": first.task,
+         "positive_label": first.labels[pos] if pos is not None else None,
+         "spatial_dims": first.spatial_dims, "members": members})
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "auto", overwrite: bool = False,
-                   bootstrap: int | None = None, report: bool = True, wait: float = 0) -> Run:
-    """Average ``run_dirs`` into the ensemble run ``out`` (see the module docstring)."""
+                   bootstrap: int | None = None, report: bool = True, wait: float = 0,
+                   report_extra: list | None = None, extra: dict | None = None) -> Run:
+    """Average ``run_dirs`` into the ensemble run ``out`` (see the module docstring). ``report_extra``: more
+    sections of its report; ``extra``: tables written beside the run's files (auto's leaderboard)."""
     runs = [Run.load(d) for d in run_dirs]
     _check_members(runs)
     weights, choice = choose_weights(runs, method)
@@ -143,63 +147,45 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, method: str = "a
              [w for _, w in kept])
     size = max(r.image_size for r, _ in kept)
     meta = _meta([r for r, _ in kept], [w for _, w in kept], size)
-    net = ensemble_net(ModelMeta.from_dict(meta))
+    net = ensemble_net(meta)
     for i, (r, _) in enumerate(kept):  # the members' trained weights, bare (their TTA is recorded in model.json)
         net.members[i].load_state_dict(r.load_model(tta=False).state_dict())
     with RunDirectory(out, overwrite=overwrite, wait=wait) as rd:
-        _finish(rd, net, meta, kept, choice, runs[0], size, bootstrap, report, str(out))
+        _finish(rd, net, meta, kept, choice, runs[0], bootstrap, str(out),
+                dict(report=report, report_extra=report_extra), extra or {})
         rd.commit()
     return Run.load(out)
 
 
-def _finish(rd: RunDirectory, net, meta: dict, kept, choice: dict, first: Run, size: int, bootstrap, report, out):
-    """Evaluate the ensemble network on the val/test images, fit temperature and threshold on val, write."""
-    staging, cfg = rd.staging, first.config
-    preds = first.predictions
-    ids = {s: preds.loc[preds["split"] == s, "sample_id"].astype(str).tolist() for s in ("val", "test")}
-    seed = cfg.optim.seed
-    images = {s: match_channels_uint8(images_of(cfg.data, size, seed, ids[s]), meta["data_chans"]) for s in ids}
-    weights_sha256 = files.write_weights(staging / "model.safetensors", net.state_dict())  # bare members
+def _finish(rd: RunDirectory, net, meta: ModelMeta, kept, choice: dict, first: Run, bootstrap, out: str,
+            documents: dict, extra: dict) -> None:
+    """Evaluate the ensemble network on the val/test images, fit temperature and threshold on val, write the
+    run (run_writer)."""
+    cfg, preds = first.config, first.predictions
+    rows = {s: preds[preds["split"] == s] for s in run_writer.SPLITS}
+    ids = {s: rows[s]["sample_id"].astype(str).tolist() for s in rows}
+    images = {s: match_channels_uint8(images_of(cfg.data, meta.image_size, cfg.optim.seed, ids[s]), meta.data_chans)
+              for s in ids}
+    state = net.state_dict()  # bare members, before their TTA is put around them
     runtime = with_members_tta(net, kept)
     logits = {s: predict_logits(runtime, images[s]).numpy() for s in ids}
-    task, labels = meta["task"], [str(c) for c in meta["labels"]]
-    ys = {s: labels_of(preds.loc[preds["split"] == s, "label"], labels, task) for s in ids}
-    temperature = fit_calibration(task, logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" \
-        else 1.0
-    probs = {s: probabilities(task, logits[s], temperature) for s in ids}
-    pos = first.model.positive_index
-    threshold = choose_task_threshold(task, ys["val"], probs["val"], cfg.evaluation.threshold, pos)
-    groups = {s: preds.loc[preds["split"] == s, "patient_id"].astype(str).to_numpy() if "patient_id" in preds else None
-              for s in ids}
-    n_boot = cfg.evaluation.bootstrap if bootstrap is None else bootstrap
-    metrics = {s: evaluate_task(task, ys[s], probs[s], labels, positive=pos, threshold=threshold, groups=groups[s],
-                                n_bootstrap=n_boot if s == "test" else 0, seed=seed) for s in ids}
-    metrics.update({"task": task, "temperature": temperature, "threshold": threshold, "seed": seed,
-                    "strategy": "ensemble", "source": meta["source"], "ensemble": choice, "members": len(kept),
-                    "train_seconds": round(sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)})
-    meta.update(temperature=temperature, threshold=threshold,
-                positive_label=meta["labels"][pos] if pos is not None else None)
-    meta["weights_sha256"] = weights_sha256
-    write_model_json(staging / "model.json", meta)
-    resolved = {**first.resolved, "image_size": size, "ensemble": {**choice, "members": meta["members"]}}
-    files.write_yaml(staging / "config.yaml", {**cfg.to_dict(), "resolved": resolved})
-    files.write_json(staging / "metrics.json", metrics)
-    files.write_csv(staging / "split.csv", first.split)
-    rows = []
-    for s in ("val", "test"):
-        sub = preds[preds["split"] == s][[c for c in preds.columns if not c.startswith("prob_")]].reset_index(drop=True)
-        rows.append(pd.concat([sub, pd.DataFrame(probs[s], columns=[f"prob_{c}" for c in meta["labels"]])], axis=1))
-    files.write_csv(staging / "predictions.csv", pd.concat(rows, ignore_index=True))
-    rd.seal()  # the card and report read the ensemble back, checked like any run
-    try:
-        write_model_card(Run.load(staging))
-    except Exception as e:  # noqa: BLE001 - the ensemble is written; a failed card must not lose it
-        log.warning("model card not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e, out)
-    if report:
-        try:
-            write_report(Run.load(staging), test_images=images["test"], title=out)
-        except Exception as e:  # noqa: BLE001 - the ensemble is written; a failed report must not lose it
-            log.warning("report not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e, out)
+    labels = [str(c) for c in meta.labels]
+    ys = {s: labels_of(rows[s]["label"], labels, meta.task) for s in ids}
+    groups = {s: rows[s]["patient_id"].astype(str).to_numpy() for s in ids} if "patient_id" in preds else {}
+    ev = run_writer.evaluate(meta.task, labels, first.model.positive_index, logits, ys, groups,
+                             calibrate=cfg.evaluation.calibrate, threshold=cfg.evaluation.threshold,
+                             n_bootstrap=cfg.evaluation.bootstrap if bootstrap is None else bootstrap,
+                             seed=cfg.optim.seed)
+    metrics = {**ev.metrics, "temperature": ev.temperature, "threshold": ev.threshold, "seed": cfg.optim.seed,
+               "strategy": "ensemble", "source": meta.source, "ensemble": choice, "members": len(kept),
+               "train_seconds": round(sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)}
+    resolved = {**first.resolved, "image_size": meta.image_size, "ensemble": {**choice, "members": meta.members}}
+    no_probs = {s: rows[s][[c for c in preds.columns if not c.startswith("prob_")]] for s in rows}
+    run_files = run_writer.RunFiles(config={**cfg.to_dict(), "resolved": resolved}, metrics=metrics,
+                                    predictions=run_writer.predictions(no_probs, ev.probs, labels),
+                                    split=first.split, extra=extra)
+    run_writer.finish(rd, meta.replace(temperature=ev.temperature, threshold=ev.threshold), state, run_files,
+                      test_images=images["test"], title=out, **documents)
 
 
 def with_members_tta(net, kept):

@@ -11,7 +11,7 @@ dynamic batch, and returns logits; the source's normalisation is inside it. Ever
 caller needs (labels, image size, channels, mean/std, temperature, threshold, positive label, reader
 options, the SHA-256 of the weights it was made from) is in the ONNX ``metadata_props`` (JSON values)
 or, for TorchScript, in the ``medxfer.json`` extra file. model.json and the run's files.sha256 record the
-export's SHA-256 (amended under the run's lock), so ``predict`` refuses a damaged export or one made before
+export's SHA-256 (amended under the run's lock by :func:`medxfer.run_writer.record_export`), so ``predict`` refuses a damaged export or one made before
 the run was trained again. ``out`` elsewhere goes through the output guard (:func:`medxfer.runs.check_out`):
 never into a run directory or over an input; an existing file only when it is a medxfer export (its
 contract names medxfer as the producer), or with ``overwrite``.
@@ -45,7 +45,8 @@ from medxfer.data.transforms import match_channels_uint8
 from medxfer.engine.inference import OnnxRunner, TorchRunner, read_onnx_metadata
 from medxfer.errors import MedxferError
 from medxfer.evaluation.tasks import probabilities
-from medxfer.runs import ModelMeta, Run, amend, check_out
+from medxfer.run_writer import record_export
+from medxfer.runs import ModelMeta, Run, check_out
 
 PARITY_TOL = 1e-4
 MAX_CHECK_IMAGES = 512
@@ -167,20 +168,6 @@ def publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _publish_into_run(run: Run, tmp: Path, out: Path, fmt: str, digest: str, made_from: str) -> None:
-    """The run's own export, under the run's lock: the run checked first (an edit made since it was loaded is
-    refused, not recorded; a run trained again meanwhile is not given this export), then the file, its SHA-256
-    in model.json, and the run's hash record."""
-    with amend(run.dir):
-        recorded = files.read_json(run.dir / "model.json", "model.json")
-        if recorded.get("weights_sha256") not in (None, made_from):
-            raise MedxferError(f"'{run.dir}' was trained again while it was exported; nothing was written. Run "
-                               f"'medxfer export {run.dir}' again.")
-        publish(tmp, out)
-        key = "onnx_sha256" if fmt == "onnx" else "torchscript_sha256"
-        files.write_json(run.dir / "model.json", {**recorded, key: digest})
-
-
 def _write_and_check(model, meta: ModelMeta, fmt: str, tmp: Path, images: torch.Tensor) -> dict:
     """Export to ``tmp`` and compare it with PyTorch on ``images``."""
     if fmt == "onnx":
@@ -247,7 +234,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                 f"Nothing was written. Report this with the run's model.json.")
         report["sha256"] = files.sha256_file(tmp)
         if into_run:
-            _publish_into_run(run, tmp, out, fmt, report["sha256"], meta.weights_sha256)
+            record_export(run, fmt, report["sha256"], meta.weights_sha256, lambda: publish(tmp, out))
         else:
             publish(tmp, out)
     except OSError as e:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer import files
+from medxfer import run_writer
 from medxfer.config import TrainConfig
 from medxfer.data.manifest import Manifest
 from medxfer.data.augment import TTA, Augment, get_preset
@@ -45,13 +45,10 @@ from medxfer.engine.optim import head_groups, param_groups
 from medxfer.engine.objectives import objective
 from medxfer.engine.trainer import FitResult, FitSettings, fit, predict_logits, resolve_precision, seed_everything
 from medxfer.errors import MedxferError
-from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
-from medxfer.evaluation.card import write_model_card
-from medxfer.evaluation.report import write_report
-from medxfer.evaluation.subgroups import run_subgroups, write_subgroups
+from medxfer.evaluation.subgroups import run_subgroups
 from medxfer.models.adapt import build_model
 from medxfer.models.catalog import SourceSpec, resolve_source, volume_defaults
-from medxfer.runs import Run, RunDirectory, write_model_json
+from medxfer.runs import ModelMeta, Run, RunDirectory
 from medxfer.tracking import tracking_for
 
 log = logging.getLogger("medxfer.train")
@@ -172,8 +169,92 @@ def _train_job(cfg: TrainConfig, source: Manifest | None, splits, handlers: list
         cleanup(ctx)
 
 
+# ------------------------------------------------------------------------------------------ data
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What the job trains on: the source, the prepared samples, the task and its positive class."""
+
+    spec: SourceSpec
+    prep: Prepared
+    task: str
+    pos: int | None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.prep.labels
+
+    @property
+    def masks(self) -> dict:
+        return self.prep.masks
+
+    def outputs(self) -> int:
+        return len(self.labels) - (1 if self.task == "ordinal" else 0)  # CORN: K-1 conditional logits
+
+    def order(self) -> str:
+        """What the labels mean for the decision: the positive class (binary) or the grades' order (ordinal)."""
+        if self.task == "binary" and self.pos is not None:
+            return f"; positive class '{self.labels[self.pos]}' (sensitivity and the threshold refer to it)"
+        if self.task == "ordinal":
+            return "; grades in the order " + " < ".join(self.labels)
+        return ""
+
+    def class_weights(self, rule: str | None) -> torch.Tensor | None:
+        """--class-weights balanced: inverse class frequency (single label) or negatives/positives per finding
+        (multilabel, BCE's pos_weight); ordinal grades are not reweighted."""
+        y, k = self.prep.y[self.masks["train"]], len(self.labels)
+        if rule != "balanced" or self.task == "ordinal":
+            return None
+        if self.task == "multilabel":
+            pos = y.sum(0)
+            return (len(y) - pos) / pos.clamp(min=1)
+        counts = torch.bincount(y, minlength=k).float()
+        return counts.sum() / (k * counts.clamp(min=1))
+
+
+def _prepare(cfg: TrainConfig, source: Manifest | None, splits: dict | None) -> _Data:
+    """The source resolved, the samples prepared (--image-size, or chosen from the data) and checked."""
+    spec = resolve_source(cfg.model.source, cfg.model.weights, spatial_dims=cfg.model.spatial_dims)
+    prep = prepare_data(cfg.data, cfg.model.image_size, cfg.optim.seed, splits=splits, source=source,
+                        source_size=spec.input_size, spatial_dims=cfg.model.spatial_dims,
+                        batch_size=cfg.optim.batch_size, arch=spec.arch)
+    for s, mask in prep.masks.items():
+        if int(mask.sum()) == 0:
+            raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
+    task = resolve_task(cfg.data.task, prep.manifest)
+    pos = positive_index(prep.labels, cfg.data.positive_label) if task == "binary" else None
+    _check_subgroups(cfg, prep, task)
+    if (prep.images.dim() == 5) != (cfg.model.spatial_dims == 3):
+        raise MedxferError("--spatial-dims 3 needs volumes (an npz of (N,D,H,W) arrays, or NIfTI files); these "
+                           "samples are 2-D images." if cfg.model.spatial_dims == 3 else
+                           "these samples are volumes kept whole: train them with --spatial-dims 3.")
+    return _Data(spec, prep, task, pos)
+
+
+def _check_subgroups(cfg: TrainConfig, prep: Prepared, task: str) -> None:
+    cols = list(cfg.evaluation.subgroups or ())
+    if not cols:
+        return
+    if task != "binary":
+        raise MedxferError(f"--subgroups is for two-class tasks; this one is {task} "
+                           f"({len(prep.labels)} {'findings' if task == 'multilabel' else 'classes'}).")
+    have = [c for c in prep.table.columns if c not in ("sample_id", "label", "split", "path", "row")]
+    missing = [c for c in cols if c not in prep.table.columns or c in ("sample_id", "path", "row")]
+    if missing:
+        raise MedxferError(f"--subgroups: the data has no column '{missing[0]}'. Columns it has: "
+                           f"{', '.join(have) or 'none besides path and label'} (a CSV/Parquet manifest's extra "
+                           "columns).")
+
+
+def _hflip(cfg: TrainConfig) -> bool:
+    """Whether mirrored images are allowed (TTA views): --hflip, else the augmentation preset's rule."""
+    return bool(cfg.optim.hflip if cfg.optim.hflip is not None else get_preset(cfg.optim.augment).hflip)
+
+
+# ------------------------------------------------------------------------------------------- job
 @dataclasses.dataclass
 class _Job:
+    """One run: data, model, fit (the strategy's path), finish (the run's files, by :mod:`medxfer.run_writer`)."""
+
     cfg: TrainConfig
     ctx: DistContext
     rd: RunDirectory
@@ -187,170 +268,150 @@ class _Job:
         if cfg.runtime.num_threads:
             torch.set_num_threads(cfg.runtime.num_threads)
         seed_everything(cfg.optim.seed)
-        self.spec: SourceSpec = resolve_source(cfg.model.source, cfg.model.weights, spatial_dims=cfg.model.spatial_dims)
-        self.prep: Prepared = prepare_data(cfg.data, cfg.model.image_size, cfg.optim.seed, splits=self.splits,
-                                           source=self.source, source_size=self.spec.input_size,
-                                           spatial_dims=cfg.model.spatial_dims, batch_size=cfg.optim.batch_size,
-                                           arch=self.spec.arch)
-        self.size = self.prep.size  # --image-size, or chosen from the data (logged by prepare_data)
-        for s, mask in self.prep.masks.items():
-            if int(mask.sum()) == 0:
-                raise MedxferError(f"the {s} split is empty. Give train, val and test samples, or let medxfer split.")
-        self.task = resolve_task(cfg.data.task, self.prep.manifest)
-        self.pos = positive_index(self.prep.labels, cfg.data.positive_label) if self.task == "binary" else None
-        self._check_subgroups()
+        data = _prepare(cfg, self.source, self.splits)
         seed_everything(cfg.optim.seed)
-        outputs = len(self.prep.labels) - (1 if self.task == "ordinal" else 0)  # CORN: K-1 conditional logits
-        if (self.prep.images.dim() == 5) != (cfg.model.spatial_dims == 3):
-            raise MedxferError("--spatial-dims 3 needs volumes (an npz of (N,D,H,W) arrays, or NIfTI files); these "
-                               "samples are 2-D images." if cfg.model.spatial_dims == 3 else
-                               "these samples are volumes kept whole: train them with --spatial-dims 3.")
-        self.model, self.info = build_model(self.spec, outputs, self.prep.images.shape[1],
-                                            grey_mode=cfg.model.grey_mode, pretrained=cfg.strategy.pretrained,
-                                            spatial_dims=cfg.model.spatial_dims, inflate=cfg.model.inflate)
+        model, info = build_model(data.spec, data.outputs(), data.prep.images.shape[1], grey_mode=cfg.model.grey_mode,
+                                  pretrained=cfg.strategy.pretrained, spatial_dims=cfg.model.spatial_dims,
+                                  inflate=cfg.model.inflate)
         if ctx.is_main:  # weights, best weights, two optimiser moments, the exported copies
-            self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in self.model.parameters())
-                                + self.rd.MIN_FREE)
-        self.precision = resolve_precision(cfg.optim.precision, ctx.device)
+            self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in model.parameters()) + self.rd.MIN_FREE)
+        precision = resolve_precision(cfg.optim.precision, ctx.device)
         log.info("%s from %s: %d train / %d val / %d test images at %d px; task %s (%d %s)%s", cfg.optim.strategy,
-                 self.spec.name, *(int(m.sum()) for m in self.prep.masks.values()), self.size, self.task,
-                 len(self.prep.labels), "findings" if self.task == "multilabel" else "classes", self._order())
-        result, eval_module, eval_inputs = self._fit_head() if cfg.strategy.feature_cache else self._fit_loop()
-        self.model.cpu().eval()
+                 data.spec.name, *(int(m.sum()) for m in data.masks.values()), data.prep.size, data.task,
+                 len(data.labels), "findings" if data.task == "multilabel" else "classes", data.order())
+        fitted = _Fit(cfg, ctx, self.rd, data, model, info, precision, self.handlers).run()
+        model.cpu().eval()
         if cfg.evaluation.tta > 1:  # the views are images: evaluate the whole model on them (features cannot)
-            eval_module, eval_inputs = TTA(self.model, cfg.evaluation.tta, hflip=self.hflip), self.prep.images
+            fitted = dataclasses.replace(fitted, module=TTA(model, cfg.evaluation.tta, hflip=_hflip(cfg)),
+                                         inputs=data.prep.images)
         if not ctx.is_main:
             return None
-        self._finish(result, eval_module, eval_inputs, t_start)
+        _finish(cfg, self.rd, data, model, info, fitted, t_start, world=ctx.world, cv_splits=self.splits is not None)
         self.rd.commit()  # OUT becomes the new complete run in one step; the checkpoint goes with the staging folder
         return Run.load(cfg.runtime.out)
 
-    def _order(self) -> str:
-        """What the labels mean for the decision: the positive class (binary) or the grades' order (ordinal)."""
-        labels = self.prep.labels
-        if self.task == "binary" and self.pos is not None:
-            return f"; positive class '{labels[self.pos]}' (sensitivity and the threshold refer to it)"
-        if self.task == "ordinal":
-            return "; grades in the order " + " < ".join(labels)
-        return ""
 
-    @property
-    def hflip(self) -> bool:
-        """Whether mirrored images are allowed (TTA views): --hflip, else the augmentation preset's rule."""
-        return bool(self.cfg.optim.hflip if self.cfg.optim.hflip is not None else get_preset(self.cfg.optim.augment).hflip)
+# ------------------------------------------------------------------------------------------- fit
+@dataclasses.dataclass(frozen=True)
+class _Fitted:
+    """What fitting gives the finish: the result, what to evaluate (module on inputs) and the head search."""
 
-    def _class_weights(self) -> torch.Tensor | None:
-        """--class-weights balanced: inverse class frequency (single label) or negatives/positives per finding
-        (multilabel, BCE's pos_weight); ordinal grades are not reweighted."""
-        y, k = self.prep.y[self.prep.masks["train"]], len(self.prep.labels)
-        if self.cfg.optim.class_weights != "balanced" or self.task == "ordinal":
-            return None
-        if self.task == "multilabel":
-            pos = y.sum(0)
-            return (len(y) - pos) / pos.clamp(min=1)
-        counts = torch.bincount(y, minlength=k).float()
-        return counts.sum() / (k * counts.clamp(min=1))
+    result: FitResult
+    module: torch.nn.Module
+    inputs: torch.Tensor
+    feature_seconds: float | None = None
+    head_search: dict | None = None       # a head fitted first (head_first strategies): its C and validation AUC
 
-    def _settings(self, n_train: int) -> FitSettings:
-        cfg = self.cfg
-        weights = self._class_weights()
+
+@dataclasses.dataclass
+class _Fit:
+    """The strategy's path: a head on the frozen source's cached features (feature_cache), or the epoch loop
+    (after a head fitted on those features when the strategy fits its head first)."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    rd: RunDirectory
+    data: _Data
+    model: torch.nn.Module
+    info: dict
+    precision: str
+    handlers: list
+
+    def run(self) -> _Fitted:
+        if self.cfg.strategy.feature_cache:
+            result, search, feats = self._head_on_features(main=True)
+            # val/test from the cached features: no second pass
+            return _Fitted(result, self.model.head(), feats["all"], feature_seconds=feats["seconds"])
+        head = self._head_on_features(main=False) if self.cfg.strategy.head_first else None
+        result = self._loop()
+        if head is None:
+            return _Fitted(result, self.model, self.data.prep.images)
+        return _Fitted(result, self.model, self.data.prep.images, feature_seconds=head[2]["seconds"],
+                       head_search={"C": head[1]["C"], "val_auc": head[1]["val_auc"]})
+
+    def settings(self, n_train: int) -> FitSettings:
+        cfg, data = self.cfg, self.data
+        weights = data.class_weights(cfg.optim.class_weights)
         epochs = cfg.epochs_for(n_train, self.ctx.world)
         signature = {**cfg.training_signature(), "epochs": epochs, "n_train": n_train, "world": self.ctx.world,
-                     "data_fingerprint": data_fingerprint(self.prep.manifest, self.prep.images)}
+                     "data_fingerprint": data_fingerprint(data.prep.manifest, data.prep.images)}
         return FitSettings(epochs=epochs, batch_size=cfg.optim.batch_size, weight_decay=cfg.optim.weight_decay,
                            warmup_epochs=cfg.optim.warmup_epochs, patience=cfg.patience_for(n_train, self.ctx.world),
                            average=cfg.optim.average, ema_epochs=cfg.optim.ema_epochs, select=cfg.optim.select,
                            class_weights=weights, precision=self.precision,
-                           objective=objective(self.task, len(self.prep.labels), weights),
+                           objective=objective(data.task, len(data.labels), weights),
                            seed=cfg.optim.seed, checkpoint=self.rd.checkpoint, resume=cfg.runtime.resume,
                            signature=signature, progress=cfg.optim.strategy, handlers=self.handlers)
 
-    def _groups(self) -> list[dict]:
-        o = self.cfg.optim
-        return param_groups(self.model, self.cfg.strategy, self.cfg.resolved_lr, unfreeze=o.unfreeze,
-                            backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
-
-    def _augment(self, seed: int) -> Augment | None:
-        return Augment(self.cfg.optim.augment, seed=seed, hflip=self.cfg.optim.hflip) or None
-
-    def _fit_loop(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
-        cfg, prep, m = self.cfg, self.prep, self.prep.masks
-        if cfg.strategy.head_first:
-            self._linear_probe_head()
-        settings = self._settings(int(m["train"].sum()))
-        settings.augment = self._augment(cfg.optim.seed * 1000 + self.ctx.rank)
-        groups = self._groups()
-        if cfg.optim.compile:
+    def _loop(self) -> FitResult:
+        cfg, prep, m = self.cfg, self.data.prep, self.data.masks
+        settings = self.settings(int(m["train"].sum()))
+        settings.augment = Augment(cfg.optim.augment, seed=cfg.optim.seed * 1000 + self.ctx.rank,
+                                   hflip=cfg.optim.hflip) or None
+        o = cfg.optim
+        groups = param_groups(self.model, cfg.strategy, cfg.resolved_lr, unfreeze=o.unfreeze,
+                              backbone_lr_mult=o.backbone_lr_mult, layer_decay=o.layer_decay)
+        if o.compile:
             self.model.net = torch.compile(self.model.net)
         result = fit(self.model, groups, prep.images[m["train"]], prep.y[m["train"]], prep.images[m["val"]],
                      prep.y[m["val"]], settings, self.ctx)
-        if cfg.optim.compile:
+        if o.compile:
             self.model.net = self.model.net._orig_mod
-        return result, self.model, prep.images
+        return result
 
-    def _linear_probe_head(self) -> None:
-        """LP-FT's first stage: the head fitted (logistic regression, C on validation) on the frozen source's
-        cached features, folded to take raw features; fine-tuning then starts from it."""
-        cfg, m, y = self.cfg, self.prep.masks, self.prep.y
-        head_groups(self.model, self.cfg.resolved_lr)  # freezes the backbone (BN eval) for features
+    def _head_on_features(self, main: bool) -> tuple[FitResult, dict, dict]:
+        """The head on the frozen source's cached features (standardised; the standardisation then folded into
+        the head so it takes raw features): logistic regression with C chosen on validation, or the task's
+        loss by AdamW (--head linear; ordinal tasks). ``main``: this is the run's fit (a linear probe: its
+        checkpoint, handlers and progress); else the first stage of a strategy that fits its head first.
+        -> (result, {C, val_auc}, features)."""
+        cfg, m, y = self.cfg, self.data.masks, self.data.prep.y
+        groups = head_groups(self.model, cfg.resolved_lr)  # freezes the backbone (BN eval) for the features
         feats = self._features()
-        mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        if self.task in ("binary", "multiclass", "multilabel"):
-            fit_head = fit_logistic_heads if self.task == "multilabel" else fit_logistic_head
-            search = fit_head(self.model.head(), f_train, y[m["train"]], f_val, y[m["val"]], seed=cfg.optim.seed,
-                              class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
-        else:  # CORN: the head trained by the task's loss on the cached features
-            result = self._train_head(f_train, y[m["train"]], f_val, y[m["val"]], progress=None)
-            search = {"C": None, "val_auc": result.best_score}
-        fold_standardization(self.model.head(), mu.to(self.ctx.device), sd.to(self.ctx.device))
-        self.feature_seconds, self.lp_search = feats["seconds"], search
-        log.info("LP-FT: head fitted on frozen features (validation AUC %.3f); fine-tuning everything from it",
-                 search["val_auc"])
-
-    def _train_head(self, f_train, y_train, f_val, y_val, progress: str | None = "head") -> FitResult:
-        """The head alone on cached features, by AdamW and the task's loss."""
-        settings = self._settings(len(f_train))
-        settings.batch_size, settings.channels_last, settings.progress = max(self.cfg.optim.batch_size, 256), False, \
-            progress
-        settings.checkpoint, settings.handlers = None, []
-        return fit(self.model.head(), head_groups(self.model, self.cfg.resolved_lr), f_train,
-                   y_train, f_val, y_val, settings, DistContext(device=self.ctx.device))
-
-    def _fit_head(self) -> tuple[FitResult, torch.nn.Module, torch.Tensor]:
-        """Frozen backbone: features extracted once (cached), the head trained on them."""
-        cfg, m, y = self.cfg, self.prep.masks, self.prep.y
-        groups = self._groups()
-        feats = self._features()
-        if cfg.optim.feature_augment == 0 and cfg.optim.augment != "none":
-            log.info("linear-probe trains the head on cached features, without augmentation; --feature-augment K "
-                     "adds K augmented views of the train set (each costs one more backbone pass over it)")
         train_y = y[m["train"]].repeat(feats["views"], *([1] * (y.ndim - 1)))
         mu, sd, f_train, f_val = standardize(feats["train"], feats["val"])
-        if cfg.optim.head == "logistic" and self.task == "ordinal":
+        logistic = self.data.task != "ordinal" and (cfg.optim.head == "logistic" or not main)
+        if main and cfg.optim.head == "logistic" and not logistic:
             log.info("linear-probe for an ordinal task: the CORN head is trained by its own loss (AdamW) on the "
                      "cached features, not by logistic regression")
-        if cfg.optim.head == "logistic" and self.task != "ordinal":
-            t0 = time.perf_counter()
-            fit_head = fit_logistic_heads if self.task == "multilabel" else fit_logistic_head  # one per finding
-            search = fit_head(self.model.head(), f_train, train_y, f_val, y[m["val"]], seed=cfg.optim.seed,
-                              class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
-            result = FitResult(history=[{"epoch": 1, "C": search["C"], "val_auc": search["val_auc"]}], best_epoch=1,
-                               best_score=search["val_auc"], seconds=time.perf_counter() - t0, epochs=0)
-            log.info("logistic head: C=%s chosen on validation (AUC %.3f)", search["C"], search["val_auc"])
+        if logistic:
+            result, search = self._logistic(f_train, train_y, f_val, y[m["val"]], main)
         else:
-            settings = self._settings(len(f_train))
+            settings = self.settings(len(f_train))
             settings.batch_size, settings.channels_last = max(cfg.optim.batch_size, 256), False
+            if not main:
+                settings.checkpoint, settings.handlers, settings.progress = None, [], None
             result = fit(self.model.head(), groups, f_train, train_y, f_val, y[m["val"]], settings,
                          DistContext(device=self.ctx.device))
+            search = {"C": None, "val_auc": result.best_score}
         fold_standardization(self.model.head(), mu.to(self.ctx.device), sd.to(self.ctx.device))
-        self.feature_seconds = feats["seconds"]
-        return result, self.model.head(), feats["all"]  # val/test from the cached features: no second pass
+        if not main:
+            log.info("%s: head fitted on frozen features (validation AUC %.3f); fine-tuning from it",
+                     cfg.optim.strategy, search["val_auc"])
+        return result, search, feats
+
+    def _logistic(self, f_train, y_train, f_val, y_val, main: bool) -> tuple[FitResult, dict]:
+        """Logistic regression (one per finding for multilabel), C chosen on validation."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        fit_head = fit_logistic_heads if self.data.task == "multilabel" else fit_logistic_head
+        search = fit_head(self.model.head(), f_train, y_train, f_val, y_val, seed=cfg.optim.seed,
+                          class_weight="balanced" if cfg.optim.class_weights == "balanced" else None)
+        result = FitResult(history=[{"epoch": 1, "C": search["C"], "val_auc": search["val_auc"]}], best_epoch=1,
+                           best_score=search["val_auc"], seconds=time.perf_counter() - t0, epochs=0)
+        if main:
+            views = cfg.evaluation.tta
+            log.info("logistic head: C=%s chosen on validation (AUC %.3f on the unaugmented view%s)", search["C"],
+                     search["val_auc"], f"; the run is evaluated on {views} test-time views" if views > 1 else "")
+        return result, search
 
     def _features(self) -> dict:
-        cfg, prep, m = self.cfg, self.prep, self.prep.masks
+        cfg, prep, m = self.cfg, self.data.prep, self.data.masks
         t0 = time.perf_counter()
+        if cfg.strategy.feature_cache and cfg.optim.feature_augment == 0 and cfg.optim.augment != "none":
+            log.info("linear-probe trains the head on cached features, without augmentation; --feature-augment K "
+                     "adds K augmented views of the train set (each costs one more backbone pass over it)")
         cache = feature_cache_dir(cfg.data.cache_dir, cfg.data.no_cache)
-        key = source_key_parts(self.spec, self.info, self.size, prep.read, cfg.optim.seed)
+        key = source_key_parts(self.data.spec, self.info, prep.size, prep.read, cfg.optim.seed)
         kw = dict(cache_dir=cache, precision=self.precision, device=self.ctx.device)
         all_feats, hit = extract_features(self.model, prep.images, key, **kw)
         log.info("features: %s (%d per image)", "from the cache" if hit else "extracted once", all_feats.shape[1])
@@ -365,124 +426,101 @@ class _Job:
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    # -------------------------------------------------------------------------------------- finish
-    def _evaluate(self, module: torch.nn.Module, inputs: torch.Tensor) -> tuple[dict, dict, object, object]:
-        """Calibrate and choose the threshold(s) on validation; evaluate val and test."""
-        cfg, prep, labels, pos, task = self.cfg, self.prep, self.prep.labels, self.pos, self.task
-        module.cpu()
-        parts = {s: prep.masks[s] for s in ("val", "test")}
-        logits = {s: predict_logits(module, inputs[mask].cpu()).numpy() for s, mask in parts.items()}
-        ys = {s: prep.y[mask].numpy() for s, mask in parts.items()}
-        temperature = fit_calibration(task, logits["val"], ys["val"]) if cfg.evaluation.calibrate == "temperature" \
-            else 1.0
-        probs = {s: probabilities(task, logits[s], temperature) for s in logits}
-        threshold = choose_task_threshold(task, ys["val"], probs["val"], cfg.evaluation.threshold, pos)
-        t = prep.table
-        groups = {s: (t.loc[mask.numpy(), "patient_id"].to_numpy() if prep.manifest.has_patients else None)
-                  for s, mask in parts.items()}
-        metrics = {s: evaluate_task(task, ys[s], probs[s], labels, positive=pos, threshold=threshold,
-                                    groups=groups[s], n_bootstrap=cfg.evaluation.bootstrap if s == "test" else 0,
-                                    seed=cfg.optim.seed)
-                   for s in logits}
-        metrics["task"] = task
-        return metrics, probs, temperature, threshold
 
-    def _finish(self, result: FitResult, module, inputs, t_start: float) -> None:
-        """Evaluate and write every file of the run into the staging folder."""
-        cfg, spec, model, info, prep = self.cfg, self.spec, self.model, self.info, self.prep
-        metrics, probs, temperature, threshold = self._evaluate(module, inputs)
-        metrics.update({"train_seconds": round(result.seconds, 3),
-                        "train_images_per_s": round(result.images_per_second, 2),
-                        "total_seconds": round(time.perf_counter() - t_start, 3), "best_epoch": result.best_epoch,
-                        "patience": result.patience, "epochs_run": len(result.history), "temperature": temperature,
-                        "threshold": threshold, "seed": cfg.optim.seed, "strategy": cfg.optim.strategy,
-                        "source": spec.name, "processes": self.ctx.world})
-        if hasattr(self, "feature_seconds"):
-            metrics["feature_seconds"] = round(self.feature_seconds, 3)
-        if hasattr(self, "lp_search"):
-            metrics["lp_head"] = {"C": self.lp_search["C"], "val_auc": self.lp_search["val_auc"]}
-        out, labels = self.rd.staging, prep.labels
-        meta = {"arch": spec.arch.split(".")[0], "source": spec.name, "labels": labels, "in_chans": info["in_chans"],
-                "data_chans": model.data_chans, "image_size": self.size, "mean": model.mean.flatten().tolist(),
-                "std": model.std.flatten().tolist(), "grey_mode": info["grey_mode"], "read": prep.read.key(),
-                "temperature": temperature, "threshold": threshold,
-                "positive_label": labels[self.pos] if self.pos is not None else None, "strategy": cfg.optim.strategy,
-                "input": f"float32 (N, C, {', '.join(['S'] * cfg.model.spatial_dims)}) in [0, 1]; normalisation is "
-                         "inside the model",
-                "tta": cfg.evaluation.tta, "tta_hflip": self.hflip, "task": self.task,
-                "input_dtype": prep.input_dtype,
-                "spatial_dims": cfg.model.spatial_dims, "inflate": cfg.model.inflate if cfg.model.spatial_dims == 3
-                else None}
-        meta["weights_sha256"] = files.write_weights(out / "model.safetensors", model.state_dict())
-        write_model_json(out / "model.json", meta)
-        files.write_yaml(out / "config.yaml", {**cfg.to_dict(), "resolved": self._resolved(result, meta)})
-        files.write_json(out / "metrics.json", metrics)
-        files.write_csv(out / "history.csv", pd.DataFrame(result.history))
-        self._write_tables(out, probs)
-        self.rd.seal()  # the card and report read the run back, checked like any run
-        if cfg.evaluation.subgroups:
-            cols = list(cfg.evaluation.subgroups)
-            write_subgroups(run := Run.load(out), run_subgroups(run, prep.table[["sample_id", *cols]], columns=cols))
-            self.rd.seal()
-        try:
-            write_model_card(Run.load(out))
-        except Exception as e:  # noqa: BLE001 - the run is written; a failed card must not lose it
-            log.warning("model card not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e,
-                        cfg.runtime.out)
-        if cfg.evaluation.report:
-            try:
-                write_report(Run.load(out), test_images=prep.images[prep.masks["test"]], title=cfg.runtime.out)
-            except Exception as e:  # noqa: BLE001 - the run is written; a failed report must not lose it
-                log.warning("report not written (%s: %s); retry with 'medxfer report %s'", type(e).__name__, e,
-                            cfg.runtime.out)
+# ---------------------------------------------------------------------------------------- finish
+def _evaluate(cfg: TrainConfig, data: _Data, fitted: _Fitted) -> run_writer.Evaluated:
+    """Calibrate and choose the threshold(s) on validation; evaluate val and test (run_writer.evaluate)."""
+    prep, module = data.prep, fitted.module.cpu()
+    parts = {s: prep.masks[s] for s in run_writer.SPLITS}
+    logits = {s: predict_logits(module, fitted.inputs[mask].cpu()).numpy() for s, mask in parts.items()}
+    targets = {s: prep.y[mask].numpy() for s, mask in parts.items()}
+    groups = {s: prep.table.loc[mask.numpy(), "patient_id"].to_numpy() for s, mask in parts.items()} \
+        if prep.manifest.has_patients else {}
+    ev = run_writer.evaluate(data.task, data.labels, data.pos, logits, targets, groups,
+                             calibrate=cfg.evaluation.calibrate, threshold=cfg.evaluation.threshold,
+                             n_bootstrap=cfg.evaluation.bootstrap, seed=cfg.optim.seed)
+    search = fitted.result.history[0] if cfg.strategy.feature_cache and "C" in fitted.result.history[0] else None
+    if search is not None and cfg.evaluation.tta > 1:  # one number per view, both said (issue 21)
+        log.info("validation AUC %s on %d test-time views (the reported one; C was chosen at %.3f on the unaugmented "
+                 "view)", _num(ev.metrics["val"].get("auc")), cfg.evaluation.tta, search["val_auc"])
+    return ev
 
-    def _check_subgroups(self) -> None:
-        cols = list(self.cfg.evaluation.subgroups or ())
-        if not cols:
-            return
-        if self.task != "binary":
-            raise MedxferError(f"--subgroups is for two-class tasks; this one is {self.task} "
-                               f"({len(self.prep.labels)} {'findings' if self.task == 'multilabel' else 'classes'}).")
-        have = [c for c in self.prep.table.columns if c not in ("sample_id", "label", "split", "path", "row")]
-        missing = [c for c in cols if c not in self.prep.table.columns or c in ("sample_id", "path", "row")]
-        if missing:
-            raise MedxferError(f"--subgroups: the data has no column '{missing[0]}'. Columns it has: "
-                               f"{', '.join(have) or 'none besides path and label'} (a CSV/Parquet manifest's extra "
-                               "columns).")
 
-    def _resolved(self, result: FitResult, meta: dict) -> dict:
-        spec, info, prep, cfg = self.spec, self.info, self.prep, self.cfg
-        return {"source": {"name": spec.name, "arch": spec.arch, "weights": spec.weights,
-                           "weights_sha256": info["weights_sha256"], "domain": spec.domain,
-                           "unexpected_keys": info.get("unexpected_keys", [])},
-                "input": {"data_channels": self.model.data_chans, "model_channels": info["in_chans"],
-                          "grey_mode": info["grey_mode"], "mean": meta["mean"], "std": meta["std"]},
-                "data": {"origin": prep.manifest.origin, "labels": prep.labels, "counts": prep.manifest.counts(),
-                         "notes": prep.manifest.notes, "splits": "given by the caller (cv folds)" if self.splits
-                         is not None else None},
-                "image_size": self.size, "lr": cfg.resolved_lr, "epochs": result.epochs or None,
-                "patience": result.patience or None,
-                "processes": self.ctx.world, "torch": torch.__version__}
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
-    def _write_tables(self, out: Path, probs: dict) -> None:
-        prep, labels, t = self.prep, self.prep.labels, self.prep.table
-        split_cols = ["sample_id", "split", "label"] + (["patient_id"] if prep.manifest.has_patients else [])
-        split_df = t[split_cols].assign(label=label_text(prep.manifest))
-        files.write_csv(out / "split.csv", split_df)
-        rows = []
-        for s in ("val", "test"):
-            sub = split_df[prep.masks[s].numpy()].reset_index(drop=True)
-            df = pd.DataFrame(probs[s], columns=[f"prob_{c}" for c in labels])
-            rows.append(pd.concat([sub[["split", "sample_id", "label"] + split_cols[3:]], df], axis=1))
-        files.write_csv(out / "predictions.csv", pd.concat(rows, ignore_index=True))
-        if prep.skipped:
-            files.write_csv(out / "skipped.csv", pd.DataFrame([(s.sample_id, s.reason) for s in prep.skipped],
-                                                              columns=["sample_id", "reason"]))
-        if len(prep.duplicates):
-            files.write_csv(out / "duplicates.csv", prep.duplicates)
-        if self.cfg.data.keep_paths:
-            paths = list(zip(t["sample_id"], t["path"])) if "path" in t else []
-            paths += [(s.sample_id, s.path) for s in prep.skipped]
-            files.write_csv(out / "paths.csv", pd.DataFrame(paths, columns=["sample_id", "path"], dtype=object))
-            log.warning("paths.csv maps sample ids to files: it can hold patient names; keep it with the data, do not "
-                        "share it")
+
+def build_record(cfg: TrainConfig, data: _Data, model, info: dict) -> ModelMeta:
+    """model.json before calibration: what rebuilds the model and applies it exactly as training did."""
+    spec, labels = data.spec, data.labels
+    dims = cfg.model.spatial_dims
+    return ModelMeta(arch=spec.arch.split(".")[0], source=spec.name, labels=labels, in_chans=info["in_chans"],
+                     data_chans=model.data_chans, image_size=data.prep.size, mean=model.mean.flatten().tolist(),
+                     std=model.std.flatten().tolist(), grey_mode=info["grey_mode"], read=data.prep.read.key(),
+                     positive_label=labels[data.pos] if data.pos is not None else None, strategy=cfg.optim.strategy,
+                     input=f"float32 (N, C, {', '.join(['S'] * dims)}) in [0, 1]; normalisation is inside the model",
+                     tta=cfg.evaluation.tta, tta_hflip=_hflip(cfg), task=data.task, input_dtype=data.prep.input_dtype,
+                     spatial_dims=dims, inflate=cfg.model.inflate if dims == 3 else None)
+
+
+def _finish(cfg: TrainConfig, rd: RunDirectory, data: _Data, model, info: dict, fitted: _Fitted, t_start: float,
+            world: int, cv_splits: bool) -> None:
+    """Evaluate, and write every file of the run into the staging folder (run_writer.finish)."""
+    ev = _evaluate(cfg, data, fitted)
+    result = fitted.result
+    metrics = {**ev.metrics, "train_seconds": round(result.seconds, 3),
+               "train_images_per_s": round(result.images_per_second, 2),
+               "total_seconds": round(time.perf_counter() - t_start, 3), "best_epoch": result.best_epoch,
+               "patience": result.patience, "epochs_run": len(result.history), "temperature": ev.temperature,
+               "threshold": ev.threshold, "seed": cfg.optim.seed, "strategy": cfg.optim.strategy,
+               "source": data.spec.name, "processes": world}
+    if fitted.feature_seconds is not None:
+        metrics["feature_seconds"] = round(fitted.feature_seconds, 3)
+    if fitted.head_search is not None:
+        metrics["lp_head"] = fitted.head_search
+    meta = build_record(cfg, data, model, info).replace(temperature=ev.temperature, threshold=ev.threshold)
+    split_df, tables = _tables(cfg, data)
+    rows = {s: split_df[data.masks[s].numpy()][["split", "sample_id", "label", *split_df.columns[3:]]]
+            for s in run_writer.SPLITS}
+    resolved = _resolved(cfg, data, model, info, result, world, cv_splits)
+    run_files = run_writer.RunFiles(config={**cfg.to_dict(), "resolved": resolved}, metrics=metrics,
+                                    predictions=run_writer.predictions(rows, ev.probs, data.labels), split=split_df,
+                                    history=pd.DataFrame(result.history), tables=tables)
+    cols = list(cfg.evaluation.subgroups or ())
+    subgroups = (lambda run: run_subgroups(run, data.prep.table[["sample_id", *cols]], columns=cols)) if cols else None
+    run_writer.finish(rd, meta, model.state_dict(), run_files, test_images=data.prep.images[data.masks["test"]],
+                      title=cfg.runtime.out, report=cfg.evaluation.report, subgroups=subgroups)
+
+
+def _resolved(cfg: TrainConfig, data: _Data, model, info: dict, result: FitResult, world: int, cv_splits: bool) -> dict:
+    spec, prep = data.spec, data.prep
+    return {"source": {"name": spec.name, "arch": spec.arch, "weights": spec.weights,
+                       "weights_sha256": info["weights_sha256"], "domain": spec.domain,
+                       "unexpected_keys": info.get("unexpected_keys", [])},
+            "input": {"data_channels": model.data_chans, "model_channels": info["in_chans"],
+                      "grey_mode": info["grey_mode"], "mean": model.mean.flatten().tolist(),
+                      "std": model.std.flatten().tolist()},
+            "data": {"origin": prep.manifest.origin, "labels": prep.labels, "counts": prep.manifest.counts(),
+                     "notes": prep.manifest.notes, "splits": "given by the caller (cv folds)" if cv_splits else None},
+            "image_size": prep.size, "lr": cfg.resolved_lr, "epochs": result.epochs or None,
+            "patience": result.patience or None, "processes": world, "torch": torch.__version__}
+
+
+def _tables(cfg: TrainConfig, data: _Data) -> tuple[pd.DataFrame, dict]:
+    """split.csv, and the optional tables: skipped samples, cross-split duplicates, --keep-paths' mapping."""
+    prep, t = data.prep, data.prep.table
+    split_cols = ["sample_id", "split", "label"] + (["patient_id"] if prep.manifest.has_patients else [])
+    split_df = t[split_cols].assign(label=label_text(prep.manifest))
+    tables = {}
+    if prep.skipped:
+        tables["skipped"] = pd.DataFrame([(s.sample_id, s.reason) for s in prep.skipped],
+                                         columns=["sample_id", "reason"])
+    if len(prep.duplicates):
+        tables["duplicates"] = prep.duplicates
+    if cfg.data.keep_paths:
+        paths = list(zip(t["sample_id"], t["path"])) if "path" in t else []
+        paths += [(s.sample_id, s.path) for s in prep.skipped]
+        tables["paths"] = pd.DataFrame(paths, columns=["sample_id", "path"], dtype=object)
+        log.warning("paths.csv maps sample ids to files: it can hold patient names; keep it with the data, do not "
+                    "share it")
+    return split_df, tables

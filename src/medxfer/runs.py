@@ -32,7 +32,8 @@ the staging folder.
 Every reader goes through :meth:`Run.load`: the files are checked against ``files.sha256`` (the weights and
 exports when they are opened), and every value read back is range-checked, so an edited ``model.json``
 (swapped labels, another threshold) is refused, never used. A run of an earlier release (no record) loads
-with a one-line warning. ``export`` amends the record under the run's lock (:func:`amend`).
+with a one-line warning. Runs are written by :mod:`medxfer.run_writer` alone (model.json included); it amends a
+finished run only under the run's lock (:func:`amend`).
 """
 
 from __future__ import annotations
@@ -315,12 +316,6 @@ def _unrecorded(run_dir: Path, raw_meta) -> None:
         _WARNED.add(key)
         log.warning("'%s' was written by an earlier release of medxfer: it has no %s, so edits to its files cannot "
                     "be detected (its values are still checked). Train it again to record them.", run_dir, RECORD)
-
-
-def write_model_json(path: Path, meta: dict) -> None:
-    """model.json, saying that its run has a hash record (so a removed record is refused, not taken for a run of
-    an earlier release)."""
-    files.write_json(path, {**meta, "hashes": RECORD})
 
 
 def lock_run(out: str | Path, wait: float = 0):
