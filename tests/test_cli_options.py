@@ -8,7 +8,8 @@ import typer
 from medxfer.cli import app, main
 
 SHARED = {"predict": ("batch_size", "on_bad_file", "keep_paths", "num_threads"),
-          "explain": ("keep_paths", "num_threads")}
+          "explain": ("keep_paths", "num_threads"),
+          "compare": ("split_seed", "num_threads")}
 
 
 def _type(param):
@@ -36,3 +37,15 @@ def test_predict_checks_its_options_as_train_does(capsys):
                            "Did you mean 'skip'?")
     assert main(["predict", "no-run", "no-image", "--batch-size", "0"]) == 2
     assert "The 'batch-size' parameter must be at least 1. Got 0 instead." in capsys.readouterr().err
+
+
+def test_no_command_declares_a_train_flag_with_another_type():
+    """compare's learning curve is --label-fractions (a list): --label-fraction is train's one fraction."""
+    train = _params("train")
+    flags = {opt: p for p in train.values() for opt in p.opts}
+    for command in typer.main.get_command(app).commands:
+        for p in _params(command).values():
+            for opt in p.opts:
+                # --out is each command's own output (a path); demo (not ours here) takes --seed as its seeds' list
+                if opt in flags and opt != "--out" and command != "demo":
+                    assert _type(p) == _type(flags[opt]), (command, opt)

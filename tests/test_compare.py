@@ -54,7 +54,7 @@ def _args(data, out, *extra):
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, unsplit_npz):
     out = tmp_path_factory.mktemp("cmp") / "cmp"
-    code = main(_args(unsplit_npz, out, "--label-fraction", "0.25,1.0", "--split-seed", "3"))
+    code = main(_args(unsplit_npz, out, "--label-fractions", "0.25,1.0", "--split-seed", "3"))
     assert code == 0
     return out, json.loads((out / "comparison.json").read_text())
 
@@ -166,7 +166,7 @@ def test_resume_skips_finished_runs(comparison, unsplit_npz, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/**/metrics.json")}
     assert len(stamps) == 2 * len(STRATS) * len(SEEDS)
     capsys.readouterr()
-    code = main(_args(unsplit_npz, out, "--label-fraction", "0.25,1.0", "--split-seed", "3"))
+    code = main(_args(unsplit_npz, out, "--label-fractions", "0.25,1.0", "--split-seed", "3"))
     assert code == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/**/metrics.json")} == stamps
     again = json.loads((out / "comparison.json").read_text())
@@ -206,10 +206,11 @@ def test_resume_retrains_when_config_differs(tmp_path, unsplit_npz, capsys):
     ("--seeds", "0,x", "integers >= 0, like 0,1,2. Got 'x'"),
     ("--seeds", "0,-1", "Got '-1'"),
     ("--seeds", "1,1", "more than once"),
-    ("--label-fraction", "0.1,2", "fractions in (0, 1]"),
-    ("--label-fraction", "0,1", "Got '0'"),
-    ("--label-fraction", "a", "Got 'a'"),
-    ("--split-seed", "-1", "The 'split-seed' parameter must be an integer >= 0. Got -1"),
+    ("--label-fractions", "0.1,2", "fractions in (0, 1]"),
+    ("--label-fractions", "0,1", "Got '0'"),
+    ("--label-fractions", "a", "Got 'a'"),
+    ("--label-fraction", "0.1,1", "No such option: --label-fraction"),  # one fraction for one run: train's
+    ("--split-seed", "-1", "The 'split-seed' parameter must be at least 0. Got -1 instead."),
 ])
 def test_invalid_lists_one_clear_line(tmp_path, unsplit_npz, capsys, option, value, message):
     code = main(["compare", "--data", str(unsplit_npz), "--source", "test_resnet", "--weights", "none",

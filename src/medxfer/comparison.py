@@ -98,17 +98,17 @@ def parse_seeds(text) -> list[int]:
 def parse_fractions(text) -> list[float]:
     """'0.01,0.1,1' -> [0.01, 0.1, 1.0] (sorted); values outside (0, 1] -> MedxferError."""
     out = []
-    for s in _items(_text(text), "label-fraction"):
+    for s in _items(_text(text), "label-fractions"):
         try:
             v = float(s)
         except ValueError:
             v = math.nan
         if not (0 < v <= 1):
-            raise MedxferError(f"The 'label-fraction' parameter must hold fractions in (0, 1], like 0.01,0.1,1.0. "
+            raise MedxferError(f"The 'label-fractions' parameter must hold fractions in (0, 1], like 0.01,0.1,1.0. "
                                f"Got '{s}' instead.")
         out.append(v)
     if len(set(out)) != len(out):
-        raise MedxferError(f"The 'label-fraction' parameter lists a fraction more than once. Got '{text}' instead.")
+        raise MedxferError(f"The 'label-fractions' parameter lists a fraction more than once. Got '{text}' instead.")
     return sorted(out)
 
 
@@ -430,7 +430,7 @@ def compare(base: TrainConfig, strategies, seeds, out, *, split_seed: int = 0, l
     sources = parse_sources(sources) if sources is not None else [base.model.source]
     fractions = parse_fractions(label_fractions) if label_fractions is not None else []
     if base.data.label_fraction != 1.0:
-        raise MedxferError("compare trains on all train labels; give fractions with --label-fraction 0.1,1.0 "
+        raise MedxferError("compare trains on all train labels; give fractions with --label-fractions 0.1,1.0 "
                            f"for a learning curve instead of a single label_fraction ({base.data.label_fraction:g}).")
     if not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
         raise MedxferError(f"The 'split-seed' parameter must be an integer >= 0. Got {split_seed!r} instead.")

@@ -122,7 +122,7 @@ class DataOptions(Options):
     split_by: str = option("auto", "Keep each group's images in one split: auto (patient_id when present), none, "
                            "or a manifest COLUMN.")
     split_seed: int | None = option(None, "Seed of the stratified 70/15/15 split medxfer makes when the data has "
-                                    "none.", show="--seed", low=0)
+                                    "none (compare: one split for every run).", show="--seed; compare: 0", low=0)
     duplicates: Literal["drop-from-train", "refuse", "allow"] = option(
         "drop-from-train", "Identical images in two splits: drop the copies from train (and from val when the copy "
         "is in test), refuse, or allow (warns). Listed in duplicates.csv.")

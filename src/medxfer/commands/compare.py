@@ -17,8 +17,8 @@ PANEL = "Comparison"
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "compare", option_fields(exclude=("strategy", "seed", "split_seed", "out", "resume", "overwrite",
-                                                    "devices", "label_fraction")), interrupted=RERUN)
+    @command(app, "compare", option_fields(exclude=("strategy", "seed", "out", "resume", "overwrite", "devices",
+                                                    "label_fraction")), interrupted=RERUN)
     def compare(
         given: Given,
         strategies: str = typer.Option("linear-probe,partial,full,scratch", help="Comma-separated strategies.",
@@ -32,10 +32,9 @@ def register(app: typer.Typer) -> None:
                                             "on the same split: slice (middle slice), 2.5d (three orthogonal "
                                             "mid-planes), mip, 3d (a 3-D network). --image-size applies to each.",
                                             rich_help_panel=PANEL),
-        split_seed: int = typer.Option(0, help="Seed of the train/val/test split, fixed across all runs.",
-                                       rich_help_panel=PANEL),
-        label_fraction: Optional[str] = typer.Option(None, help="Learning curve: comma-separated fractions of the "
-                                                     "train labels, e.g. 0.01,0.1,1.0.", rich_help_panel=PANEL),
+        label_fractions: Optional[str] = typer.Option(None, help="Learning curve: comma-separated fractions of the "
+                                                      "train labels, e.g. 0.01,0.1,1.0 (--label-fraction is one "
+                                                      "fraction for one run).", rich_help_panel=PANEL),
         out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs and comparison.json/"
                                      ".html.", rich_help_panel=PANEL),
         retrain: bool = typer.Option(False, "--retrain", help="Retrain runs even when a finished run of the same "
@@ -52,7 +51,8 @@ def register(app: typer.Typer) -> None:
             raise MedxferError("medxfer compare resumes interrupted runs and reuses finished ones by itself: leave out "
                                "--resume (use --retrain to start every run again).")
         names, seed_list = lib.parse_strategies(strategies), lib.parse_seeds(seeds)
-        fractions = lib.parse_fractions(label_fraction) if label_fraction is not None else None
+        fractions = lib.parse_fractions(label_fractions) if label_fractions is not None else None
+        split_seed = given.values["split_seed"] or 0  # one split for every run: seed 0 unless given
         source_list = lib.parse_sources(sources) if sources is not None else None
         if source_list is not None and "source" in given.explicit:
             raise MedxferError("give either --source or --sources, not both.")
