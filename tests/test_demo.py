@@ -17,15 +17,16 @@ def _test(auc_a, auc_b, p, won=3, seeds=3):
             "ci_diff": [auc_a - auc_b - 0.05, auc_a - auc_b + 0.05], "seeds_won": [won, seeds], "n_test": 156}
 
 
-ARMS = {"scratch": {"n_train": 55}}
+ARMS = {"scratch": {"n_train": 55, "test_auc": {"mean": 0.62}}, "full": {"test_auc": {"mean": 0.71}},
+        "linear-probe": {"test_auc": {"mean": 0.72}}}
 
 
 def test_the_sentence_says_what_the_numbers_say_whatever_they_say():
     helped = sentence(_test(0.85, 0.60, 0.001), ARMS, "full")
-    assert helped.startswith("With 55 labelled training images, transfer helped") and "0.850 vs 0.600" in helped
-    assert "ahead in 3 of 3 seeds" in helped and "full fine-tuning (ImageNet)" in helped
+    assert helped.startswith("With 55 labelled training images, transfer helped") and "0.850 vs 0.600 with the seeds' probabilities averaged" in helped
+    assert "0.710 vs 0.620 on average over 3 seeds (ahead in 3 of 3)" in helped and "full fine-tune (ImageNet)" in helped
     tie = sentence(_test(0.80, 0.78, 0.4, won=2), ARMS, "linear-probe")
-    assert "did not differ significantly" in tie and "helped" not in tie and "ahead in 2 of 3 seeds" in tie
+    assert "did not differ significantly" in tie and "helped" not in tie and "0.720 vs 0.620 on average over 3 seeds (ahead in 2 of 3)" in tie
     worse = sentence(_test(0.70, 0.85, 0.01, won=0), ARMS, "full")
     assert "transfer did not help here" in worse and "scratch beat" in worse and "-0.150" in worse
 
@@ -65,7 +66,8 @@ def test_the_demo_command_passes_its_options_and_prints_the_table_and_sentence(t
     calls = []
     summary = {"n_train": 55, "label_fraction": 0.1, "seeds": 3, "best_transfer_on_validation": "full", "seconds": 1.0,
                "sentence": "the sentence", "arms": {a: {"test_auc": {"mean": 0.8, "sd": 0.01, "values": [0.8] * 3},
-                                                        "test_auc_ci": [[0.7, 0.9]] * 3, "val_auc": {"mean": 0.8},
+                                                        "averaged": {"auc": 0.81, "auc_ci": [0.7, 0.9]},
+                                                        "val_auc": {"mean": 0.8},
                                                         "train_seconds": {"mean": 3.0}}
                                                     for a in ("linear-probe", "full", "scratch")}}
     fake = types.SimpleNamespace(run_demo=lambda *a, **kw: calls.append((a, kw)) or summary, table=table)
@@ -75,7 +77,7 @@ def test_the_demo_command_passes_its_options_and_prints_the_table_and_sentence(t
     assert main(["demo"]) == 0
     assert [(a, kw["fraction"]) for a, kw in calls] == [((tmp_path, [0, 1, 2], 1), 0.2), ((Path("runs/demo"), None, None), 0.1)]
     text = capsys.readouterr().out
-    assert "the sentence" in text and "0.800 (0.70-0.90)" in text and "full fine-tuning (ImageNet) *" in text
+    assert "the sentence" in text and "0.810 (0.700-0.900)" in text and "full fine-tune (ImageNet) *" in text
     assert main(["demo", "--seed", "a,1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "medxfer: The 'seeds' parameter must be comma-separated whole numbers of 0 or more (e.g. 0,1,2). "

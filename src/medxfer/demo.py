@@ -39,20 +39,22 @@ import numpy as np
 from medxfer import files
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
+from medxfer.evaluation.metrics import evaluate
 from medxfer.evaluation.stats import delong_test, summarize
 from medxfer.runs import Run
 
 log = logging.getLogger("medxfer.demo")
 
 DATA = Path(__file__).resolve().parent / "datasets" / "breastmnist_28.npz"
-ARMS = (("scratch", "scratch (same network, random init)"),   # longest first: the pool ends sooner
-        ("full", "full fine-tuning (ImageNet)"),
+ARMS = (("scratch", "scratch (random init)"),   # longest first: the pool ends sooner
+        ("full", "full fine-tune (ImageNet)"),
         ("linear-probe", "linear probe (ImageNet)"))
 TRANSFER = ("full", "linear-probe")
 SEEDS = (0, 1, 2)
 FRACTION = 0.1
 IMAGE_SIZE = 64
 ALPHA = 0.05
+BOOTSTRAP = 1000
 
 
 def demo_config(arm: str, seed: int, fraction: float, out: Path, threads: int, **options) -> TrainConfig:
@@ -129,14 +131,18 @@ def summarise(by_arm: dict[str, list[Run]], fraction: float) -> dict:
                      "test_auc_ci": [r.metrics["test"].get("auc_ci") for r in runs],
                      "train_seconds": summarize([r.metrics.get("train_seconds") for r in runs]),
                      "n_train": int((runs[0].split["split"] == "train").sum()),
+                     "n_test": int((runs[0].split["split"] == "test").sum()),
                      "runs": [str(r.dir) for r in runs]}
+    scores = {arm: _test_scores(runs) for arm, runs in by_arm.items()}
+    ids, y, _ = scores["scratch"]
+    if any(not np.array_equal(i, ids) for i, _, _ in scores.values()):
+        raise MedxferError("the demo's runs were tested on different images; remove the demo's output folder "
+                           "(--out) and run it again.")
+    for arm, (_, _, p) in scores.items():  # the seeds' averaged probabilities: one model per arm, with its CI
+        m = evaluate(y, np.stack([1 - p, p], axis=1), ["other", "malignant"], n_bootstrap=BOOTSTRAP, seed=0)
+        arms[arm]["averaged"] = {"auc": m["auc"], "auc_ci": m.get("auc_ci")}
     best = max(TRANSFER, key=lambda a: arms[a]["val_auc"]["mean"] if arms[a]["val_auc"]["mean"] is not None else -1)
-    ids, y, p_best = _test_scores(by_arm[best])
-    ids_s, y_s, p_scratch = _test_scores(by_arm["scratch"])
-    if not np.array_equal(ids, ids_s):
-        raise MedxferError("the demo's transfer and scratch runs were tested on different images; remove the "
-                           "demo's output folder (--out) and run it again.")
-    test = delong_test(y, p_best, p_scratch)
+    test = delong_test(y, scores[best][2], scores["scratch"][2])
     wins = sum(a > b for a, b in zip(arms[best]["test_auc"]["values"], arms["scratch"]["test_auc"]["values"])
                if a is not None and b is not None)
     test.update(a=best, b="scratch", seeds_won=[wins, len(by_arm[best])], n_test=int(len(y)),
@@ -153,8 +159,10 @@ def sentence(test: dict, arms: dict, best: str) -> str:
         return f"With {n} labelled training images the test split cannot tell {name} and scratch apart (AUC undefined)."
     won, seeds = test["seeds_won"]
     lo, hi = test["ci_diff"]
-    numbers = (f"test AUC {test['auc_a']:.3f} vs {test['auc_b']:.3f}, difference {test['diff']:+.3f} "
-               f"(95% CI {lo:+.3f} to {hi:+.3f}, p = {test['p_value']:.2g}), ahead in {won} of {seeds} seeds")
+    mean_a, mean_b = arms[best]["test_auc"]["mean"], arms["scratch"]["test_auc"]["mean"]
+    numbers = (f"test AUC {mean_a:.3f} vs {mean_b:.3f} on average over {seeds} seeds (ahead in {won} of {seeds}), "
+               f"{test['auc_a']:.3f} vs {test['auc_b']:.3f} with the seeds' probabilities averaged: difference "
+               f"{test['diff']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}, paired DeLong p = {test['p_value']:.2g}")
     if test["p_value"] >= ALPHA:
         return (f"With {n} labelled training images, {name} and training from scratch did not differ significantly "
                 f"on {test['n_test']} test images: {numbers}.")
@@ -201,17 +209,19 @@ def table(summary: dict):
     """The summary as a rich table: one row per arm, * on the transfer arm chosen on validation."""
     from rich.table import Table
 
-    t = Table(title=f"BreastMNIST test split, {summary['n_train']} training labels "
-                    f"({summary['label_fraction']:.0%}), {summary['seeds']} seeds (positive class: malignant)")
-    for col in ("arm", "test AUC per seed (95% CI)", "mean (sd)", "val AUC mean", "train s"):
-        t.add_column(col)
+    t = Table(title=f"BreastMNIST test split ({summary['arms']['scratch'].get('n_test', 156)} images), trained on "
+                    f"{summary['n_train']} labels ({summary['label_fraction']:.0%}), {summary['seeds']} seeds; "
+                    "positive class: malignant")
+    for col in ("arm", "test AUC by seed", "mean (sd)", "seeds averaged (95% CI)", "val AUC", "s/run"):
+        t.add_column(col, no_wrap=True)
     for arm, name in ARMS:
         a = summary["arms"][arm]
-        per_seed = "; ".join(f"{v:.3f} ({ci[0]:.2f}-{ci[1]:.2f})" if v is not None and ci else "n/a"
-                             for v, ci in zip(a["test_auc"]["values"], a["test_auc_ci"]))
+        by_seed = " ".join("n/a" if v is None else f"{v:.3f}" for v in a["test_auc"]["values"])
         m, sd = a["test_auc"]["mean"], a["test_auc"]["sd"]
-        t.add_row(name + (" *" if arm == summary["best_transfer_on_validation"] else ""), per_seed,
+        avg, ci = a.get("averaged", {}).get("auc"), a.get("averaged", {}).get("auc_ci")
+        t.add_row(name + (" *" if arm == summary["best_transfer_on_validation"] else ""), by_seed,
                   "n/a" if m is None else f"{m:.3f}" + (f" ({sd:.3f})" if sd is not None else ""),
+                  "n/a" if avg is None else f"{avg:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""),
                   "n/a" if a["val_auc"]["mean"] is None else f"{a['val_auc']['mean']:.3f}",
                   f"{a['train_seconds']['mean']:.0f}" if a["train_seconds"]["mean"] is not None else "n/a")
     return t

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         summary = run_demo(out_dir, parse_seeds(seeds) if seeds is not None else None,
                            given.values["num_threads"], fraction=fraction, echo=echo)
-        print_wide(table(summary), 110)  # CIs stay whole in logs and pipes
+        print_wide(table(summary), 120)  # CIs stay whole in logs and pipes
         echo(summary["sentence"])
         echo(f"The transfer arm tested against scratch (*) was chosen on validation. Runs in {out_dir}/<arm>/seed<k>, "
              f"the summary in {out_dir}/demo.json; {summary['seconds']:.0f} s.")
