@@ -4,6 +4,7 @@ damaged stores rebuilt, bad files handled as before, and a store reused without 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -254,3 +255,23 @@ def test_ddp_ranks_decode_their_share_once_into_one_store(tmp_path):
     for r in range(2):
         assert np.array_equal(np.load(tmp_path / f"images.r{r}.npy"), ref)
     assert len([s for s in stores(tmp_path / "c") if s.endswith(".npy")]) == 1
+
+
+def test_an_edited_file_is_decoded_again_even_with_its_old_size_and_time(tmp_path, monkeypatch):
+    """Unchanged files are found by stat (no hashing); a file rewritten with the same size and mtime is not."""
+    m = folder(tmp_path / "d")
+    cache = DecodeCache(tmp_path / "c")
+    first = load_images(m, SIZE, cache=cache, workers=1).images.clone()
+    hashed = []
+    real = decoding._hash
+    monkeypatch.setattr(decoding, "_hash", lambda paths, pool: hashed.append(1) or real(paths, pool))
+    assert torch.equal(load_images(m, SIZE, cache=cache, workers=1).images, first) and hashed == []
+    path = m.table["path"].iloc[7]
+    st = os.stat(path)
+    x = np.asarray(Image.open(path))
+    Image.fromarray((65535 - x).astype(np.uint16)).save(path)          # other pixels...
+    with open(path, "r+b") as f:                                        # ...at the old size and time
+        f.truncate(st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = load_images(m, SIZE, cache=cache, on_bad_file="skip", workers=1)
+    assert hashed == [1] and not torch.equal(again.images, first)

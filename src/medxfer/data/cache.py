@@ -40,7 +40,7 @@ from medxfer.files import sha256_file
 __all__ = ["DecodeCache", "cache_root", "default_cache_dir", "digest_memo", "file_digest", "remember_digest"]
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")
-_digests: dict[tuple[str, int, int], str] = {}
+_digests: dict[tuple[str, int, int, int], str] = {}
 _digests_lock = threading.Lock()
 
 
@@ -62,9 +62,10 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns). A folder (a DICOM
-    series) digests its files' names and digests, in name order. A file that cannot be read (gone, a broken or
-    looping link, no permission) raises :class:`BadFileError`, so the bad-file policy decides."""
+    """SHA-256 hex digest of the file's bytes, streamed; memoised by (path, size, mtime_ns, ctime_ns: any write
+    changes the ctime, which no program sets back). A folder (a DICOM series) digests its files' names and
+    digests, in name order. A file that cannot be read (gone, a broken or looping link, no permission) raises
+    :class:`BadFileError`, so the bad-file policy decides."""
     path = os.path.abspath(path)
     try:
         return _digest(path)
@@ -83,20 +84,21 @@ def os_reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-def remember_digest(memo: tuple[str, int, int], digest: str) -> None:
-    """Keep a digest computed elsewhere (a decoding worker) under its (path, size, mtime_ns)."""
+def remember_digest(memo: tuple[str, int, int, int], digest: str) -> None:
+    """Keep a digest computed elsewhere (a decoding worker) under its (path, size, mtime_ns, ctime_ns)."""
     with _digests_lock:
         _digests[memo] = digest
 
 
-def digest_memo(path: str | Path) -> tuple[str, int, int] | None:
-    """The (path, size, mtime_ns) a file's digest is remembered under; None for a folder or a missing file."""
+def digest_memo(path: str | Path) -> tuple[str, int, int, int] | None:
+    """The (path, size, mtime_ns, ctime_ns) a file's digest is remembered under; None for a folder or a missing
+    file. The ctime: a file rewritten with its old size and modification time set back is read again."""
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return None if os.path.isdir(path) else (path, st.st_size, st.st_mtime_ns)
+    return None if os.path.isdir(path) else (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _digest(path: str) -> str:
@@ -105,7 +107,7 @@ def _digest(path: str) -> str:
                  if os.path.isfile(os.path.join(path, name))]  # any file name: its bytes, as the disk holds them
         return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
     st = os.stat(path)
-    memo = (path, st.st_size, st.st_mtime_ns)
+    memo = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _digests_lock:
         known = _digests.get(memo)
     if known is not None:

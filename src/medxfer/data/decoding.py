@@ -16,6 +16,9 @@ store, and all map it: no file is decoded twice and the ranks share one copy thr
 
 Bad files: rows that cannot be read are recorded with their reason; with ``on_bad_file="error"`` a single
 process stops at the first one (in manifest order, as a serial decode would) and the caller names it.
+A later run on files unchanged since (same path, inode, size, mtime and ctime) finds the store without hashing
+them again (:func:`medxfer.data.store.stat_fingerprint`).
+
 Pixel types: when 8-bit files mix with wider ones, the 8-bit files are decoded again scaled per image (the
 rule of :mod:`medxfer.data.loading`). Channels: the store is made 1- or 3-channel from a few headers; a
 3-channel image in a 1-channel store starts the build again 3-channel; a 3-channel store of grey images only
@@ -46,7 +49,7 @@ from medxfer import progress
 from medxfer.data.cache import DecodeCache, digest_memo, file_digest, remember_digest
 from medxfer.data.intensity import EIGHT_BIT, parse_slice, pixel_types, widest
 from medxfer.data.readers import read_image
-from medxfer.data.store import Partial, Store, store_key
+from medxfer.data.store import Partial, Store, find_by_stat, remember_stat, stat_fingerprint, store_key
 from medxfer.data.transforms import match_channels, resize_to_uint8
 from medxfer.errors import BadFileError, MedxferError
 
@@ -235,19 +238,25 @@ def decode_files(paths: list, size: int, read, cache, on_bad_file: str, workers:
                 return _opened(store)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)   # the mapping stays valid after the files go
+        folder = cache.directory / "stores"
+        fingerprint = stat_fingerprint(paths, params) if world == 1 else None
+        known = find_by_stat(folder, fingerprint) if fingerprint else None
+        found = Store(folder, known).open() if known else None
+        if found is not None:       # unchanged files (by stat and ctime): their store, without hashing them again
+            return _hit(found)
         digests = _hash(paths, pool)
-        store = Store(cache.directory / "stores", store_key(list(digests), params))
+        store = Store(folder, store_key(list(digests), params))
         if world > 1:     # every rank takes the same path: rank 0 decides under the lock, the others after a barrier
             return _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, volume, rank, world)
         found = store.open()
-        if found is not None:
-            return _hit(found)
-        with store.building():
-            found = store.open()    # built by another process while this one waited
-            if found is not None:
-                return _hit(found)
-            _build(store, paths, digests, size, read, cache_dir, on_bad_file, pool, channels, volume, 0, 1)
-        return _opened(store)
+        if found is None:
+            with store.building():
+                found = store.open()    # built by another process while this one waited
+                if found is None:
+                    _build(store, paths, digests, size, read, cache_dir, on_bad_file, pool, channels, volume, 0, 1)
+        if fingerprint:
+            remember_stat(folder, fingerprint, store.key)
+        return _hit(found) if found is not None else _opened(store)
 
 
 def _hit(found):
