@@ -57,7 +57,8 @@ DEFAULT_ACTIVATIONS = {2: 500, 3: 200}
 #: npz images decoded at once (medxfer.data.loading.decode_arrays)
 CHUNK = 256
 #: private memory of one decoding worker process besides its image (forked: the interpreter and torch are
-#: shared with the parent until written; measured about 60 MB of RssAnon per worker), rounded up
+#: shared with the parent until written). bench/bench_scale.py: a worker's Pss_Anon peaked at 115-162 MB, of
+#: which about 105 MB is its share of the parent's 316 MB (3 processes), so 10-60 MB its own; rounded up
 WORKER_BYTES = 100 * 2 ** 20
 #: the per-file cache: an entry's .npy header and record, and the file system's block
 ENTRY_HEADER, BLOCK = 256, 4096
