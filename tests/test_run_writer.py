@@ -49,6 +49,9 @@ def spy(monkeypatch):
             return original(path, *a, **kw)
         monkeypatch.setattr(module, name, wrapped)
 
+    import safetensors.torch
+
+    reader(safetensors.torch, "load_file")  # the kept test images (Run.check_images)
     reader(runs, "read_json")
     reader(runs, "read_yaml")
     original_load = runs.load_weights  # it takes the model first, the path second
@@ -67,9 +70,11 @@ def _check(run_dir: Path, spy, copied_from: Path | None = None) -> None:
     read.clear()
     run = Run.load(run_dir)
     run.load_model()
+    assert run.check_images() is not None
     record = files.read_hashes(run_dir)
     opened = {name for folder, name in read if folder == run_dir.name}
-    assert {"model.json", "config.yaml", "metrics.json", "predictions.csv", "model.safetensors"} <= opened
+    assert {"model.json", "config.yaml", "metrics.json", "predictions.csv", "model.safetensors",
+            runs.CHECK_IMAGES} <= opened
     for name in opened:
         by = written.get((run_dir.name, name)) or (copied_from and written.get((copied_from.name, name)))
         assert by == "medxfer.run_writer", (run_dir, name, by)
@@ -108,3 +113,24 @@ def test_model_json_is_the_build_record(tiny_run):
     raw = json.loads((tiny_run / "model.json").read_text())
     fields = {f.name for f in dataclasses.fields(ModelMeta)} - {"extra"}
     assert set(raw) == fields | {"hashes"}
+
+
+def test_export_checks_parity_from_the_run_directory_alone(tmp_path, small_npz):
+    """The run keeps its first test images (issue 23, item 8): export needs neither the data nor re-preparing it."""
+    import shutil
+
+    import torch
+
+    from medxfer.config import TrainConfig
+    from medxfer.export import export_run
+    from medxfer.pipeline import train
+
+    data = tmp_path / "data.npz"
+    shutil.copy(small_npz, data)
+    run = train(TrainConfig.create(data=str(data), strategy="full", out=str(tmp_path / "run"), **TINY))
+    kept = run.check_images()
+    n_test = int((run.predictions["split"] == "test").sum())
+    assert kept.dtype == torch.uint8 and len(kept) == n_test and kept.shape[1:] == (1, 32, 32)
+    data.unlink()  # the data are gone: the export still checks itself on the run's own test images
+    report = export_run(run.dir, fmt="torchscript")
+    assert report["checked_on"] == f"{n_test} test images kept with the run" and report["max_prob_diff"] < 1e-4

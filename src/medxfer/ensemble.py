@@ -183,7 +183,7 @@ def _finish(rd: RunDirectory, net, meta: ModelMeta, kept, choice: dict, first: R
     no_probs = {s: rows[s][[c for c in preds.columns if not c.startswith("prob_")]] for s in rows}
     run_files = run_writer.RunFiles(config={**cfg.to_dict(), "resolved": resolved}, metrics=metrics,
                                     predictions=run_writer.predictions(no_probs, ev.probs, labels),
-                                    split=first.split, extra=extra)
+                                    split=first.split, extra=extra, test_images=images["test"])
     run_writer.finish(rd, meta.replace(temperature=ev.temperature, threshold=ev.threshold), state, run_files,
                       test_images=images["test"], title=out, **documents)
 

@@ -16,8 +16,8 @@ the run was trained again. ``out`` elsewhere goes through the output guard (:fun
 never into a run directory or over an input; an existing file only when it is a medxfer export (its
 contract names medxfer as the producer), or with ``overwrite``.
 
-Parity: the exported model and PyTorch are run on real images (the run's test split, rebuilt as
-training prepared it; or ``check_data`` paths), and the largest absolute difference of the calibrated
+Parity: the exported model and PyTorch are run on real images (the run's first test images, kept with the
+run as training prepared them; or ``check_data`` paths), and the largest absolute difference of the calibrated
 probabilities must be below ``PARITY_TOL``; otherwise nothing is written and an error is raised.
 """
 
@@ -76,7 +76,12 @@ def contract(meta: ModelMeta) -> dict:
 
 # ----------------------------------------------------------------------------------- check images
 def run_test_images(run: Run, limit: int = MAX_CHECK_IMAGES) -> tuple[torch.Tensor, str]:
-    """The run's own test images (uint8), rebuilt as training prepared them (as the report's gallery)."""
+    """The run's own test images (uint8): those kept with the run (runs.CHECK_IMAGES: from the run directory
+    alone), or for a run of an earlier release rebuilt from its data as training prepared them."""
+    kept = run.check_images()
+    if kept is not None:
+        images = match_channels_uint8(kept[:limit], run.model.data_chans)
+        return images, f"{len(images)} test images kept with the run"
     ids = run.test_predictions["sample_id"].astype(str).tolist()[:limit]
     try:
         images = images_of(run.config.data, run.image_size, run.config.optim.seed, ids)

@@ -485,7 +485,8 @@ def _finish(cfg: TrainConfig, rd: RunDirectory, data: _Data, model, info: dict, 
     resolved = _resolved(cfg, data, model, info, result, world, cv_splits)
     run_files = run_writer.RunFiles(config={**cfg.to_dict(), "resolved": resolved}, metrics=metrics,
                                     predictions=run_writer.predictions(rows, ev.probs, data.labels), split=split_df,
-                                    history=pd.DataFrame(result.history), tables=tables)
+                                    history=pd.DataFrame(result.history), tables=tables,
+                                    test_images=data.prep.images[data.masks["test"]])
     cols = list(cfg.evaluation.subgroups or ())
     subgroups = (lambda run: run_subgroups(run, data.prep.table[["sample_id", *cols]], columns=cols)) if cols else None
     run_writer.finish(rd, meta, model.state_dict(), run_files, test_images=data.prep.images[data.masks["test"]],

@@ -37,12 +37,14 @@ from medxfer.errors import MedxferError
 from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
 from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
-from medxfer.runs import RECORD, ModelMeta, Run, RunDirectory, amend
+from medxfer.runs import CHECK_IMAGES, RECORD, ModelMeta, Run, RunDirectory, amend
 
 log = logging.getLogger("medxfer.train")
 SPLITS = ("val", "test")
 #: the optional tables a writer may add (skipped samples, cross-split duplicates, --keep-paths' mapping)
 EXTRA_TABLES = ("skipped", "duplicates", "paths")
+#: at most this many test images are kept with the run (export's parity check), and at most this many bytes
+MAX_CHECK_IMAGES, CHECK_BYTES = 512, 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RunFiles:
     history: pd.DataFrame | None = None           # history.csv (one row per epoch)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # of EXTRA_TABLES
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)   # tables beside the run (auto's leaderboard)
+    test_images: object = None   # the test images in predictions.csv's order; the first ones are kept (CHECK_IMAGES)
 
 
 def evaluate(task: str, labels: list[str], pos: int | None, logits: dict, targets: dict, groups: dict, *,
@@ -113,6 +116,10 @@ def write_files(staging: Path, meta: ModelMeta, state_dict: dict | None, run_fil
         raise ValueError(f"unknown run tables {sorted(unknown)}")
     for name, table in {**run_files.tables, **run_files.extra}.items():
         files.write_csv(staging / f"{name}.csv", table)
+    if run_files.test_images is not None and len(run_files.test_images):
+        x = run_files.test_images
+        n = min(MAX_CHECK_IMAGES, len(x), max(1, CHECK_BYTES // (x[0].numel() * x.element_size())))
+        files.write_weights(staging / CHECK_IMAGES, {"images": x[:n]})
     return meta
 
 

@@ -14,6 +14,7 @@ Layout::
     skipped.csv        sample_id, reason (only with --on-bad-file skip and skipped samples)
     duplicates.csv     images found in more than one split and what was done with them
     paths.csv          sample_id -> file (only with --keep-paths: file names can hold patient names)
+    check_images.safetensors  the first test images as training prepared them (export's parity check)
     files.sha256       the SHA-256 of every file above that the run's answers depend on (config, model, weights,
                        metrics, tables, exports), written last before the run is moved into place
 
@@ -68,10 +69,14 @@ FINISHED_FILES = ("config.yaml", "model.json", "model.safetensors", "metrics.jso
 TABLES = ("history", "predictions", "split", "skipped", "duplicates")
 RECORD = files.HASHES
 EXPORTS = ("model.onnx", "model.torchscript.pt")
+#: the first test images (as training prepared them; test rows of predictions.csv in order), kept with the run so
+#: that export checks its parity from the run directory alone
+CHECK_IMAGES = "check_images.safetensors"
 #: every file a run's answers depend on: each one present is in files.sha256
-RECORDED = (*FINISHED_FILES, *(f"{t}.csv" for t in TABLES if f"{t}.csv" not in FINISHED_FILES), *EXPORTS)
+RECORDED = (*FINISHED_FILES, *(f"{t}.csv" for t in TABLES if f"{t}.csv" not in FINISHED_FILES), *EXPORTS,
+            CHECK_IMAGES)
 #: large files, checked against the record when they are opened (load_model, the ONNX engine), not at every load
-OPENED_LATER = ("model.safetensors", *EXPORTS)
+OPENED_LATER = ("model.safetensors", *EXPORTS, CHECK_IMAGES)
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 
@@ -235,6 +240,21 @@ class Run:
     @property
     def image_size(self) -> int:
         return int(self.model.image_size)
+
+    def check_images(self) -> torch.Tensor | None:
+        """The first test images kept with the run (:data:`CHECK_IMAGES`), checked against the record; None for a
+        run written without them (an earlier release)."""
+        if not (self.dir / CHECK_IMAGES).is_file():
+            return None
+        self.verify(CHECK_IMAGES, "run")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.dir / CHECK_IMAGES))["images"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise MedxferError(f"'{self.dir / CHECK_IMAGES}' is damaged ({type(e).__name__}); train the run "
+                               "again.") from None
 
     def weights_digest(self) -> str:
         return self.model.weights_sha256 or sha256_file(self.dir / "model.safetensors")
