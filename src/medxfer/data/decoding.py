@@ -29,6 +29,7 @@ Without a cache folder (``--no-cache``) the store is built in a temporary folder
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -297,7 +298,7 @@ def _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, 
     import torch.distributed as torch_dist
 
     n = len(paths)
-    lock = store.building() if rank == 0 else _nothing()
+    lock = store.building() if rank == 0 else contextlib.nullcontext()
     with lock:
         if rank == 0 and store.open() is None:
             store.partial(n, _row_shape(channels, size, volume))
@@ -305,28 +306,17 @@ def _build_shared(store, paths, digests, size, read, cache_dir, pool, channels, 
         found = store.open()
         if found is not None:
             return _hit(found)
-        if found is None:
-            array = np.load(store.partial_path, mmap_mode="r+", allow_pickle=False)
+        array = np.load(store.partial_path, mmap_mode="r+", allow_pickle=False)
+        part = Partial(store.partial_path, array, store.read_logs(n))
+        rows = _rows_of(part, n)
+        share = rows.todo()[rank::world]
+        _decode_rows(store, part, rows, share, paths, digests, size, read, cache_dir, pool, rank, stop_at_bad=False)
+        torch_dist.barrier()
+        if rank == 0:
             part = Partial(store.partial_path, array, store.read_logs(n))
-            rows = _rows_of(part, n)
-            share = rows.todo()[rank::world]
-            _decode_rows(store, part, rows, share, paths, digests, size, read, cache_dir, pool, rank,
-                         stop_at_bad=False)
-            torch_dist.barrier()
-            if rank == 0:
-                part = Partial(store.partial_path, array, store.read_logs(n))
-                _finish(store, part, _rows_of(part, n), paths, digests, size, read, cache_dir, pool, volume, rank)
-            torch_dist.barrier()
+            _finish(store, part, _rows_of(part, n), paths, digests, size, read, cache_dir, pool, volume, rank)
+        torch_dist.barrier()
     return _opened(store)
-
-
-@dataclasses.dataclass
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _rows_of(part: Partial, n: int) -> Rows:
