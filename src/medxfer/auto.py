@@ -38,7 +38,7 @@ from typing import ClassVar
 import pandas as pd
 
 from medxfer import files, progress
-from medxfer.config import (AUGMENT_PRESETS, Config, DataOptions, EvalOptions, ModelOptions, OptimOptions, Options,
+from medxfer.config import (AUGMENT_CHOICES, Config, DataOptions, EvalOptions, ModelOptions, OptimOptions, Options,
                             RuntimeOptions, TrainConfig, option)
 from medxfer.engine.handlers import Deadline, Handler
 from medxfer.engine.loop import Loop
@@ -85,7 +85,8 @@ class AutoOptions(Options):
     sources: str | None = option(None, "Sources to search, comma-separated (bundled names, timm names with "
                                  "--weights, or 'medxfer pretrain' directories).", show="--source")
     image_sizes: str = option("64,96", "Input sizes to search, comma-separated.")
-    augments: str = option("light,strong", "Augmentation presets to search, comma-separated.")
+    augments: str = option("auto,strong", "Augmentation presets to search, comma-separated (auto: what 'medxfer "
+                           "train' chooses for the data).")
     lr_range: str = option("0.3,3", "Learning rates searched: the strategy's default times a factor in this range "
                            "(log-uniform).")
     max_epochs: int | None = option(None, "The most epochs a trial trains (the pruner stops weak trials sooner).",
@@ -122,7 +123,7 @@ class AutoConfig(Config):
         return {"strategy": _list(a.strategies, "strategies", STRATEGIES),
                 "source": _list(a.sources or self.model.source, "sources"),
                 "image_size": _list(a.image_sizes, "image-sizes", cast=int),
-                "augment": _list(a.augments, "augments", AUGMENT_PRESETS), "lr_factor": (lo, hi)}
+                "augment": _list(a.augments, "augments", AUGMENT_CHOICES), "lr_factor": (lo, hi)}
 
 
 class OptunaPruning(Handler):

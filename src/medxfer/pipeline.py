@@ -245,6 +245,19 @@ def _check_subgroups(cfg: TrainConfig, prep: Prepared, task: str) -> None:
                            "columns).")
 
 
+def _augment_for(cfg: TrainConfig, data: _Data) -> TrainConfig:
+    """--augment auto resolved from the data (config.AUGMENT_CHOICES says why): xray for grey 2-D images, light
+    otherwise; recorded in config.yaml as the preset used, so replay and --resume train the same."""
+    if cfg.optim.augment != "auto":
+        return cfg
+    grey = data.prep.images.dim() == 4 and data.prep.images.shape[1] == 1
+    preset = "xray" if grey else "light"
+    log.info("augmentation %s: %s (--augment to choose another)", preset,
+             "grey 2-D images (it lowered the validation log-loss over light on BreastMNIST and PneumoniaMNIST)"
+             if grey else "the preset for colour images and volumes")
+    return cfg.replace(augment=preset)
+
+
 def _hflip(cfg: TrainConfig) -> bool:
     """Whether mirrored images are allowed (TTA views): --hflip, else the augmentation preset's rule."""
     return bool(cfg.optim.hflip if cfg.optim.hflip is not None else get_preset(cfg.optim.augment).hflip)
@@ -269,6 +282,7 @@ class _Job:
             torch.set_num_threads(cfg.runtime.num_threads)
         seed_everything(cfg.optim.seed)
         data = _prepare(cfg, self.source, self.splits)
+        cfg = _augment_for(cfg, data)
         seed_everything(cfg.optim.seed)
         model, info = build_model(data.spec, data.outputs(), data.prep.images.shape[1], grey_mode=cfg.model.grey_mode,
                                   pretrained=cfg.strategy.pretrained, spatial_dims=cfg.model.spatial_dims,
