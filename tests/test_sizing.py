@@ -74,3 +74,24 @@ def test_prepare_data_chooses_the_size_from_the_data(small_npz, caplog):
     assert prep.size == 64 and prep.images.shape[-1] == 64          # 28 px BreastMNIST -> 64, not 224
     assert "image size 64 px: about twice the native 28 px" in caplog.text
     assert prepare_data(cfg.data, 32, 0).size == 32                  # a given size is kept
+
+
+def test_auto_searches_around_the_size_train_chooses():
+    from medxfer.data.sizing import sizes_around
+
+    assert sizes_around(64, 224) == [64, 96]            # 28 px images: train's 64 first, then 1.5x
+    assert sizes_around(128, 224) == [128, 192]
+    assert sizes_around(224, 224) == [224, 160]         # already the source's size: one step down
+    assert sizes_around(32, 32) == [32]
+    assert sizes_around(28, 224, spatial_dims=3) == [28]
+
+
+def test_auto_without_image_sizes_takes_trains_choice_from_the_data(small_npz, tmp_path):
+    from medxfer.auto import AutoConfig, default_trial
+
+    cfg = AutoConfig.create(data=str(small_npz), source="test_resnet", weights="none", out=str(tmp_path / "a"))
+    assert cfg.auto.image_sizes is None
+    assert cfg.space()["image_size"] == [64, 96]            # 28 px BreastMNIST -> 64 px, as medxfer train
+    assert default_trial(cfg)["image_size"] == 64
+    given = AutoConfig.create(data=str(small_npz), source="test_resnet", weights="none", image_size=48)
+    assert given.space()["image_size"] == [48]

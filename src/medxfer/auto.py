@@ -84,7 +84,9 @@ class AutoOptions(Options):
     strategies: str = option("linear-probe,lp-ft,full,scratch", "Strategies to search, comma-separated.")
     sources: str | None = option(None, "Sources to search, comma-separated (bundled names, timm names with "
                                  "--weights, or 'medxfer pretrain' directories).", show="--source")
-    image_sizes: str = option("64,96", "Input sizes to search, comma-separated.")
+    image_sizes: str | None = option(None, "Input sizes to search, comma-separated.",
+                                     show="the size 'medxfer train' chooses for the data and 1.5x that (e.g. 64,96 "
+                                          "for 28 px images; 160,224 for large ones)")
     augments: str = option("auto,strong", "Augmentation presets to search, comma-separated (auto: what 'medxfer "
                            "train' chooses for the data).")
     lr_range: str = option("0.3,3", "Learning rates searched: the strategy's default times a factor in this range "
@@ -116,7 +118,7 @@ class AutoConfig(Config):
                            runtime=self.runtime)
 
     def space(self) -> dict:
-        a = self.auto
+        a = (self if self.auto.image_sizes is not None else with_sizes(self)).auto
         lo, hi = _list(a.lr_range, "lr-range", cast=float)[:2] if "," in a.lr_range else (1.0, 1.0)
         if not 0 < lo <= hi:
             raise MedxferError(f"The 'lr-range' parameter must be two factors 0 < low <= high. Got '{a.lr_range}'.")
@@ -333,6 +335,7 @@ def auto(cfg: AutoConfig) -> Run:
     """Search within the budget, then write the ensemble of the best trials to ``OUT/model`` (see the module
     docstring). Returns that run."""
     out, budget = Path(cfg.runtime.out), parse_budget(cfg.auto.time_budget)
+    cfg = with_sizes(cfg)
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     study = study_for(cfg, out)
@@ -350,6 +353,26 @@ def auto(cfg: AutoConfig) -> Run:
     except Timeout:
         raise MedxferError(f"another medxfer auto process has been writing '{out / 'model'}' for 15 minutes; the "
                            "trials are in the study: run 'medxfer auto ... --resume' later to build the model.") from None
+
+
+def with_sizes(cfg: AutoConfig) -> AutoConfig:
+    """``--image-sizes`` as given; else ``--image-size`` alone, or the size train would choose from the data
+    (data/sizing.py, native sides from headers) and one step around it, logged."""
+    if cfg.auto.image_sizes is not None:
+        return cfg
+    if cfg.model.image_size:
+        return cfg.replace(image_sizes=str(cfg.model.image_size))
+    from medxfer.data.prepare import load_source_manifest
+    from medxfer.data.sizing import choose_size, native_size, sizes_around
+    from medxfer.models.catalog import resolve_source
+
+    first = _list(cfg.auto.sources or cfg.model.source, "sources")[0]
+    source_size = resolve_source(first, cfg.model.weights, spatial_dims=cfg.model.spatial_dims).input_size
+    size, why = choose_size(native_size(load_source_manifest(cfg.data)), source_size, cfg.model.spatial_dims)
+    sizes = sizes_around(size, source_size, cfg.model.spatial_dims)
+    log.info("image sizes searched: %s (train's choice %d px: %s; --image-sizes to choose others)",
+             ",".join(map(str, sizes)), size, why)
+    return cfg.replace(image_sizes=",".join(map(str, sizes)))
 
 
 def _optimize(study, search: _Search, n_trials: int | None, end: float, callbacks: list) -> None:

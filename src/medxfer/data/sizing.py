@@ -48,6 +48,19 @@ def choose_size(native: int | None, source_size: int, spatial_dims: int = 2) -> 
     return size, f"about twice the native {native} px (rounded up to a multiple of 32, at least {MIN_2D})"
 
 
+def sizes_around(size: int, source_size: int, spatial_dims: int = 2) -> list[int]:
+    """The sizes ``medxfer auto`` searches without ``--image-sizes``: the chosen ``size`` first (auto's first
+    trial is train's recipe), then one step of 1.5x up (rounded to a multiple of 32, at most the source's size),
+    or down when ``size`` is already the source's. Volumes: ``size`` alone (each step up costs 3.4x)."""
+    if spatial_dims == 3:
+        return [size]
+    up = min(source_size, -(-3 * size // 64) * 32)
+    if up > size:
+        return [size, up]
+    down = max(32, round(2 * size / 96) * 32)
+    return [size, down] if down < size else [size]
+
+
 def native_size(manifest) -> int | None:
     """The median side (the larger of height and width; depth too for volumes) of the samples, from
     the array's shape or from at most :data:`SAMPLE` file headers. None when no header can be read."""
