@@ -160,10 +160,21 @@ def _hash_chunk(paths: list[str]) -> list[tuple[tuple | None, str]]:
     return out
 
 
-def _decode_chunk(store_path, rows, paths, digests, size, read, cache_dir, channels, array=None) -> dict:
-    """Decode ``rows`` into the store at ``store_path`` (opened here, read-write); their record for the log."""
-    if array is None:
-        array = np.load(store_path, mmap_mode="r+", allow_pickle=False)
+def _decode_chunk(store_path, rows, paths, digests, size, read, cache_dir, channels, layout, array=None) -> dict:
+    """Decode ``rows`` into the store at ``store_path``: into ``array`` (this process's map of it), or in a worker
+    written in place with ``os.pwrite`` at ``layout`` = (the array's offset in the file, the shape of a row),
+    which costs less than faulting in pages of a shared map. Returns their record for the log."""
+    offset, row_shape = layout
+    fd = os.open(store_path, os.O_WRONLY) if array is None else None
+    try:
+        return _decode_into(fd, array, offset, tuple(row_shape), rows, paths, digests, size, read, cache_dir,
+                            channels)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _decode_into(fd, array, offset, row_shape, rows, paths, digests, size, read, cache_dir, channels) -> dict:
     cache = DecodeCache(cache_dir) if cache_dir is not None else None
     status, types, chans, hits, why, where = [], [], [], [], {}, {}
     for row, path, digest in zip(rows, paths, digests):
@@ -176,10 +187,14 @@ def _decode_chunk(store_path, rows, paths, digests, size, read, cache_dir, chann
         if img.shape[0] == 3 and channels == 1:
             status.append(RGB), types.append(dtype), chans.append(3), hits.append(bool(hit))
             continue
-        array[row] = chans_uint8(img, channels)
+        x = np.ascontiguousarray(chans_uint8(img, channels))
+        if x.shape != row_shape:    # never expected: the readers give (C, S, S) or (C, S, S, S) at this size
+            raise ValueError(f"a decoded image of shape {x.shape} for a store of rows {row_shape}")
+        if fd is None:
+            array[row] = x
+        else:
+            os.pwrite(fd, memoryview(x).cast("B"), offset + row * x.nbytes)
         status.append(OK), types.append(dtype), chans.append(int(img.shape[0])), hits.append(bool(hit))
-    if isinstance(array, np.memmap):
-        array.flush()
     return {"rows": [int(r) for r in rows], "s": status, "t": types, "c": chans, "h": hits, "why": why,
             "where": where}
 
@@ -337,9 +352,12 @@ def _decode_rows(store, part, rows: Rows, todo, paths, digests, size, read, cach
     bar = progress.task(title, total=len(todo), unit="images")
     t0 = time.monotonic()
 
+    layout = (int(part.array.offset), tuple(int(d) for d in part.array.shape[1:]))
+
     def args(rs):
         return (str(part.path), [int(r) for r in rs], [str(paths[r]) for r in rs],
-                [None if digests is None else str(digests[r]) for r in rs], size, read, cache_dir, part.channels)
+                [None if digests is None else str(digests[r]) for r in rs], size, read, cache_dir, part.channels,
+                layout)
 
     def done(rec):
         nonlocal stop
