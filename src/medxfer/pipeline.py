@@ -290,8 +290,9 @@ class _Job:
         if ctx.is_main:  # weights, best weights, two optimiser moments, the exported copies
             self.rd.check_space(6 * sum(p.numel() * p.element_size() for p in model.parameters()) + self.rd.MIN_FREE)
         precision = resolve_precision(cfg.optim.precision, ctx.device)
-        log.info("%s from %s: %d train / %d val / %d test images at %d px; task %s (%d %s)%s", cfg.optim.strategy,
-                 data.spec.name, *(int(m.sum()) for m in data.masks.values()), data.prep.size, data.task,
+        log.info("%s %s: %d train / %d val / %d test images at %d px; task %s (%d %s)%s", cfg.optim.strategy,
+                 f"from {data.spec.name}" if cfg.strategy.pretrained else f"({data.spec.arch}, random init)",
+                 *(int(m.sum()) for m in data.masks.values()), data.prep.size, data.task,
                  len(data.labels), "findings" if data.task == "multilabel" else "classes", data.order())
         fitted = _Fit(cfg, ctx, self.rd, data, model, info, precision, self.handlers).run()
         model.cpu().eval()

@@ -47,7 +47,8 @@ def print_metrics(run) -> None:
     m = run.metrics
     task = m.get("task", "binary")
     cols = SUMMARY.get(task, SUMMARY["other"])
-    table = Table(title=f"{m['strategy']} from {m['source']} (seed {m['seed']}, {task})")
+    origin = f"from {m['source']}" if run.config.strategy.pretrained else f"({run.model.arch}, random init)"
+    table = Table(title=f"{m['strategy']} {origin} (seed {m['seed']}, {task})")
     for col in ("split", *(c for c, _ in cols)):
         table.add_column(col)
     for split in ("val", "test"):

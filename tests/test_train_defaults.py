@@ -1,5 +1,6 @@
-"""--augment auto: the training job chooses the preset from the data (xray for grey 2-D images, light for colour)
-and records the preset it used, so a replay or --resume trains the same."""
+"""Defaults of train, said and recorded: --augment auto chooses the preset from the data (xray for grey 2-D images,
+light for colour) and records the preset used, so a replay or --resume trains the same; scratch is said as random
+init, not as from the source."""
 
 import numpy as np
 import yaml
@@ -34,3 +35,13 @@ def test_colour_images_get_light_and_a_given_preset_is_kept(tmp_path):
     np.savez(tmp_path / "rgb.npz", **arrays)
     assert _train(tmp_path / "rgb.npz", tmp_path / "rgb")["optim"]["augment"] == "light"
     assert _train(tmp_path / "rgb.npz", tmp_path / "given", "--augment", "ct")["optim"]["augment"] == "ct"
+
+
+def test_scratch_is_said_as_random_init_not_as_from_the_source(small_npz, tmp_path, capsys):
+    assert main(["train", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none", "--strategy",
+                 "scratch", "--epochs", "1", "--image-size", "32", "--bootstrap", "0", "--no-report",
+                 "--out", str(tmp_path / "s")]) == 0
+    said = capsys.readouterr()
+    assert "scratch (test_resnet, random init) (seed 0" in said.out
+    log = (tmp_path / "s" / "train.log").read_text()
+    assert "scratch (test_resnet, random init): " in log and "scratch from" not in log + said.out + said.err
