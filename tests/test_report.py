@@ -156,6 +156,10 @@ def test_report_cli_and_missing_data(tiny_run, tmp_path, capsys):
     cfg["data"]["path"] = str(tmp_path / "moved.npz")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     seal(run)  # a run whose data has moved since
+    assert cli_main(["report", str(run)]) == 0  # the gallery from the test images kept with the run
+    assert "No Grad-CAM gallery" not in (run / "report.html").read_text()
+    (run / "check_images.safetensors").unlink()
+    seal(run)  # as a run of an earlier release (no kept images) whose data has moved
     assert cli_main(["report", str(run)]) == 0  # the report is written; the gallery says why it is missing
     text = (run / "report.html").read_text()
     assert "No Grad-CAM gallery" in text and "--data" in text

@@ -134,3 +134,7 @@ def test_export_checks_parity_from_the_run_directory_alone(tmp_path, small_npz):
     data.unlink()  # the data are gone: the export still checks itself on the run's own test images
     report = export_run(run.dir, fmt="torchscript")
     assert report["checked_on"] == f"{n_test} test images kept with the run" and report["max_prob_diff"] < 1e-4
+    from medxfer.evaluation.report import write_report
+
+    page = write_report(run.dir).read_text()  # the Grad-CAM gallery from the kept images too
+    assert "No Grad-CAM gallery" not in page and "Grad-CAM gallery" in page

@@ -295,6 +295,9 @@ def _gallery_or_note(run: Run, figs: _Figures, t: _Test, gradcam: bool, test_ima
     if not gradcam:
         return "<p class='muted'>Grad-CAM gallery not requested (--no-gradcam).</p>"
     try:
+        if test_images is None and data is None:  # the run's own test images, when it kept them all
+            kept = run.check_images()
+            test_images = kept if kept is not None and len(kept) == len(t.ids) else None
         if test_images is None:
             opts = run.config.data if data is None else dataclasses.replace(run.config.data, path=str(data))
             if not opts.path or not Path(opts.path).exists():
