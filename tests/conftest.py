@@ -77,19 +77,3 @@ def fake_run(run_dir, metrics: dict, predictions=None, split=None, labels=("beni
                      std=[0.5])
     return Run(dir=Path(str(run_dir)), config=TrainConfig(), resolved={}, model=meta, metrics=metrics,
                predictions=predictions, split=split)
-
-
-# end-to-end modules of a few seconds to a minute each: `pytest -m "not slow"` leaves them out for a quick loop
-# (about a minute); `make test` runs everything
-SLOW_MODULES = {"test_ddp", "test_compare", "test_dicom_e2e", "test_export", "test_report", "test_serve",
-                "test_serve_browser", "test_pretrain", "test_resume", "test_matrix", "test_kill", "test_inflate",
-                "test_explain", "test_cv", "test_features_cmd"}
-SLOW_TESTS = {"test_a_run_replays_from_its_own_config",
-              "test_tta_exports_to_onnx_and_matches", "test_stale_onnx_model_is_refused",
-              "test_the_readme_notebook_example_runs", "test_train_accepts_arrays_and_dataframes"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.module.__name__.split(".")[-1] in SLOW_MODULES or item.originalname in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)

@@ -26,6 +26,7 @@ def test_public_names():
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", medxfer.__version__)
 
 
+@pytest.mark.slow
 def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     """The README's example, run as it is written (from a folder holding the bundled data)."""
     text = (ROOT / "README.md").read_text()
@@ -109,6 +110,7 @@ def test_predictor_refuses_odd_shapes(predictor):
         predictor.probabilities(np.array([["a"]]))
 
 
+@pytest.mark.slow
 def test_train_accepts_arrays_and_dataframes(small_npz, tmp_path):
     npz = np.load(small_npz)
     images = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")])

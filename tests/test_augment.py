@@ -152,6 +152,7 @@ def test_tta_n1_is_the_model_and_n_views_average(images, tiny_model):
         torch.testing.assert_close(tta(images), manual, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_exports_to_onnx_and_matches(images, tiny_model, tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

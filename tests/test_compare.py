@@ -17,6 +17,8 @@ from medxfer.errors import MedxferError
 from medxfer.evaluation.stats import delong_test, summarize
 from tests.conftest import fake_run
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 BREAST = Path(__file__).resolve().parents[1] / "src" / "medxfer" / "datasets" / "breastmnist_28.npz"
 STRATS = ["linear-probe", "scratch"]
 SEEDS = [0, 1]

@@ -18,6 +18,8 @@ from medxfer.errors import MedxferError
 from medxfer.privacy import hash_id
 from tests.conftest import fake_run
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 
 @pytest.fixture
 def patient_csv(tmp_path):

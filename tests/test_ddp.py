@@ -13,6 +13,8 @@ import pytest
 
 from medxfer import runs
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 
 def test_two_process_ddp_run_end_to_end(small_npz, tmp_path):
     out = tmp_path / "ddp"

@@ -10,6 +10,8 @@ from test_report import cli_main, squares_npz, squares_run  # noqa: F401  (share
 
 from medxfer.errors import MedxferError
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 
 @pytest.fixture(scope="module")
 def squares_model(squares_run):

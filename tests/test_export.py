@@ -10,6 +10,8 @@ import pytest
 
 from medxfer.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from medxfer.cli import main
+
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
 
 
 def test_features_from_run_npz(tiny_run, tmp_path, capsys):

@@ -21,6 +21,8 @@ from medxfer.models.inflate import (
     inflate_to_3d,
 )
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 
 def _random_bn_stats(net: nn.Module) -> nn.Module:
     """Non-trivial running statistics, so that a BatchNorm that is dropped or mis-copied shows."""

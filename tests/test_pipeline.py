@@ -120,6 +120,7 @@ def test_sources_lists_bundled_imagenet_sources_with_their_contract(capsys):
         assert f"{size} px, 3 channels, mean 0.5, std 0.5" in text
 
 
+@pytest.mark.slow
 def test_a_run_replays_from_its_own_config(tiny_run, small_npz, tmp_path):
     """`medxfer train --config RUN/config.yaml --out RUN2` reproduces the run: same split, same test metrics."""
     again = tmp_path / "again"

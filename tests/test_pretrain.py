@@ -23,6 +23,8 @@ from medxfer.pretrain import SSLAugment, SSLConfig, pretrain_ssl
 from medxfer.pretrain.common import write_source_dir
 from tests.test_resume import stop_after
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 SOURCE_KEYS = {"name", "arch", "mean", "std", "input_size", "in_chans", "domain", "description", "method",
                "trained_on", "created"}
 TRAINED_ON_KEYS = {"data", "labels", "counts", "image_size", "epochs", "seed", "metrics"}

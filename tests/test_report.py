@@ -17,6 +17,8 @@ from PIL import Image
 
 from medxfer.runs import seal
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 SECTIONS = ("data", "source", "training", "roc", "confusion", "calibration", "metrics", "gradcam")
 BINARY_PLOTS = {"training_curves", "roc", "pr", "confusion_matrix", "reliability", "gradcam_malignant",
                 "gradcam_benign"}

@@ -17,6 +17,8 @@ from medxfer.config import TrainConfig
 from medxfer.engine.handlers import Checkpoint
 from medxfer.pipeline import train
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 ARGS = ["--source", "test_resnet", "--weights", "none", "--strategy", "full", "--epochs", "3", "--image-size", "32",
         "--bootstrap", "20", "--no-report", "--label-names", "malignant,benign", "--seed", "1"]
 

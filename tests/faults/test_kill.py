@@ -22,6 +22,8 @@ import yaml
 from medxfer import runs
 from tests.faults.conftest import cli
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 TRIALS = 20
 ARGS = ["--source", "test_resnet", "--weights", "none", "--image-size", "32", "--epochs", "3", "--bootstrap", "50",
         "--label-names", "malignant,benign"]

@@ -20,6 +20,8 @@ from tests.faults import rows_data, rows_inputs, rows_runs
 from tests.faults.table import PATIENT, Case, run_case
 from tests.faults.table import folder as _folder, png as _png, train as _train
 
+pytestmark = pytest.mark.slow  # end to end: a few seconds to a minute each
+
 
 def _bomb_png(path: Path) -> None:
     """A small PNG whose header claims 16000 x 16000 pixels (the decompressed size is the attack)."""

@@ -22,6 +22,7 @@ def _train(data, out, *extra) -> None:
 
 
 # 1. an exported ONNX model is tied to the weights it was made from ----------------------------------------
+@pytest.mark.slow
 def test_stale_onnx_model_is_refused(small_npz, tmp_path):
     run, other = tmp_path / "run", tmp_path / "other"
     _train(small_npz, run, "--label-names", "malignant,benign")
