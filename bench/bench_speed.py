@@ -47,6 +47,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "pneumoniamnist_28.npz"
+
+
+def _shown(path) -> str:
+    """A path as results record it: relative to the repository when inside it (no machine's absolute paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
 PEER = ROOT / "bench" / "peer.py"
 SOURCE = "efficientnet_lite0.in1k"
 
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = Path(args.data)
     if args.quick:
         data = subset(data, work / "quick.npz", (512, 128, 128))
-    result = {"bench": "speed", "date": dt.date.today().isoformat(), "quick": args.quick, "data": str(args.data),
+    result = {"bench": "speed", "date": dt.date.today().isoformat(), "quick": args.quick, "data": _shown(args.data),
               "image_size": 64, "source": SOURCE, "repeats": args.repeats, "machine": machine(), "results": {}}
     log(f"bench_speed: {result['machine']}; work dir {work}")
 
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         ips = {eng: median(rs, "images_per_s") for eng, rs in rows.items()}
         result["results"]["predict"] = {
             "runs": rows, "export_wall_s": exp["wall_s"], "batch_size": 64, "passes": args.passes,
-            "test_images": rows["torch"][0]["images"] // args.passes, "run_dir": str(run_dir),
+            "test_images": rows["torch"][0]["images"] // args.passes, "run_dir": Path(run_dir).name,
             "images_per_s": ips, "onnx_speedup": round(ips["onnx"] / ips["torch"], 2) if ips["torch"] else None,
             "same_probabilities": abs(rows["onnx"][0]["checksum"] - rows["torch"][0]["checksum"]) < 1e-3,
         }

@@ -38,6 +38,7 @@ import random
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -47,7 +48,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-DEFAULT_DATA = "/work/shared/data/pneumoniamnist_28.npz"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[1] / "data" / "pneumoniamnist_28.npz")  # the repository's copy
 ARCH = "tf_efficientnet_lite0"
 
 
