@@ -45,3 +45,13 @@ def test_scratch_is_said_as_random_init_not_as_from_the_source(small_npz, tmp_pa
     assert "scratch (test_resnet, random init) (seed 0" in said.out
     log = (tmp_path / "s" / "train.log").read_text()
     assert "scratch (test_resnet, random init): " in log and "scratch from" not in log + said.out + said.err
+
+
+def test_quiet_quiets_the_screen_not_the_runs_log(small_npz, tmp_path, capsys):
+    assert main(["train", "-q", "--data", str(small_npz), "--source", "test_resnet", "--weights", "none",
+                 "--epochs", "1", "--image-size", "32", "--bootstrap", "0", "--no-report",
+                 "--out", str(tmp_path / "q")]) == 0
+    said = capsys.readouterr()
+    log = (tmp_path / "q" / "train.log").read_text()
+    assert "train / " in log and "memory plan" in log          # the run's record keeps its INFO lines
+    assert "train / " not in said.err and "memory plan" not in said.err and "steps/s" not in said.err

@@ -58,13 +58,23 @@ class _Stderr(logging.Handler):
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-    """medxfer's log on stderr: INFO by default, WARNING with --quiet, DEBUG with --verbose."""
+    """medxfer's log on stderr: INFO by default, WARNING with --quiet, DEBUG with --verbose. --quiet quiets the
+    screen only: a run's train.log keeps every INFO line (the logger stays at INFO, the screen's handler filters)."""
     logger = logging.getLogger("medxfer")
     for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
         logger.removeHandler(h)
-    logger.addHandler(_Stderr())
-    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    screen = _Stderr()
+    screen.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.addHandler(screen)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+def screen_level() -> int:
+    """The level of medxfer's lines on the screen (the logger's own when no screen handler is set)."""
+    logger = logging.getLogger("medxfer")
+    levels = [h.level for h in logger.handlers if isinstance(h, _Stderr)]
+    return max(levels + [logger.level]) if levels else logger.level
 
 
 class RichReporter(progress.Reporter):
@@ -75,7 +85,7 @@ class RichReporter(progress.Reporter):
         self.open = 0
 
     def task(self, description: str, total: int | None = None, unit: str = "") -> progress.Task:
-        if logging.getLogger("medxfer").level > logging.INFO:
+        if screen_level() > logging.INFO:
             return progress.Task()
         if not console.is_terminal:  # a log file or a pipe: lines, with the rate and the time left
             return progress.LogTask(description, total, unit)
