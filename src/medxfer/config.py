@@ -265,6 +265,9 @@ class EvalOptions(Options):
     tta: int | None = option(None, "Test-time augmentation: average the logits over N fixed views (identity, zoom, "
                              "shifts; mirrored too with --hflip) in evaluation, predict, report, serve and the "
                              "exported model; 1: none.", show="4 for 2-D models, 1 for 3-D", low=1, high=12)
+    conformal: float = option(0.1, "Conformal prediction sets: calibrated per class on validation so that a set "
+                              "holds the true class with probability >= 1 - ALPHA (per class, for images like the "
+                              "validation ones); 0: none.", low=0.0, high=0.5)
     report: bool = option(True, "Write report.html (plots, Grad-CAM gallery) at the end.")
     subgroups: tuple[str, ...] | None = option(None, "Comma-separated manifest columns (e.g. sex,age_band,site): "
                                                "AUC, sensitivity and specificity with CIs per group, flagged where "

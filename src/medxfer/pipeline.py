@@ -453,7 +453,8 @@ def _evaluate(cfg: TrainConfig, data: _Data, fitted: _Fitted) -> run_writer.Eval
         if prep.manifest.has_patients else {}
     ev = run_writer.evaluate(data.task, data.labels, data.pos, logits, targets, groups,
                              calibrate=cfg.evaluation.calibrate, threshold=cfg.evaluation.threshold,
-                             n_bootstrap=cfg.evaluation.bootstrap, seed=cfg.optim.seed)
+                             n_bootstrap=cfg.evaluation.bootstrap, seed=cfg.optim.seed,
+                             conformal=cfg.evaluation.conformal)
     search = fitted.result.history[0] if cfg.strategy.feature_cache and "C" in fitted.result.history[0] else None
     if search is not None and cfg.evaluation.tta > 1:  # one number per view, both said (issue 21)
         log.info("validation AUC %s on %d test-time views (the reported one; C was chosen at %.3f on the unaugmented "
@@ -493,7 +494,8 @@ def _finish(cfg: TrainConfig, rd: RunDirectory, data: _Data, model, info: dict, 
         metrics["feature_seconds"] = round(fitted.feature_seconds, 3)
     if fitted.head_search is not None:
         metrics["lp_head"] = fitted.head_search
-    meta = build_record(cfg, data, model, info).replace(temperature=ev.temperature, threshold=ev.threshold)
+    meta = build_record(cfg, data, model, info).replace(temperature=ev.temperature, threshold=ev.threshold,
+                                                        conformal=ev.conformal, prior=ev.prior)
     split_df, tables = _tables(cfg, data)
     rows = {s: split_df[data.masks[s].numpy()][["split", "sample_id", "label", *split_df.columns[3:]]]
             for s in run_writer.SPLITS}

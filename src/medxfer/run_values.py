@@ -10,7 +10,9 @@ A value medxfer cannot use is one line naming the file, the key, what is allowed
 distinct non-empty names (2 for binary), image_size and tta within the command line's own bounds (config.py),
 temperature finite and above 0 (one per finding allowed for multi-label), threshold in [0, 1] or one per
 finding, positive_label among the labels, task and spatial_dims known, mean/std one finite number per model
-channel (std above 0), reader options valid, hashes 64 hex digits, input_dtype a numpy number type.
+channel (std above 0), reader options valid, hashes 64 hex digits, input_dtype a numpy number type,
+conformal a record of :mod:`medxfer.trust.conformal` (alpha in (0, 1), a known method, the run's task and labels,
+thresholds from 0 to 1 or null), prior one proportion per class summing to 1.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pandas as pd
 from medxfer.config import EvalOptions, ModelOptions
 from medxfer.data.readers import ReadOptions
 from medxfer.errors import MedxferError
+from medxfer.trust.conformal import METHODS as CONFORMAL_METHODS
 
 TASKS = ("binary", "multiclass", "multilabel", "ordinal")
 INFLATIONS = ("i3d", "acs")
@@ -152,6 +155,8 @@ def check_meta(d: dict, where: str = "model.json") -> dict:
             raise c.fail(key, "a SHA-256 (64 hex digits) or null", v)
     _check_dtype(c, d.get("input_dtype"))
     _check_read(c, d.get("read", {}))
+    _check_conformal(c, d.get("conformal"), labels, task)
+    _check_prior(c, d.get("prior"), len(labels), task)
     out = {**d, "task": task}
     t = d.get("temperature")
     out["temperature"] = [float(v) for v in t] if isinstance(t, list) else float(1.0 if t is None else t)
@@ -167,6 +172,43 @@ def _check_dtype(c: _Checker, v) -> None:
         ok = False
     if not ok:
         raise c.fail("input_dtype", "a numpy number type (uint8, uint16, int16, float32...) or null", v)
+
+
+def _check_conformal(c: _Checker, v, labels: list[str], task: str) -> None:
+    """The conformal record (or null): alpha in (0, 1), a method and the run's task, one threshold per class
+    that is a finite number or null (include always); multi-label: an [absent, present] pair per finding."""
+    if v is None:
+        return
+    if not isinstance(v, dict):
+        raise c.fail("conformal", "a conformal record (a mapping) or null", v)
+    c = _Checker(c.where, c.prefix + "conformal.")
+    alpha = v.get("alpha")
+    if not (_finite(alpha) and 0 < alpha < 1):
+        raise c.fail("alpha", "a number between 0 and 1, exclusive (e.g. 0.1)", alpha)
+    c.choice(v, "method", CONFORMAL_METHODS)
+    if v.get("task") != task:
+        raise c.fail("task", f"the run's task ({task})", v.get("task"))
+    if v.get("classes") != list(labels):
+        raise c.fail("classes", f"the run's labels ({', '.join(labels)})", v.get("classes"))
+
+    def limit(t) -> bool:
+        return t is None or (_finite(t) and -1e-9 <= t <= 1 + 1e-9)
+
+    t = v.get("thresholds")
+    pairs = task == "multilabel"
+    if not (isinstance(t, list) and len(t) == len(labels) and all(
+            (isinstance(x, list) and len(x) == 2 and all(limit(y) for y in x)) if pairs else limit(x) for x in t)):
+        raise c.fail("thresholds", f"one {'[absent, present] pair' if pairs else 'number'} per class "
+                                   f"({len(labels)}), each from 0 to 1 or null", t)
+
+
+def _check_prior(c: _Checker, v, k: int, task: str) -> None:
+    """The validation class mix (or null): one proportion per class, summing to 1; single-label runs only."""
+    if v is None:
+        return
+    if not (task != "multilabel" and isinstance(v, list) and len(v) == k and all(_finite(x) and 0 <= x <= 1 for x in v)
+            and abs(sum(v) - 1) < 1e-6):
+        raise c.fail("prior", f"one proportion per class ({k}) summing to 1, or null (multi-label runs: null)", v)
 
 
 def _check_read(c: _Checker, v) -> None:

@@ -38,6 +38,7 @@ from medxfer.evaluation.card import write_model_card
 from medxfer.evaluation.report import write_report
 from medxfer.evaluation.tasks import choose_task_threshold, evaluate_task, fit_calibration, probabilities
 from medxfer.runs import CHECK_IMAGES, RECORD, ModelMeta, Run, RunDirectory, amend
+from medxfer.trust.run_records import class_prior, conformal_record, conformal_section, selective_section
 
 log = logging.getLogger("medxfer.train")
 SPLITS = ("val", "test")
@@ -55,6 +56,8 @@ class Evaluated:
     probs: dict               # split -> calibrated probabilities
     temperature: float | list[float]
     threshold: float | list[float] | None
+    conformal: dict | None = None  # the conformal record calibrated on validation (model.json 'conformal')
+    prior: list[float] | None = None  # the validation class mix, single-label tasks (model.json 'prior')
 
 
 @dataclass
@@ -72,9 +75,12 @@ class RunFiles:
 
 
 def evaluate(task: str, labels: list[str], pos: int | None, logits: dict, targets: dict, groups: dict, *,
-             calibrate: str, threshold: str, n_bootstrap: int, seed: int) -> Evaluated:
+             calibrate: str, threshold: str, n_bootstrap: int, seed: int, conformal: float | None = None) -> Evaluated:
     """The temperature (``calibrate == 'temperature'``) and the threshold(s) chosen on validation; val and test
-    evaluated with them (test with ``n_bootstrap`` resamples, by patient when ``groups`` are known)."""
+    evaluated with them (test with ``n_bootstrap`` resamples, by patient when ``groups`` are known).
+    ``conformal``: the alpha of the conformal record calibrated on validation after the temperature (0: none),
+    with test's coverage per class and the selective-prediction rows (:func:`trust_metrics`); None: neither
+    (writers that do not record them)."""
     temperature = fit_calibration(task, logits["val"], targets["val"]) if calibrate == "temperature" else 1.0
     probs = {s: probabilities(task, logits[s], temperature) for s in SPLITS}
     chosen = choose_task_threshold(task, targets["val"], probs["val"], threshold, pos)
@@ -82,7 +88,23 @@ def evaluate(task: str, labels: list[str], pos: int | None, logits: dict, target
                                 groups=groups.get(s), n_bootstrap=n_bootstrap if s == "test" else 0, seed=seed)
                for s in SPLITS}
     metrics["task"] = task
-    return Evaluated(metrics, probs, temperature, chosen)
+    if conformal is None:
+        return Evaluated(metrics, probs, temperature, chosen)
+    record, prior = trust_metrics(task, labels, pos, probs, targets, chosen, conformal, metrics["test"])
+    return Evaluated(metrics, probs, temperature, chosen, conformal=record, prior=prior)
+
+
+def trust_metrics(task: str, labels: list[str], pos: int | None, probs: dict, targets: dict, threshold,
+                  alpha: float, test: dict) -> tuple[dict | None, list[float] | None]:
+    """The conformal record (``alpha`` > 0) and class prior from validation's calibrated probabilities; into
+    ``test`` (metrics.json): 'conformal' (coverage per class, Mondrian and marginal) and 'selective'."""
+    record = conformal_record(task, labels, probs["val"], targets["val"], alpha)
+    if record is not None:
+        test["conformal"] = conformal_section(record, probs["val"], targets["val"], probs["test"], targets["test"])
+    selective = selective_section(task, probs["test"], targets["test"], threshold, pos)
+    if selective is not None:
+        test["selective"] = selective
+    return record, class_prior(task, targets["val"], len(labels))
 
 
 def predictions(rows: dict[str, pd.DataFrame], probs: dict, labels: list[str]) -> pd.DataFrame:

@@ -116,6 +116,9 @@ class ModelMeta:
     tta_hflip: bool = False                       # mirrored views allowed
     input_dtype: str | None = None                # the training images' stored type (uint8, uint16, float32...);
     #                                               None: a run of an earlier release (unknown)
+    conformal: dict | None = None                 # the conformal record calibrated on validation (trust.conformal);
+    #                                               None: --conformal 0, or a run of an earlier release
+    prior: list[float] | None = None              # the validation class mix (single-label): predict --adapt-prior
     extra: dict = field(default_factory=dict)    # keys of later versions, kept as they are
 
     @property

@@ -1,0 +1,123 @@
+"""Conformal prediction sets and the class prior, wired into a run (issue 24): train calibrates a Mondrian
+record on validation after the temperature (model.json 'conformal'), test's coverage per class is in
+metrics.json, predict gives each image its set, and --adapt-prior re-weights a batch to its own class mix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medxfer.errors import MedxferError
+from medxfer.runs import ModelMeta, Run, seal
+from medxfer.trust.conformal import prediction_sets, set_text
+from tests.faults.conftest import cli
+
+TINY = ("--source", "test_resnet", "--weights", "none", "--epochs", "1", "--image-size", "32", "--bootstrap", "0",
+        "--no-report")
+
+
+def _train(data: Path, out: Path, *extra) -> Path:
+    code, text = cli("train", "--data", data, *TINY, *extra, "--out", out)
+    assert code == 0, text
+    return out
+
+
+@pytest.fixture(scope="module")
+def conformal_run(small_npz, tmp_path_factory) -> Path:
+    return _train(small_npz, tmp_path_factory.mktemp("conformal") / "run")
+
+
+def test_model_json_holds_the_record_and_the_prior(conformal_run):
+    meta = json.loads((conformal_run / "model.json").read_text())
+    record = meta["conformal"]
+    assert record["alpha"] == 0.1 and record["method"] == "mondrian" and record["task"] == "binary"
+    assert record["classes"] == meta["labels"] and len(record["thresholds"]) == 2
+    assert record["n"] == [20, 20]  # one threshold per class, from that class's validation images
+    assert all(t is None or 0 <= t <= 1 for t in record["thresholds"])
+    assert meta["prior"] == pytest.approx([0.5, 0.5])
+    assert Run.load(conformal_run).model.conformal == record
+
+
+def test_the_record_is_the_validation_quantile(conformal_run):
+    """Each class's threshold is the ceil((n+1)(1-alpha))-th smallest 1 - p(class) of its validation images."""
+    run = Run.load(conformal_run)
+    val = run.predictions[run.predictions["split"] == "val"]
+    for k, name in enumerate(run.model.labels):
+        scores = np.sort(1 - val.loc[val["label"] == name, f"prob_{name}"].to_numpy())
+        rank = int(np.ceil((len(scores) + 1) * 0.9))
+        assert run.model.conformal["thresholds"][k] == pytest.approx(scores[rank - 1], abs=1e-6)
+
+
+def test_metrics_test_has_coverage_per_class_and_selective_rows(conformal_run):
+    test = json.loads((conformal_run / "metrics.json").read_text())["test"]
+    c = test["conformal"]
+    assert c["alpha"] == 0.1 and c["method"] == "mondrian"
+    for rows in (c["by_class"], c["marginal"]):
+        assert [r["class"] for r in rows] == [*json.loads((conformal_run / "model.json").read_text())["labels"], "all"]
+        for r in rows:
+            assert r["n"] == 20 or r["class"] == "all"
+            assert r["ci"][0] <= r["coverage"] <= r["ci"][1] and 1 <= r["mean_set_size"] <= 2
+    run = Run.load(conformal_run)
+    t = run.test_predictions
+    sets = prediction_sets(t[[f"prob_{c}" for c in run.model.labels]].to_numpy(), run.model.conformal)
+    y = t["label"].map(run.model.labels.index).to_numpy()
+    assert c["by_class"][-1]["covered"] == int(sets[np.arange(len(y)), y].sum())
+    s = test["selective"]
+    assert [r["target"] for r in s["at_coverage"]] == [1.0, 0.9, 0.8, 0.5] and s["decision"] == "threshold"
+    assert s["at_coverage"][0]["n_kept"] == 40 and 0 <= s["aurc"] <= 1
+
+
+def test_conformal_0_records_none(small_npz, tmp_path):
+    run = _train(small_npz, tmp_path / "off", "--conformal", "0")
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["conformal"] is None and meta["prior"] == pytest.approx([0.5, 0.5])
+    assert "conformal" not in json.loads((run / "metrics.json").read_text())["test"]
+
+
+def test_an_edited_record_is_refused_on_load(conformal_run, tmp_path):
+    run = Path(shutil.copytree(conformal_run, tmp_path / "run"))
+    meta = json.loads((run / "model.json").read_text())
+    meta["conformal"]["alpha"] = 2
+    (run / "model.json").write_text(json.dumps(meta))
+    seal(run)  # even a deliberate (re-sealed) edit is range-checked
+    with pytest.raises(MedxferError, match=r"conformal\.alpha must be a number between 0 and 1") as e:
+        Run.load(run)
+    assert "\n" not in str(e.value) and "model.json" in str(e.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"alpha": 0}, "conformal.alpha"),
+    ({"method": "pooled"}, "conformal.method"),
+    ({"thresholds": [0.5, float("inf")]}, "conformal.thresholds"),
+    ({"thresholds": [0.5]}, "conformal.thresholds"),
+    ({"task": "multiclass"}, "conformal.task"),
+    ({"classes": ["b", "a"]}, "conformal.classes"),
+])
+def test_record_values_out_of_range_are_refused(conformal_run, edit, words):
+    meta = json.loads((conformal_run / "model.json").read_text())
+    meta["conformal"].update(edit)
+    with pytest.raises(MedxferError, match=words.replace(".", r"\.")):
+        ModelMeta.from_dict(meta, "RUN/model.json")
+
+
+@pytest.mark.parametrize("prior", [[0.5, 0.6], [1.0], [-0.5, 1.5], "half"])
+def test_a_bad_prior_is_refused(conformal_run, prior):
+    meta = json.loads((conformal_run / "model.json").read_text())
+    with pytest.raises(MedxferError, match="prior"):
+        ModelMeta.from_dict({**meta, "prior": prior}, "RUN/model.json")
+
+
+def test_runs_of_earlier_releases_load_without_them(conformal_run):
+    meta = json.loads((conformal_run / "model.json").read_text())
+    old = ModelMeta.from_dict({k: v for k, v in meta.items() if k not in ("conformal", "prior")})
+    assert old.conformal is None and old.prior is None
+
+
+def test_set_text_of_the_record(conformal_run):
+    record = Run.load(conformal_run).model.conformal
+    sets = prediction_sets(np.array([[0.99, 0.01], [0.5, 0.5]]), record)
+    assert set_text(sets, record["classes"])[0] == record["classes"][0]
