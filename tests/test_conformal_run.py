@@ -9,7 +9,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+
+from medxfer import Predictor
 
 from medxfer.errors import MedxferError
 from medxfer.runs import ModelMeta, Run, seal
@@ -121,3 +124,65 @@ def test_set_text_of_the_record(conformal_run):
     record = Run.load(conformal_run).model.conformal
     sets = prediction_sets(np.array([[0.99, 0.01], [0.5, 0.5]]), record)
     assert set_text(sets, record["classes"])[0] == record["classes"][0]
+
+
+# ------------------------------------------------------------------------------------------ predict
+def test_predict_gives_each_image_its_set(conformal_run, small_npz, tmp_path):
+    code, text = cli("predict", conformal_run, small_npz, "--out", tmp_path / "p.csv")
+    assert code == 0, text
+    df = pd.read_csv(tmp_path / "p.csv", dtype={"conformal_set": str})
+    run = Run.load(conformal_run)
+    labels = run.model.labels
+    assert list(df.columns) == ["index", "sample_id", *(f"prob_{c}" for c in labels),
+                                *(c for c in df.columns if c.startswith("threshold_")), "conformal_set", "predicted"]
+    sets = prediction_sets(df[[f"prob_{c}" for c in labels]].to_numpy(), run.model.conformal)
+    assert df["conformal_set"].tolist() == set_text(sets, labels)
+    assert "-" not in set(df["conformal_set"])  # never empty: the most probable class at least
+
+
+def test_predict_without_a_record_has_no_set_column(small_npz, tmp_path):
+    run = _train(small_npz, tmp_path / "off", "--conformal", "0")
+    df = Predictor(run).predict([small_npz])
+    assert "conformal_set" not in df.columns and list(df.columns)[-1] == "predicted"
+
+
+def _two_tones(path: Path) -> Path:
+    """Class 0 dark, class 1 bright: a tiny linear probe separates them, so a batch's class mix is estimable."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in (("train", 80), ("val", 40), ("test", 40)):
+        y = np.arange(n) % 2
+        x = rng.normal(np.where(y == 1, 150, 90)[:, None, None], 30, (n, 28, 28))
+        out[f"{split}_images"], out[f"{split}_labels"] = np.clip(x, 0, 255).astype(np.uint8), y[:, None]
+    np.savez(path, **out)
+    return path
+
+
+def test_adapt_prior_moves_the_prevalence_towards_the_batchs_class(tmp_path):
+    data = _two_tones(tmp_path / "tones.npz")
+    run = _train(data, tmp_path / "run", "--strategy", "linear-probe", "--label-names", "dark,bright")
+    src = np.load(data)
+    bright = tmp_path / "bright.npz"
+    keep = src["test_labels"][:, 0] == 1
+    np.savez(bright, test_images=src["test_images"][keep], test_labels=src["test_labels"][keep])
+    code, text = cli("predict", run, bright, "--adapt-prior", "--out", tmp_path / "p.csv")
+    assert code == 0, text
+    assert "estimated prevalence dark" in text and "EM converged" in text
+    df = pd.read_csv(tmp_path / "p.csv")
+    plain = Predictor(run).predict([bright])
+    assert df["prob_bright"].mean() > plain["prob_bright"].mean()
+    prevalence = float(df["prior_adapted"][0].split("bright=")[1][:5])
+    assert prevalence > Run.load(run).model.prior[1] == 0.5
+    assert (df["predicted"] == "bright").mean() >= (plain["predicted"] == "bright").mean()
+    assert df["conformal_set"].tolist() == plain["conformal_set"].tolist()  # sets of the unadapted probabilities
+    assert list(df.columns)[-2:] == ["prior_adapted", "predicted"]
+
+
+def test_adapt_prior_needs_the_runs_prior(conformal_run, small_npz, tmp_path):
+    run = Path(shutil.copytree(conformal_run, tmp_path / "run"))
+    meta = json.loads((run / "model.json").read_text())
+    meta["prior"] = None
+    (run / "model.json").write_text(json.dumps(meta))
+    seal(run)
+    with pytest.raises(MedxferError, match="does not record .* train it again"):
+        Predictor(run).predict([small_npz], adapt_prior=True)

@@ -15,10 +15,23 @@ releases (no ``input_dtype``) scale each input by its own type. Probabilities ar
 temperature(s); ``predicted`` applies the threshold chosen on validation (binary), the median grade
 (ordinal) or the argmax; a multi-label run gives every finding at its own validation threshold,
 joined by '|' (empty: none).
+
+``conformal_set`` (runs with a conformal record, ``--conformal`` at training): the classes whose
+validation-calibrated threshold the image passes, joined by '|' (ordinal: a contiguous range; multi-label:
+``finding=absent|present`` per finding). It holds the true class with probability >= 1 - alpha for each
+class, as long as the images are exchangeable with that class's validation images.
+
+``adapt_prior=True`` (``predict --adapt-prior``): the class mix of the whole batch is estimated by EM from
+its probabilities (labels unused; Saerens et al. 2002) starting from the run's validation mix, and
+``prob_*`` and ``predicted`` are re-weighted to it (a binary run keeps its threshold, now on the adapted
+probability); ``prior_adapted`` says the estimate on every row. The conformal sets stay those of the
+unadapted probabilities: class-conditional coverage survives a change of class mix, re-weighted scores
+would not keep it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +46,10 @@ from medxfer.evaluation.decisions import decide, findings
 from medxfer.evaluation.tasks import probabilities
 from medxfer.files import verify_file
 from medxfer.runs import Run
+from medxfer.trust.conformal import prediction_sets, set_text
+from medxfer.trust.prior_shift import adapt_prior
+
+log = logging.getLogger("medxfer.predict")
 
 ENGINES = ("torch", "onnx")
 
@@ -106,11 +123,19 @@ class Predictor:
         """Predicted class indices: the validation threshold (binary) or the argmax."""
         return decide(probs, self.meta)
 
-    def frame(self, ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    def frame(self, ids: list[str], probs: np.ndarray, unadapted: np.ndarray | None = None,
+              note: str | None = None) -> pd.DataFrame:
+        """The table of ``probs``; ``unadapted``: the probabilities before --adapt-prior (the conformal sets are
+        theirs), ``note``: the prior_adapted column's text."""
         df = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.labels])
         df.insert(0, "sample_id", ids)
         for name, t in self.thresholds().items():  # the decision's threshold beside the probability it applies to
             df[f"threshold_{name}"] = t
+        if self.meta.conformal is not None:
+            sets = prediction_sets(probs if unadapted is None else unadapted, self.meta.conformal)
+            df["conformal_set"] = set_text(sets, self.labels)
+        if note is not None:
+            df["prior_adapted"] = note
         if self.meta.task == "multilabel":
             df["predicted"] = ["|".join(n for n, on in zip(self.labels, row) if on) for row in findings(probs, self.meta)]
         else:
@@ -128,11 +153,13 @@ class Predictor:
         return {}
 
     def predict(self, inputs, on_bad_file: str = "error", paths: list | None = None,
-                skipped: list | None = None) -> pd.DataFrame:
+                skipped: list | None = None, adapt_prior: bool = False) -> pd.DataFrame:
         """One table for files, folders, npz archives (or in-memory images): ``index`` (input order),
         pseudonymous ``sample_id`` (file names can hold patient names), probabilities, ``predicted``.
         ``skipped`` receives unreadable samples (``on_bad_file="skip"``); ``paths`` receives
-        ``(sample_id, path)`` pairs for a mapping file."""
+        ``(sample_id, path)`` pairs for a mapping file; ``adapt_prior``: see the module docstring."""
+        if adapt_prior:
+            self._check_prior()
         inputs = _as_list(inputs)
         if not _are_paths(inputs):
             x = self.images(inputs)
@@ -143,8 +170,37 @@ class Predictor:
         if not frames:
             raise MedxferError("no image to predict on among the inputs.")
         df = pd.concat(frames, ignore_index=True)
+        if adapt_prior:
+            df = self.adapted(df)
         df.insert(0, "index", np.arange(len(df)))
         return df
+
+    def _check_prior(self) -> None:
+        prior = self.meta.prior
+        if self.meta.task == "multilabel" or prior is None:
+            raise MedxferError("--adapt-prior needs the run's validation class mix, which " + (
+                "a multi-label run does not have (each finding is its own decision)." if self.meta.task == "multilabel"
+                else f"'{self.run_dir}' does not record (a run of an earlier release): train it again."))
+        empty = [c for c, v in zip(self.labels, prior) if v <= 0]
+        if empty:
+            raise MedxferError(f"--adapt-prior: class '{empty[0]}' had no validation images, so its prevalence cannot "
+                               "be re-weighted from the run's; predict without --adapt-prior.")
+
+    def adapted(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df``'s probabilities and decisions re-weighted to the batch's class mix (EM), said in one log line
+        and in the prior_adapted column."""
+        cols = [f"prob_{c}" for c in self.labels]
+        probs = df[cols].to_numpy(float)
+        r = adapt_prior(probs, self.meta.prior)
+        est = ", ".join(f"{c} {v:.3f}" for c, v in zip(self.labels, r["prevalence"]))
+        was = ", ".join(f"{v:.3f}" for v in r["source_prior"])
+        state = f"converged in {r['iterations']} iterations" if r["converged"] else \
+            f"not converged after {r['iterations']} iterations (the estimate is the last one)"
+        log.info("prior adapted to these %d images (labels unused): estimated prevalence %s (validation: %s); EM %s",
+                 len(probs), est, was, state)
+        note = "; ".join(f"{c}={v:.3f}" for c, v in zip(self.labels, r["prevalence"])) + \
+            f" (EM on {len(probs)} images, {'converged' if r['converged'] else 'not converged'})"
+        return self.frame(list(df["sample_id"]), r["probs"], unadapted=probs, note=note)
 
 
 def _are_paths(x) -> bool:

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         inputs: list[str] = typer.Argument(..., help="Image files, folders or npz archives."),
         out_file: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
         engine: str = typer.Option("torch", help="torch | onnx (run 'medxfer export' first)."),
+        adapt_prior: bool = typer.Option(False, "--adapt-prior", help="Estimate the class mix of these images "
+                                         "(EM, labels unused) and re-weight the probabilities and decisions to it "
+                                         "from the validation mix (prior_adapted column; conformal sets unchanged)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that medxfer did "
                                        "not write (never an input or a file inside a run)."),
     ):
@@ -45,7 +48,8 @@ def register(app: typer.Typer) -> None:
                 check_out(path, inputs=given_paths, overwrite=overwrite, ours=lambda p, h=header: first_line(p) == h)
         paths: list | None = [] if keep_paths else None
         skipped: list = []
-        df = Predictor(run_dir, engine=engine, batch_size=batch_size).predict(inputs, on_bad_file, paths, skipped)
+        df = Predictor(run_dir, engine=engine, batch_size=batch_size).predict(inputs, on_bad_file, paths, skipped,
+                                                                            adapt_prior=adapt_prior)
         write_csv(out_file, df)
         if skipped:
             name = side["skipped"][0]
@@ -59,6 +63,7 @@ def register(app: typer.Typer) -> None:
 
 
 def is_predictions_csv(path: Path) -> bool:
-    """The mark of a CSV 'medxfer predict' wrote: its header (index, sample_id, the probabilities, predicted)."""
+    """The mark of a CSV 'medxfer predict' wrote: its header (index, sample_id, the probabilities, [thresholds,
+    conformal_set, prior_adapted,] predicted)."""
     header = first_line(path) or ""
     return header.startswith("index,sample_id,prob_") and header.endswith(",predicted")
