@@ -186,3 +186,21 @@ def test_adapt_prior_needs_the_runs_prior(conformal_run, small_npz, tmp_path):
     seal(run)
     with pytest.raises(MedxferError, match="does not record .* train it again"):
         Predictor(run).predict([small_npz], adapt_prior=True)
+
+
+# ------------------------------------------------------------------------------------- card and report
+def test_the_card_says_what_the_sets_promise_and_their_coverage(conformal_run):
+    card = (conformal_run / "model_card.md").read_text()
+    section = card.split("## Prediction sets (conformal)")[1].split("\n## ")[0]
+    assert "probability at least 0.90" in section and "exchangeable" in section and "does not hold" in section
+    rows = json.loads((conformal_run / "metrics.json").read_text())["test"]["conformal"]["by_class"]
+    assert f"{rows[0]['coverage']:.3f} ({rows[0]['ci'][0]:.3f}–{rows[0]['ci'][1]:.3f})" in section
+
+
+def test_the_report_shows_the_coverage_table(conformal_run, tmp_path):
+    from medxfer.evaluation.report import write_report
+
+    run = Path(shutil.copytree(conformal_run, tmp_path / "run"))
+    page = write_report(run, gradcam=False).read_text()
+    assert "When not to trust a prediction" in page and "pooled threshold: coverage" in page
+    assert "Referring the least certain cases" in page

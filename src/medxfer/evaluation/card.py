@@ -281,6 +281,33 @@ def _evaluation(run: Run) -> str:
     return "\n".join(parts)
 
 
+def conformal_text(run: Run) -> str:
+    """What the conformal sets promise, when the promise fails, and test's coverage per class (Mondrian and
+    marginal), from model.json's record and metrics.json."""
+    record = run.model.conformal
+    a = record["alpha"]
+    parts = [f"Every prediction comes with a set of classes (`conformal_set` in `medxfer predict`), calibrated per "
+             f"class on the validation split (alpha = {_f(a, 2)}): for an image of any class, the set holds its true "
+             f"class with probability at least {_f(1 - a, 2)}, as long as new images of that class are exchangeable "
+             "with the validation images of that class (a change in the class mix alone does not break it). It does "
+             "not hold when the images within a class change (another scanner, site, population or disease stage): "
+             "the sets then cover less than promised, with no warning from the sets themselves (measured: a "
+             "linear probe on PneumoniaMNIST covered its normal test images 0.675 of the time at alpha 0.1)."]
+    if record.get("include_always"):
+        parts.append(f"\nToo few validation images for the level: {', '.join(record['include_always'])} (always in "
+                     "the set).")
+    c = (run.metrics.get("test") or {}).get("conformal")
+    if c:
+        marginal = {r["class"]: r for r in c.get("marginal", [])}
+        rows = [[r["class"], r["n"], f"{_f(r['coverage'])} ({_f(r['ci'][0])}–{_f(r['ci'][1])})",
+                 _f(r["mean_set_size"], 2), _f((marginal.get(r["class"]) or {}).get("coverage"))]
+                for r in c["by_class"]]
+        parts += ["", f"Test split, target coverage {_f(1 - a, 2)}:", "",
+                  _table(["class", "images", "coverage (95% CI)", "mean set size", "coverage, one pooled threshold"],
+                         rows)]
+    return "\n".join(parts)
+
+
 def _subgroups(subgroups: dict) -> str:
     parts = ["Test split, per group, at the same threshold; 95% bootstrap intervals. **Flagged** (⚠): the group's "
              "interval lies entirely above or below the overall test value. Too small: fewer images than the minimum "
@@ -437,6 +464,8 @@ def card_text(run: Run | str | Path, subgroups: dict | None = None) -> str:
                 "## Intended use and out-of-scope use", "", _intended(run), "",
                 "## Training data", "", _data(run), "",
                 "## Evaluation", "", _evaluation(run), ""]
+    if run.model.conformal is not None:
+        sections += ["## Prediction sets (conformal)", "", conformal_text(run), ""]
     if subgroups:
         sections += ["## Subgroup results", "", _subgroups(subgroups), ""]
     sections += ["## Limitations and known failure cases", "",

@@ -240,6 +240,33 @@ def _metrics_section(run: Run, t: _Test) -> str:
     return body
 
 
+def trust_section(run: Run) -> str | None:
+    """Test's coverage per class of the conformal sets (Mondrian, and one pooled threshold for comparison) and
+    the selective-prediction rows, from metrics.json; None when the run has neither."""
+    test = run.metrics.get("test", {})
+    c, sel = test.get("conformal"), test.get("selective")
+    if not c and not sel:
+        return None
+    body = ""
+    if c:
+        marginal = {r["class"]: r for r in c.get("marginal", [])}
+        body += (f"<p>Conformal prediction sets calibrated per class on validation at alpha {html.num(c['alpha'], 2)}: "
+                 f"a set should hold the true class of at least {html.num(1 - c['alpha'], 2)} of each class's images, "
+                 "if they are exchangeable with that class's validation images. The last column pools all classes "
+                 "into one threshold (guaranteed only on average over the validation class mix).</p>")
+        body += html.table(["class", "test images", "coverage (95% CI)", "mean set size", "pooled threshold: coverage"],
+                           [[html.esc(r["class"]), r["n"], f"{html.num(r['coverage'])} ({html.num(r['ci'][0])}–"
+                             f"{html.num(r['ci'][1])})", html.num(r["mean_set_size"], 2),
+                             html.num((marginal.get(r["class"]) or {}).get("coverage"))] for r in c["by_class"]])
+    if sel:
+        body += (f"<h3>Referring the least certain cases</h3><p>Decision: {html.esc(sel['decision'])}. AURC "
+                 f"{html.num(sel['aurc'])} (a confidence unrelated to correctness: {html.num(sel['aurc_random'])}).</p>")
+        body += html.table(["kept", "images kept", "accuracy", "sensitivity"],
+                           [[html.num(r["coverage"], 2), r["n_kept"], html.num(r["accuracy"]), html.num(r["sensitivity"])]
+                            for r in sel["at_coverage"]])
+    return body
+
+
 def _gallery_section(run: Run, figs: _Figures, t: _Test, test_images) -> str:
     if len(test_images) != len(t.ids):
         raise MedxferError(f"{len(test_images)} test images were given for the {len(t.ids)} test rows of "
@@ -341,6 +368,8 @@ def write_report(run: Run | str | Path, *, gradcam: bool = True, test_images=Non
         sections.insert(7, ("subgroups", "Subgroups", subgroup_section(subgroups)))
     if run.model.task == "ordinal":
         sections.insert(7, ("ordinal", "Ordinal metrics", ordinal_section(run)))
+    if trust := trust_section(run):
+        sections.insert(-1, ("trust", "When not to trust a prediction", trust))
     return _write(run, title, sections + list(extra or []))
 
 
