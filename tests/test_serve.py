@@ -181,6 +181,19 @@ def test_predict_matches_predictor(server, tiny_run, breast_pngs):
     assert not any(p.name in r.text for p in paths)  # file names never come back
 
 
+def test_each_prediction_has_the_runs_conformal_set(server, tiny_run, breast_pngs):
+    """The set of ``medxfer predict``'s conformal_set column, as a list of labels (issue 24)."""
+    from medxfer.predict import Predictor
+
+    paths = breast_pngs[:6]
+    r = server.client.post("/v1/predict", files=files_of(paths), headers=AUTH)
+    assert r.status_code == 200, r.text
+    pred = Predictor(tiny_run, batch_size=len(paths))
+    x = next(pred.iter_inputs(paths))[1]
+    want = pred.frame([str(p) for p in paths], pred.probabilities_of(x))["conformal_set"]
+    assert ["|".join(p["conformal_set"]) for p in r.json()["predictions"]] == list(want)
+
+
 def test_large_png_goes_through_the_worker_thread_and_matches_predictor(server, tiny_run, tmp_path):
     """Small PNGs are decoded on the event loop, others in a thread: both paths give Predictor's answer."""
     from medxfer.serve.app import cheap_to_decode

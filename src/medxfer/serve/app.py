@@ -406,7 +406,7 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
         async with _uploads(request, svc) as files:
             images = await svc.decode(files)
         probs = np.stack(await svc.batcher.submit(images))
-        classes = model.predicted(probs)
+        classes, sets = model.predicted(probs), model.conformal_sets(probs)
         pngs = None
         if explain:
             loop = asyncio.get_running_loop()
@@ -418,6 +418,8 @@ def create_app(cfg: ServeConfig, model: ServedModel | None = None) -> Starlette:
                     "predicted": model.labels[c], "predicted_probability": float(row[c])}
             if model.meta.task == "multilabel":  # every finding at its own threshold; 'predicted': the strongest
                 item["findings"] = model.findings(row[None])[0]
+            if sets is not None:
+                item["conformal_set"] = sets[i]
             if pngs is not None:
                 item["gradcam_png_base64"] = base64.b64encode(pngs[i]).decode("ascii")
             out.append(item)

@@ -6,6 +6,7 @@ Usage::
     x = m.decode("/tmp/upload.png")         # uint8 (C, S, S), the run's preprocessing; raises ApiError
     probs = m.predict(torch.stack([x]))     # (N, K) calibrated probabilities
     m.predicted(probs)                      # class indices: validation threshold (binary) or argmax
+    m.conformal_sets(probs)                 # the run's conformal sets (lists of labels), or None without a record
     pngs = m.explain(torch.stack([x]), classes=m.predicted(probs))   # Grad-CAM overlays, PNG bytes
     m.info()                                # labels, input contract, test metrics, model card, model id
 
@@ -33,6 +34,7 @@ from medxfer.evaluation.gradcam import explain_images, feature_map_size, overlay
 from medxfer.predict import Predictor
 from medxfer.serve.errors import ApiError
 from medxfer.serve.uploads import png_size
+from medxfer.trust.conformal import prediction_sets
 
 #: Decoded images above this many pixels are refused (stricter than the readers' limit): the server
 #: holds several images in memory at once. 2**26 is 8192 x 8192.
@@ -206,6 +208,18 @@ class ServedModel:
         if len(probs) == 0:
             return []
         return self._p.decide(probs).astype(int).tolist()
+
+    def conformal_sets(self, probs: np.ndarray) -> list | None:
+        """The run's conformal prediction set of each image (as ``medxfer predict``'s conformal_set): a list of
+        labels, or for a multi-label run {finding: [states]}; None when the run has no conformal record."""
+        record = self.meta.conformal
+        if record is None or len(probs) == 0:
+            return None
+        sets = prediction_sets(np.asarray(probs), record)
+        if sets.ndim == 3:
+            return [{lab: [st for st, on in zip(("absent", "present"), row[j]) if on]
+                     for j, lab in enumerate(self.labels)} for row in sets]
+        return [[lab for lab, on in zip(self.labels, row) if on] for row in sets]
 
     def findings(self, probs: np.ndarray) -> list[list[str]]:
         """Multi-label runs: the findings at or above their validation thresholds, per image."""

@@ -27,6 +27,10 @@ def openapi(labels: list[str], model_id: str, api_key: bool) -> dict:
             "predicted_probability": {"type": "number"},
             "findings": {"type": "array", "items": label,
                          "description": "multi-label runs: every finding at or above its threshold"},
+            "conformal_set": {"description": "runs trained with --conformal: the labels whose validation-calibrated "
+                              "threshold the image passes (holds the true one with probability >= 1 - alpha per "
+                              "class, for images like the validation ones); multi-label: finding -> states",
+                              "oneOf": [{"type": "array", "items": label}, {"type": "object"}]},
             "gradcam_png_base64": {"type": "string", "description": "with ?explain=true: a Grad-CAM overlay (PNG)"},
         }}
     files = {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}
