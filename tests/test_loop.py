@@ -49,7 +49,7 @@ class _Tasks(progress.Reporter):
         reporter.opened += 1
 
         class _Task(progress.Task):
-            def close(self):
+            def close(self, failed=False):
                 reporter.closed += 1
 
         return _Task()

@@ -52,3 +52,17 @@ def test_the_cli_reports_with_lines_where_no_bar_can_be_drawn():
 
     assert not console.is_terminal          # pytest captures the output: a pipe
     assert isinstance(RichReporter().task("decoding images", total=5), progress.LogTask)
+
+
+def test_a_step_ended_by_an_error_says_stopped_not_done(caplog):
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger="medxfer"):
+        try:
+            with progress.LogTask("training", total=100, unit="steps", clock=clock) as task:
+                clock.t += 3.0
+                task.advance(30)
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1] == "training: stopped, 30 steps in 3 s" and not any("done" in ln for ln in lines)

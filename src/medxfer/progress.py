@@ -35,14 +35,14 @@ class Task:
     def update(self, **fields) -> None:
         """Completed count, new total or a short text (``info``)."""
 
-    def close(self) -> None:
-        pass
+    def close(self, failed: bool = False) -> None:
+        """The step ended (``failed``: by an error or an interruption)."""
 
     def __enter__(self) -> Task:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 class LogTask(Task):
@@ -86,9 +86,10 @@ class LogTask(Task):
             text += f" {self.unit}" + (f", {rate:.3g} {self.unit}/s" if rate > 0 else "")
         return text + (f"; {self.info}" if self.info else "")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if not self.closed and self.said:
-            log.info("%s: done, %d %s in %s", self.description, self.done, self.unit, _duration(self.clock() - self.t0))
+            log.info("%s: %s, %d %s in %s", self.description, "stopped" if failed else "done", self.done, self.unit,
+                     _duration(self.clock() - self.t0))
         self.closed = True
 
 

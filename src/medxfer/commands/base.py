@@ -110,7 +110,7 @@ class _RichTask(progress.Task):
     def update(self, **fields) -> None:
         self.reporter.bars.update(self.id, **fields)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.closed:
             return
         self.closed = True

@@ -266,7 +266,7 @@ class ProgressBar(Handler):
         self.task.close()
 
     def on_exception(self, loop: Loop, error: BaseException) -> None:
-        self.task.close()  # a bar left open would keep drawing over the error and whatever comes next
+        self.task.close(failed=True)  # a bar left open would keep drawing over the error and whatever comes next
 
 
 class Deadline(Handler):
