@@ -204,3 +204,29 @@ def test_the_report_shows_the_coverage_table(conformal_run, tmp_path):
     page = write_report(run, gradcam=False).read_text()
     assert "When not to trust a prediction" in page and "pooled threshold: coverage" in page
     assert "Referring the least certain cases" in page
+
+
+# ------------------------------------------------------------------------------------- other tasks
+@pytest.mark.parametrize("task", ["ordinal", "multilabel"])
+def test_ordinal_and_multilabel_runs_have_their_sets(task, tmp_path):
+    from conftest import ROOT, ordinal_npz
+
+    if task == "ordinal":
+        data, extra = ordinal_npz(tmp_path / "grades.npz"), ("--task", "ordinal")
+    else:
+        data, extra = ROOT / "data" / "cxr14_nih1000_64.npz", ()
+    run = _train(data, tmp_path / "run", *extra, "--augment", "none")
+    loaded = Run.load(run)
+    record = loaded.model.conformal
+    assert record["task"] == task and record["classes"] == loaded.model.labels
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["conformal"]["by_class"][-1]["class"] == "all"
+    assert (loaded.model.prior is None) == (task == "multilabel")
+    assert ("selective" in test) == (task != "multilabel")
+    arrays = np.load(data)
+    x = arrays["test_images" if "test_images" in arrays.files else "images"][:8]
+    df = Predictor(run).predict(x)
+    sets = prediction_sets(df[[f"prob_{c}" for c in loaded.model.labels]].to_numpy(), record)
+    assert df["conformal_set"].tolist() == set_text(sets, loaded.model.labels)
+    if task == "ordinal":  # a contiguous range of grades
+        assert all(np.ptp(np.flatnonzero(s)) + 1 == s.sum() for s in sets)
