@@ -151,10 +151,9 @@ def labels_from_values(values: pd.Series, names: list[str] | None, where: str) -
     if values.isna().any():
         n = int(values.isna().sum())
         raise MedxferError(f"{n} rows in {where} have no label. Fill the label column or remove those rows.")
-    raw = values.map(_canonical)
-    bad = [v for v in raw.unique() if v is None]
-    if bad:
-        odd = next(v for v, c in zip(values, raw) if c is None)
+    raw = _canonical_labels(values)
+    if raw.isna().any():
+        odd = values.iloc[int(np.argmax(raw.isna().to_numpy()))]
         raise MedxferError(f"label {odd!r} in {where} is a fraction: labels must be class names or integer class "
                            "indices (medxfer classifies, it does not regress).")
     distinct = sorted(raw.unique(), key=_natural_key)
@@ -169,6 +168,17 @@ def labels_from_values(values: pd.Series, names: list[str] | None, where: str) -
         return raw.map(lookup).to_numpy(), list(names)
     lookup = {v: i for i, v in enumerate(distinct)}
     return raw.map(lookup).to_numpy(), distinct
+
+
+def _canonical_labels(values: pd.Series) -> pd.Series:
+    """:func:`_canonical` of every value, computed once per distinct value (equal values, such as 1, 1.0
+    and True, have one spelling); None for a fraction."""
+    try:
+        codes, distinct = pd.factorize(values)
+    except TypeError:  # values that cannot be hashed (lists): one by one
+        return values.map(_canonical)
+    spelled = np.array([_canonical(v) for v in distinct] + [None], dtype=object)
+    return pd.Series(spelled[codes], index=values.index, dtype=object)
 
 
 #: a number as a label may spell it: signed, with a decimal part or an exponent ('-1', '+2', '1.0', '2e1');

@@ -11,6 +11,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -212,16 +213,16 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
         raise MedxferError(f"manifest '{path}' lacks column(s) {missing_cols}; it has {list(df.columns)}. "
                            f"Needed: path,{label_column} (or --label-columns); optional: patient_id, split.")
     rel = df["path"].astype(str)
-    listed = [path.parent / p for p in rel]
-    files = [Path(os.path.realpath(f)) for f in listed]  # one file, one spelling ('./a.png', 'b/../a.png', a link)
-    _refuse_absent(listed, files, f"'{path}'", "data row", "paths are relative to the manifest's folder. Fix the paths "
-                   "or remove those rows.")
+    files, absent = resolve_files(path.parent, rel.tolist())  # one file, one spelling ('./a.png', 'b/../a.png', a link)
+    if len(absent):
+        _absent_error([int(i) for i in absent], lambda i: path.parent / rel.iloc[i], f"'{path}'", "data row",
+                      "paths are relative to the manifest's folder. Fix the paths or remove those rows.")
     _refuse_repeats(files, rel, path)
     notes = []
     if label_column in df and not label_columns:
         df[label_column] = _unlist(df[label_column], notes)
     multilabel = bool(label_columns) or task == "multilabel" or no_finding is not None or (
-        label_column in df and df[label_column].map(lambda v: isinstance(v, str) and "|" in v).any())
+        label_column in df and _any_piped(df[label_column]))
     if label_columns:
         y, names = multilabel_from_matrix(df[list(label_columns)].to_numpy(), label_names or list(label_columns),
                                           f"--label-columns ({','.join(label_columns)}) of '{path}'")
@@ -229,9 +230,9 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
         y, names = multilabel_from_text(df[label_column], label_names, no_finding, f"'{path}'")
     else:
         y, names = labels_from_values(df[label_column], label_names, f"'{path}'")
-    table = pd.DataFrame({"sample_id": [sample_id(p) for p in rel], "path": [str(f) for f in files], "label": y})
+    table = pd.DataFrame({"sample_id": [sample_id(p) for p in rel], "path": files, "label": y})
     if "patient_id" in df:
-        table["patient_id"] = [hash_id(v) if pd.notna(v) and str(v).strip() else None for v in df["patient_id"]]
+        table["patient_id"] = _hashed_patients(df["patient_id"])
     if "split" in df:
         table["split"] = check_split_values(df["split"], f"manifest '{path}'").to_numpy()
     used = {"path", label_column, "patient_id", "split", "sample_id", *(label_columns or ())}
@@ -241,22 +242,76 @@ def from_table(path: Path, label_names: list[str] | None = None, label_column: s
     return Manifest(table, names, f"table:{path}", notes=notes, multilabel=multilabel)
 
 
-def _refuse_repeats(files: list[Path], rel: pd.Series, path: Path) -> None:
+def _refuse_repeats(files: list[str], rel: pd.Series, path: Path) -> None:
     """One file listed in two rows (the same path, another spelling of it, or a link to it) would train twice."""
-    first: dict[Path, int] = {}
-    repeats = []
-    for i, f in enumerate(files):
-        if f in first:
-            repeats.append((i, first[f]))
-        else:
-            first[f] = i
-    if repeats:
-        i, j = repeats[0]
-        n = len({files[i] for i, _ in repeats})
+    codes = pd.factorize(pd.Series(files, dtype=object))[0]
+    repeated = np.flatnonzero(pd.Series(codes).duplicated().to_numpy())
+    if len(repeated):
+        i = int(repeated[0])
+        j = int(np.argmax(codes == codes[i]))  # the row that named the file first
+        n = len(np.unique(codes[repeated]))
         how = "the same path" if rel.iloc[i] == rel.iloc[j] else "another spelling of its path, or a link to it"
-        raise MedxferError(f"manifest '{path}' lists {n} file{'s' if n > 1 else ''} twice ({len(repeats)} repeated "
+        raise MedxferError(f"manifest '{path}' lists {n} file{'s' if n > 1 else ''} twice ({len(repeated)} repeated "
                            f"rows; first: data row {i + 1} names the same file as data row {j + 1}, {how}). Each file "
                            "may appear once: remove the repeated rows.")
+
+
+def resolve_files(folder: Path, rel: list[str]) -> tuple[list[str], np.ndarray]:
+    """``os.path.realpath(folder / p)`` of every listed path, and the rows whose file does not exist.
+
+    The same answers as resolving each path and calling ``Path.exists()`` on it, at one ``lstat`` per
+    row: each folder is resolved once, and a file that is not a link resolves to its folder's real
+    path plus its name. Links, odd spellings ('a.png/', '/a.png', '..') and files that are absent take
+    the general route, row by row.
+    """
+    real_dirs: dict[str, str | None] = {}
+    files: list[str] = []
+    absent: list[int] = []
+    for i, p in enumerate(rel):
+        head, sep, name = p.rpartition("/")
+        real = None
+        if name not in ("", ".", "..") and (head or not sep):
+            real = real_dirs.get(head, "")
+            if real == "":
+                real = os.path.realpath(folder / head)
+                real_dirs[head] = real = real if os.path.isdir(real) else None
+        if real is not None:
+            full = os.path.join(real, name)
+            try:
+                if not stat.S_ISLNK(os.lstat(full).st_mode):
+                    files.append(full)
+                    continue
+            except (OSError, ValueError):
+                pass
+        full = os.path.realpath(folder / p)
+        files.append(full)
+        if not Path(full).exists():
+            absent.append(i)
+    return files, np.asarray(absent, dtype=np.int64)
+
+
+def _hashed_patients(values: pd.Series) -> list:
+    """:func:`hash_id` of each patient id (None where empty), each distinct text or integer hashed once."""
+    memo: dict = {}
+    out = []
+    for v in values:
+        if type(v) is str or type(v) is int:
+            h = memo.get(v)
+            if h is None:
+                h = memo[v] = hash_id(v) if str(v).strip() else False
+            out.append(h or None)
+        else:
+            out.append(hash_id(v) if pd.notna(v) and str(v).strip() else None)
+    return out
+
+
+def _any_piped(values: pd.Series) -> bool:
+    """Whether any label is text holding '|' (a multi-label row), looking at each distinct value once."""
+    try:
+        distinct = pd.unique(values)
+    except TypeError:  # values that cannot be hashed
+        distinct = values
+    return any(isinstance(v, str) and "|" in v for v in distinct)
 
 
 def _unlist(values: pd.Series, notes: list[str]) -> pd.Series:
@@ -265,6 +320,8 @@ def _unlist(values: pd.Series, notes: list[str]) -> pd.Series:
     def is_list(v) -> bool:
         return isinstance(v, (list, tuple, np.ndarray))
 
+    if values.dtype != object:  # lists live in object columns only
+        return values
     lists = values.map(is_list)
     if not lists.any():
         return values
@@ -320,9 +377,14 @@ def _refuse_absent(listed: list[Path], files: list[Path], where: str, row: str, 
     """One line for the listed files that do not exist (the first row, how many are broken or looping links)."""
     absent = [i for i, f in enumerate(files) if not f.exists()]
     if absent:
-        links = sum(listed[i].is_symlink() for i in absent)
-        raise MedxferError(f"{len(absent)} files listed in {where} do not exist (first: {row} {absent[0] + 1}"
-                           f"{f'; {links} of them broken or looping links' if links else ''}); {fix}")
+        _absent_error(absent, listed.__getitem__, where, row, fix)
+
+
+def _absent_error(absent: list[int], listed, where: str, row: str, fix: str) -> None:
+    """The error for ``absent`` rows; ``listed(i)`` is row i's path as listed (to count broken links)."""
+    links = sum(listed(i).is_symlink() for i in absent)
+    raise MedxferError(f"{len(absent)} files listed in {where} do not exist (first: {row} {absent[0] + 1}"
+                       f"{f'; {links} of them broken or looping links' if links else ''}); {fix}")
 
 
 def from_frame(df: pd.DataFrame, label_names: list[str] | None = None, root: str | Path = ".", **kw) -> Manifest:
