@@ -30,11 +30,13 @@ import hashlib
 import logging
 
 import numpy as np
+import pandas as pd
 
 from medxfer.data.cache import file_digest
 from medxfer.errors import MedxferError, did_you_mean
 
-__all__ = ["POLICIES", "check_duplicates", "find_cross_split_duplicates", "handle_duplicates", "pixel_hashes"]
+__all__ = ["POLICIES", "check_duplicates", "find_cross_split_duplicates", "handle_duplicates", "pixel_hashes",
+           "same_hash"]
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 log = logging.getLogger(__name__)
@@ -69,16 +71,13 @@ def find_cross_split_duplicates(manifest, images_uint8) -> list[dict]:
     if "split" not in t or len(t) == 0:
         return []
     hashes = pixel_hashes(images_uint8)
-    by_hash: dict[str, list[int]] = {}
-    for i, h in enumerate(hashes):
-        by_hash.setdefault(h, []).append(i)
     splits = t["split"].astype(object).to_numpy()
     ids = t["sample_id"].astype(str).to_numpy()
     labels = t["label"].to_numpy()
     paths = t["path"].to_numpy() if "path" in t else None
     groups = []
-    for members in by_hash.values():
-        if len(members) < 2 or len({splits[i] for i in members}) < 2:
+    for members in same_hash(hashes):
+        if len({splits[i] for i in members}) < 2:
             continue
         members = sorted(members, key=lambda i: (SPLIT_ORDER.get(splits[i], 3), i))
         first = members[0]
@@ -95,6 +94,17 @@ def find_cross_split_duplicates(manifest, images_uint8) -> list[dict]:
         })
     groups.sort(key=lambda g: (-g["count"], SPLIT_ORDER.get(g["first"][1], 3), g["first"][0]))
     return groups
+
+
+def same_hash(hashes) -> list[list[int]]:
+    """Rows that share a hash, one list per hash held by two rows or more (rows in order; the groups in
+    the order their hash first appears). One hash table for all rows instead of a Python list per row."""
+    codes = pd.factorize(np.asarray(hashes, dtype=object))[0]
+    rows = np.flatnonzero(np.bincount(codes)[codes] > 1)
+    if len(rows) == 0:
+        return []
+    rows = rows[np.argsort(codes[rows], kind="stable")]
+    return [part.tolist() for part in np.split(rows, np.flatnonzero(np.diff(codes[rows])) + 1)]
 
 
 def check_duplicates(manifest, images, allow: bool) -> list[dict]:
@@ -124,8 +134,6 @@ def handle_duplicates(manifest, images, policy: str = "drop-from-train"):
     The table (one row per member of every group: ``group, sample_id, split, label, match, action``)
     is empty when there are none; it is written to ``duplicates.csv``.
     """
-    import pandas as pd
-
     if policy not in POLICIES:
         raise MedxferError(f"The 'duplicates' parameter must be one of {list(POLICIES)}. Got '{policy}' instead."
                            f"{did_you_mean(str(policy), POLICIES)}")

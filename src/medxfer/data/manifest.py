@@ -153,7 +153,7 @@ def labels_from_values(values: pd.Series, names: list[str] | None, where: str) -
         raise MedxferError(f"{n} rows in {where} have no label. Fill the label column or remove those rows.")
     raw = _canonical_labels(values)
     if raw.isna().any():
-        odd = values.iloc[int(np.argmax(raw.isna().to_numpy()))]
+        odd = list(values)[int(np.argmax(raw.isna().to_numpy()))]  # as iteration gives it: 0.5
         raise MedxferError(f"label {odd!r} in {where} is a fraction: labels must be class names or integer class "
                            "indices (medxfer classifies, it does not regress).")
     distinct = sorted(raw.unique(), key=_natural_key)

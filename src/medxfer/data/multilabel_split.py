@@ -61,9 +61,9 @@ def _units(groups, n: int, who: str) -> np.ndarray:
     if g.shape != (n,):
         raise MedxferError(f"The 'groups' parameter of {who} must have one patient id per row of Y "
                            f"({n}). Got shape {g.shape} instead.")
-    missing = pd.isna(pd.Series(g, dtype=object)).to_numpy()
-    keys = np.array([f"\x00row:{i}" if m else v for i, (v, m) in enumerate(zip(g, missing))],
-                    dtype=object)
+    keys = np.array(g, dtype=object)
+    missing = pd.isna(pd.Series(keys, dtype=object)).to_numpy()
+    keys[missing] = [f"\x00row:{i}" for i in np.flatnonzero(missing)]
     return pd.factorize(keys, sort=False)[0]
 
 
