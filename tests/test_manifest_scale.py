@@ -18,6 +18,7 @@ from PIL import Image
 from medxfer.data.duplicates import find_cross_split_duplicates, handle_duplicates, same_hash
 from medxfer.data.manifest import Manifest
 from medxfer.data.multilabel_split import multilabel_split
+from medxfer.data import sources
 from medxfer.data.sources import load_manifest, resolve_files
 from medxfer.data.splits import assign_splits, grouped_folds
 from medxfer.errors import MedxferError
@@ -121,7 +122,9 @@ def test_same_hash_groups_in_first_appearance_order():
     assert same_hash(["a", "b"]) == []
 
 
-def test_resolve_files_agrees_with_realpath_and_exists(tmp_path):
+@pytest.mark.parametrize("list_rows", [1, 10_000])  # folders listed with scandir, or one lstat per row
+def test_resolve_files_agrees_with_realpath_and_exists(tmp_path, monkeypatch, list_rows):
+    monkeypatch.setattr(sources, "LIST_FOLDER_ROWS", list_rows)
     (tmp_path / "d").mkdir()
     Image.new("L", (4, 4)).save(tmp_path / "d" / "a.png")
     os.symlink(tmp_path / "d" / "a.png", tmp_path / "d" / "link.png")
