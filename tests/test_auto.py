@@ -53,10 +53,10 @@ def test_the_first_trial_is_the_default_recipe_within_the_space(small_npz, tmp_p
     from medxfer.auto import default_trial
 
     base = dict(data=str(small_npz), out=str(tmp_path / "a"), source="test_resnet")
-    cfg = AutoConfig.create(**base, image_sizes="96,64", augments="strong,light", lr_range="0.3,3")
+    cfg = AutoConfig.create(**base, image_sizes="96,64", augments="strong,auto", lr_range="0.3,3")
     assert cfg.auto.max_epochs is None  # trials train as long as 'medxfer train' would, unless told
-    assert default_trial(cfg) == {"strategy": "full", "source": "test_resnet", "image_size": 96, "augment": "light",
-                                  "lr_factor": 1.0}
+    assert default_trial(cfg) == {"strategy": "full", "source": "test_resnet", "image_size": 96, "augment": "auto",
+                                  "lr_factor": 1.0}                # train's --augment auto, resolved by the run
     assert default_trial(AutoConfig.create(**base, lr_range="2,3"))["lr_factor"] == 2.0  # clipped into the range
     assert default_trial(AutoConfig.create(**base, strategies="linear-probe,scratch")) is None
     lp = default_trial(AutoConfig.create(**base, strategy="linear-probe", strategies="linear-probe"))

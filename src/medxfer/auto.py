@@ -367,7 +367,11 @@ def with_sizes(cfg: AutoConfig) -> AutoConfig:
     from medxfer.models.catalog import resolve_source
 
     first = _list(cfg.auto.sources or cfg.model.source, "sources")[0]
-    source_size = resolve_source(first, cfg.model.weights, spatial_dims=cfg.model.spatial_dims).input_size
+    try:
+        spec = resolve_source(first, cfg.model.weights, spatial_dims=cfg.model.spatial_dims)
+    except MedxferError:  # only the architecture's input size is needed here; the trials check the weights
+        spec = resolve_source(first, "none", spatial_dims=cfg.model.spatial_dims)
+    source_size = spec.input_size
     size, why = choose_size(native_size(load_source_manifest(cfg.data)), source_size, cfg.model.spatial_dims)
     sizes = sizes_around(size, source_size, cfg.model.spatial_dims)
     log.info("image sizes searched: %s (train's choice %d px: %s; --image-sizes to choose others)",
