@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -270,14 +271,14 @@ def resolve_files(folder: Path, rel: list[str]) -> tuple[list[str], np.ndarray]:
     other rows take one ``lstat``. Links, odd spellings ('a.png/', '/a.png', '..') and absent files take
     the general route, row by row.
     """
-    split = [p.rpartition("/") for p in rel]
-    total = pd.Series([head for head, _, _ in split], dtype=object).value_counts().to_dict()  # rows per folder
+    total = Counter(p.rpartition("/")[0] for p in rel)  # rows per folder
     left = dict(total)
     real_dirs: dict[str, str | None] = {}
     listings: dict[str, dict[str, bool] | None] = {}
     files: list[str] = []
     absent: list[int] = []
-    for i, (p, (head, sep, name)) in enumerate(zip(rel, split)):
+    for i, p in enumerate(rel):
+        head, sep, name = p.rpartition("/")
         real = None
         if name not in ("", ".", "..") and (head or not sep):
             real = real_dirs.get(head, "")
