@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from medxfer import files
-from medxfer.config import TrainConfig
+from medxfer.config import AUTO_PRESETS, TrainConfig, auto_augment
 from medxfer.engine.handlers import CHECKPOINT_FORMAT
 from medxfer.errors import MedxferError, did_you_mean
 from medxfer.evaluation import html, plots
@@ -195,9 +195,12 @@ def finished_run(cfg: TrainConfig) -> tuple[bool, str]:
     if not is_finished(out):
         return False, "no finished run"
     try:
-        have = Run.load(out).config
+        run = Run.load(out)
     except MedxferError as e:
         return False, str(e)
+    have = run.config
+    if cfg.optim.augment == "auto":  # the run recorded the preset auto stood for on its data
+        cfg = cfg.replace(augment=auto_augment(run.model.data_chans, cfg.model.spatial_dims))
     a, b = files.flatten(_what_counts(have)), files.flatten(_what_counts(cfg))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
@@ -233,7 +236,10 @@ def _not_resumable(checkpoint: Path, cfg: TrainConfig) -> str:
     except MedxferError as e:
         return str(e)
     now = files.flatten(cfg.training_signature())  # the checkpoint adds what the data decide (epochs, n_train)
-    diff = files.changed_settings({k: v for k, v in files.flatten(saved).items() if k in now}, now)
+    flat = files.flatten(saved)
+    if now.get("optim.augment") == "auto" and flat.get("optim.augment") in AUTO_PRESETS:
+        now["optim.augment"] = flat["optim.augment"]  # the preset auto stood for on these data (no channels kept)
+    diff = files.changed_settings({k: v for k, v in flat.items() if k in now}, now)
     return f"config differs: {', '.join(diff[:4])}" if diff else ""
 
 

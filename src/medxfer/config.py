@@ -42,6 +42,14 @@ AUGMENT_PRESETS = tuple(PRESETS)
 AUGMENT_CHOICES = ("auto", *AUGMENT_PRESETS)
 
 
+AUTO_PRESETS = ("xray", "light")  # what auto_augment can give
+
+
+def auto_augment(channels: int, spatial_dims: int) -> str:
+    """The preset --augment auto stands for: xray for grey (1-channel) 2-D images, light otherwise."""
+    return "xray" if channels == 1 and spatial_dims == 2 else "light"
+
+
 def option(default, help: str, *, flag: str | None = None, choices=None, show: str | None = None,
            low=None, high=None, low_open: bool = False, hidden: bool = False, factory=None):
     """A field of an options dataclass: its default and what ``--help`` says about it.

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from medxfer import run_writer
-from medxfer.config import TrainConfig
+from medxfer.config import TrainConfig, auto_augment
 from medxfer.data.manifest import Manifest
 from medxfer.data.augment import TTA, Augment, get_preset
 from medxfer.data.prepare import Prepared, prepare_data
@@ -250,8 +250,8 @@ def _augment_for(cfg: TrainConfig, data: _Data) -> TrainConfig:
     otherwise; recorded in config.yaml as the preset used, so replay and --resume train the same."""
     if cfg.optim.augment != "auto":
         return cfg
-    grey = data.prep.images.dim() == 4 and data.prep.images.shape[1] == 1
-    preset = "xray" if grey else "light"
+    preset = auto_augment(int(data.prep.images.shape[1]), 3 if data.prep.images.dim() == 5 else 2)
+    grey = preset == "xray"
     log.info("augmentation %s: %s (--augment to choose another)", preset,
              "grey 2-D images (it lowered the validation log-loss over light on BreastMNIST and PneumoniaMNIST)"
              if grey else "the preset for colour images and volumes")
