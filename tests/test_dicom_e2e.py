@@ -106,8 +106,9 @@ def test_dicom_folder_trains_end_to_end(dicom_data, tmp_path, monkeypatch, capsy
     no_raw_identifiers(out)
     err = capsys.readouterr().err
     assert "MRN-DOE" not in err and "Doeqwerty" not in err
-    entries = list(cache.rglob("*.npy"))
+    entries = [p for p in cache.rglob("*.npy") if "stores" not in p.parts]   # one per file, beside the store
     assert len(entries) == N_PATIENTS * PER_PATIENT
+    assert len(list((cache / "stores").glob("*.npy"))) == 1                 # the decoded store of this run
 
     # second run: every image from the decode cache, no file decoded
     def no_decoding(*a, **k):
@@ -115,7 +116,7 @@ def test_dicom_folder_trains_end_to_end(dicom_data, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(medxfer.data.readers, "read_image", no_decoding)
     assert main(train_args(folder, labels, tmp_path / "run2", cache)) == 0, capsys.readouterr().err
-    assert len(list(cache.rglob("*.npy"))) == len(entries)
+    assert len(list(cache.rglob("*.npy"))) == len(entries) + 1              # nothing decoded, nothing added
     assert (pd.read_csv(tmp_path / "run2" / "split.csv")["sample_id"] == split["sample_id"]).all()
 
 

@@ -147,7 +147,7 @@ def test_a_registered_strategy_trains_end_to_end(tmp_path, small_npz, dummy_stra
         run = train(cfg)
     assert run.config.optim.strategy == run.model.strategy == dummy_strategy.name
     assert 0.0 <= run.metrics["test"]["auc"] <= 1.0 and run.metrics["epochs_run"] == 1
-    assert "LP-FT: head fitted on frozen features" in caplog.text  # head_first read from the strategy
+    assert f"{dummy_strategy.name}: head fitted on frozen features" in caplog.text  # head_first, from the strategy
     assert "lp_head" in run.metrics
     check_record(run.dir, everything=True)
 
