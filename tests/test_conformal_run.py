@@ -230,3 +230,16 @@ def test_ordinal_and_multilabel_runs_have_their_sets(task, tmp_path):
     assert df["conformal_set"].tolist() == set_text(sets, loaded.model.labels)
     if task == "ordinal":  # a contiguous range of grades
         assert all(np.ptp(np.flatnonzero(s)) + 1 == s.sum() for s in sets)
+
+
+def test_an_ensemble_gets_its_own_record_from_its_calibrated_validation(conformal_run, small_npz, tmp_path):
+    """An ensemble is calibrated again on validation (its own temperature), so its sets come from a record of
+    its own probabilities, at the members' --conformal alpha."""
+    other = _train(small_npz, tmp_path / "other", "--seed", "1")
+    code, text = cli("ensemble", conformal_run, other, "--out", tmp_path / "ens", "--no-report")
+    assert code == 0, text
+    ens = Run.load(tmp_path / "ens")
+    assert ens.model.conformal is not None and ens.model.conformal["alpha"] == 0.1
+    assert ens.model.prior is not None and abs(sum(ens.model.prior) - 1) < 1e-9
+    assert ens.model.conformal["thresholds"] != Run.load(conformal_run).model.conformal["thresholds"]
+    assert "conformal" in ens.metrics["test"]

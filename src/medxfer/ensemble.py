@@ -175,7 +175,7 @@ def _finish(rd: RunDirectory, net, meta: ModelMeta, kept, choice: dict, first: R
     ev = run_writer.evaluate(meta.task, labels, first.model.positive_index, logits, ys, groups,
                              calibrate=cfg.evaluation.calibrate, threshold=cfg.evaluation.threshold,
                              n_bootstrap=cfg.evaluation.bootstrap if bootstrap is None else bootstrap,
-                             seed=cfg.optim.seed)
+                             seed=cfg.optim.seed, conformal=cfg.evaluation.conformal)
     metrics = {**ev.metrics, "temperature": ev.temperature, "threshold": ev.threshold, "seed": cfg.optim.seed,
                "strategy": "ensemble", "source": meta.source, "ensemble": choice, "members": len(kept),
                "train_seconds": round(sum(r.metrics.get("train_seconds") or 0 for r, _ in kept), 3)}
@@ -184,7 +184,8 @@ def _finish(rd: RunDirectory, net, meta: ModelMeta, kept, choice: dict, first: R
     run_files = run_writer.RunFiles(config={**cfg.to_dict(), "resolved": resolved}, metrics=metrics,
                                     predictions=run_writer.predictions(no_probs, ev.probs, labels),
                                     split=first.split, extra=extra, test_images=images["test"])
-    run_writer.finish(rd, meta.replace(temperature=ev.temperature, threshold=ev.threshold), state, run_files,
+    meta = meta.replace(temperature=ev.temperature, threshold=ev.threshold, conformal=ev.conformal, prior=ev.prior)
+    run_writer.finish(rd, meta, state, run_files,
                       test_images=images["test"], title=out, **documents)
 
 
