@@ -35,14 +35,17 @@ def test_the_pool_uses_one_thread_per_core_or_shares_num_threads():
     assert plan(9, 4) == (4, 1)
     assert plan(2, 8) == (2, 4)          # fewer jobs than threads: the threads are shared out
     assert plan(9, 1) == (1, 1)
+    assert plan(9, None)[0] >= 1 and plan(1, None)[0] == 1  # the usable cores, at most one process per job
 
 
 @pytest.mark.slow
-def test_demo_trains_three_arms_per_seed_and_tests_the_best_transfer_arm_against_scratch(tmp_path):
-    """Two seeds, two processes, one epoch at 32 px: every run is a full run directory; the transfer arm tested
-    against scratch is the one best on validation; demo.json holds the paired test the sentence quotes."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_demo_trains_three_arms_per_seed_and_tests_the_best_transfer_arm_against_scratch(tmp_path, workers):
+    """Two seeds, one epoch at 32 px, in this process or two: every run is a full run directory; the transfer arm
+    tested against scratch is the one best on validation; demo.json holds the paired test the sentence quotes."""
     lines = []
-    summary = run_demo(tmp_path, seeds=[0, 1], workers=2, echo=lines.append, options={"epochs": 1, "image_size": 32})
+    summary = run_demo(tmp_path, seeds=[0, 1], workers=workers, echo=lines.append,
+                       options={"epochs": 1, "image_size": 32})
     assert len([ln for ln in lines if re.match(r"\[\d/6\] ", ln)]) == 6
     for arm in ("linear-probe", "full", "scratch"):
         for seed in (0, 1):

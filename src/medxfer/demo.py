@@ -70,17 +70,22 @@ def demo_config(arm: str, seed: int, fraction: float, out: Path, threads: int, *
 def plan(n_jobs: int, num_threads: int | None) -> tuple[int, int]:
     """(processes, PyTorch threads each): one process per usable core (at most one per job), each with one
     thread, unless ``num_threads`` gives a total to share out."""
-    cores = num_threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, int(cores or 1))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, int(num_threads or usable or 1))
     workers = max(1, min(n_jobs, cores))
     return workers, max(1, cores // workers)
+
+
+def _train_here(cfg: TrainConfig) -> str:
+    """Train one run in this process (its threads are the run's --num-threads); return its directory."""
+    from medxfer.pipeline import train
+
+    return str(train(cfg).dir)
 
 
 def _train_one(config: dict) -> str:
     """Train one run in a worker process; its log goes to the run's train.log, warnings to stderr."""
     import torch
-
-    from medxfer.pipeline import train
 
     cfg = TrainConfig.from_dict(config)
     torch.set_num_threads(cfg.runtime.num_threads or 1)
@@ -92,7 +97,7 @@ def _train_one(config: dict) -> str:
         stderr.setLevel(logging.WARNING)
         stderr.setFormatter(logging.Formatter(f"warning ({cfg.optim.strategy}, seed {cfg.optim.seed}): %(message)s"))
         logger.addHandler(stderr)
-    return str(train(cfg).dir)
+    return _train_here(cfg)
 
 
 def train_all(configs: list[TrainConfig], workers: int, say) -> list[Run]:
@@ -100,7 +105,7 @@ def train_all(configs: list[TrainConfig], workers: int, say) -> list[Run]:
     done: dict[int, Run] = {}
     if workers == 1:
         for i, cfg in enumerate(configs):
-            done[i] = Run.load(_train_one(cfg.to_dict()))
+            done[i] = Run.load(_train_here(cfg))  # one at a time: this process, its own log on the screen
             say(len(done), len(configs), done[i])
     else:
         ctx = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
