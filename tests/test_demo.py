@@ -53,6 +53,7 @@ def test_demo_trains_three_arms_per_seed_and_tests_the_best_transfer_arm_against
             assert (run / "metrics.json").is_file() and (run / "files.sha256").is_file()
             assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 156
     saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["sentence"] == summary["sentence"] and saved["paired_test"] == summary["paired_test"]
     arms = saved["arms"]
     assert saved["n_train"] == arms["full"]["n_train"] < 100                     # 10% of 546 train labels
     best = max(("full", "linear-probe"), key=lambda a: arms[a]["val_auc"]["mean"])
