@@ -1,4 +1,4 @@
-"""Benchmark: decoding image files into the decoded store, from a thousand images up (issue 22).
+"""Benchmark: decoding image files into the decoded store, from a thousand images up.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Conformal prediction sets and the class prior, wired into a run (issue 24): train calibrates a Mondrian
+"""Conformal prediction sets and the class prior, wired into a run: train calibrates a Mondrian
 record on validation after the temperature (model.json 'conformal'), test's coverage per class is in
 metrics.json, predict gives each image its set, and --adapt-prior re-weights a batch to its own class mix."""
 

@@ -110,7 +110,7 @@ def test_bundled_medmnist_has_cross_split_copies(path, n_groups, n_images, pair)
 
 def test_rebuilding_a_runs_images_does_not_warn_of_copies_it_did_not_keep(caplog):
     """report and export rebuild a run's test images: for a run made with --duplicates drop-from-train (the
-    default) they must not warn '... kept (--duplicates allow)' (issue 21)."""
+    default) they must not warn '... kept (--duplicates allow)'."""
     import logging
 
     from medxfer.config import DataOptions

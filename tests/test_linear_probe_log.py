@@ -1,4 +1,4 @@
-"""A linear probe's two validation AUCs are both said, each with what it was measured on (issue 21): the C
+"""A linear probe's two validation AUCs are both said, each with what it was measured on: the C
 search scores the unaugmented features; the run is reported on its test-time views."""
 
 from __future__ import annotations

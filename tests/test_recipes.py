@@ -1,4 +1,4 @@
-"""Issue 12's training recipes: LP-FT starts from the fitted head, EMA/SWA weights are what is saved, the
+"""The training recipes: LP-FT starts from the fitted head, EMA/SWA weights are what is saved, the
 best epoch follows --select, test-time augmentation is in evaluation, predict and the ONNX export, and an
 ensemble is a run like any other."""
 

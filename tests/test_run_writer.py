@@ -116,7 +116,7 @@ def test_model_json_is_the_build_record(tiny_run):
 
 
 def test_export_checks_parity_from_the_run_directory_alone(tmp_path, small_npz):
-    """The run keeps its first test images (issue 23, item 8): export needs neither the data nor re-preparing it."""
+    """The run keeps its first test images: export needs neither the data nor re-preparing it."""
     import shutil
 
     import torch

@@ -182,7 +182,7 @@ def test_predict_matches_predictor(server, tiny_run, breast_pngs):
 
 
 def test_each_prediction_has_the_runs_conformal_set(server, tiny_run, breast_pngs):
-    """The set of ``medxfer predict``'s conformal_set column, as a list of labels (issue 24)."""
+    """The set of ``medxfer predict``'s conformal_set column, as a list of labels."""
     from medxfer.predict import Predictor
 
     paths = breast_pngs[:6]

@@ -456,7 +456,7 @@ def _evaluate(cfg: TrainConfig, data: _Data, fitted: _Fitted) -> run_writer.Eval
                              n_bootstrap=cfg.evaluation.bootstrap, seed=cfg.optim.seed,
                              conformal=cfg.evaluation.conformal)
     search = fitted.result.history[0] if cfg.strategy.feature_cache and "C" in fitted.result.history[0] else None
-    if search is not None and cfg.evaluation.tta > 1:  # one number per view, both said (issue 21)
+    if search is not None and cfg.evaluation.tta > 1:  # one number per view, both said
         log.info("validation AUC %s on %d test-time views (the reported one; C was chosen at %.3f on the unaugmented "
                  "view)", _num(ev.metrics["val"].get("auc")), cfg.evaluation.tta, search["val_auc"])
     return ev

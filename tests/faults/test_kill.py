@@ -1,6 +1,6 @@
 """Runs killed at random moments never leave a mixed run directory; a decompression bomb costs no memory.
 
-Issue 10: SIGKILL a retrain into an existing run directory (``--overwrite``) at random moments; after
+SIGKILL a retrain into an existing run directory (``--overwrite``) at random moments; after
 each kill the directory is the complete old run or the complete new one, and ``predict`` works.
 """
 

@@ -336,5 +336,5 @@ def test_fault(case, tmp_path, tiny_run, small_npz, monkeypatch):
 
 
 def test_cases_cover_the_issue():
-    """The table keeps its size: every fault kind of issue 10 stays covered."""
+    """The table keeps its size: every fault kind stays covered."""
     assert len(CASES) >= 40 and len({c.id for c in ROWS}) == len(ROWS)

@@ -1,4 +1,4 @@
-"""Issue 10, items 1-7: faults that used to give a confident wrong answer with exit 0.
+"""Faults that used to give a confident wrong answer with exit 0.
 
 Each test here failed on f5fd6cd (the main before the fix) and passes after it.
 """

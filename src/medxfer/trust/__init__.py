@@ -1,4 +1,4 @@
-"""When not to trust a prediction: the numeric core, on arrays only (issue 24).
+"""When not to trust a prediction: the numeric core, on arrays only.
 
 - :mod:`medxfer.trust.conformal`: split conformal prediction sets (class-conditional by default).
 - :mod:`medxfer.trust.ood`: out-of-distribution scores and flags on pooled features.
