@@ -40,12 +40,15 @@ import pandas as pd
 from medxfer import files, progress
 from medxfer.config import (AUGMENT_CHOICES, Config, DataOptions, EvalOptions, ModelOptions, OptimOptions, Options,
                             RuntimeOptions, TrainConfig, option)
+from medxfer.data.prepare import load_source_manifest
+from medxfer.data.sizing import choose_size, native_size, sizes_around
 from medxfer.engine.handlers import Deadline, Handler
 from medxfer.engine.loop import Loop
 from medxfer.ensemble import build_ensemble, labels_of, log_loss, val_probabilities
 from medxfer.errors import MedxferError
 from medxfer.evaluation import html
 from medxfer.evaluation.tasks import evaluate_task
+from medxfer.models.catalog import resolve_source
 from medxfer.pipeline import train
 from medxfer.run_writer import copy_run
 from medxfer.runs import Run, is_finished, remove_staging
@@ -362,10 +365,6 @@ def with_sizes(cfg: AutoConfig) -> AutoConfig:
         return cfg
     if cfg.model.image_size:
         return cfg.replace(image_sizes=str(cfg.model.image_size))
-    from medxfer.data.prepare import load_source_manifest
-    from medxfer.data.sizing import choose_size, native_size, sizes_around
-    from medxfer.models.catalog import resolve_source
-
     first = _list(cfg.auto.sources or cfg.model.source, "sources")[0]
     try:
         spec = resolve_source(first, cfg.model.weights, spatial_dims=cfg.model.spatial_dims)

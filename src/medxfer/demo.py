@@ -35,12 +35,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medxfer import files
 from medxfer.config import TrainConfig
 from medxfer.errors import MedxferError
 from medxfer.evaluation.metrics import evaluate
 from medxfer.evaluation.stats import delong_test, summarize
+from medxfer.pipeline import train
 from medxfer.runs import Run
 
 log = logging.getLogger("medxfer.demo")
@@ -78,15 +80,11 @@ def plan(n_jobs: int, num_threads: int | None) -> tuple[int, int]:
 
 def _train_here(cfg: TrainConfig) -> str:
     """Train one run in this process (its threads are the run's --num-threads); return its directory."""
-    from medxfer.pipeline import train
-
     return str(train(cfg).dir)
 
 
 def _train_one(config: dict) -> str:
     """Train one run in a worker process; its log goes to the run's train.log, warnings to stderr."""
-    import torch
-
     cfg = TrainConfig.from_dict(config)
     torch.set_num_threads(cfg.runtime.num_threads or 1)
     logger = logging.getLogger("medxfer")
